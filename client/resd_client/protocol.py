@@ -1,0 +1,884 @@
+"""The wire protocol of resd, in one place both sides use (SPEC §1).
+
+A bring-your-own-I/O module in the manner of h11: it turns bytes into frames and
+frames into typed, validated messages, and back, without touching a socket or a
+clock. Standard library plus msgpack only, so worker processes can import it.
+
+* Framing: a 4-byte big-endian length, then one msgpack map. ``FrameDecoder``
+  takes bytes as they arrive and yields decoded maps; an oversized length raises
+  ``FrameTooLarge`` (the connection must close), undecodable bytes raise
+  ``BadFrame`` (the framing is intact, the connection may go on).
+* Requests ``{"v":1,"id":N,"op":...,"args":{...}}`` decode into a ``Request``
+  whose ``args`` is one of the frozen types in ``OPS``; every field is checked for
+  type, range and size, and unknown fields are refused.
+* Replies ``{"id":N,"ok":true,"result":{...}}`` / ``{"id":N,"ok":false,"error":...}``
+  and pushes ``{"event":name, ...}`` are built by ``reply_ok``, ``reply_error``
+  and ``push``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar, Union
+
+import msgpack
+
+from resd_client.errors import InvalidError, ResdError, UnsupportedVersionError
+from resd_client.quantity import MAX_QUANTITY, check_resource_name
+
+PROTOCOL_VERSION: Final = 1
+DEFAULT_MAX_FRAME: Final = 1 << 20
+_HEADER: Final = struct.Struct(">I")
+
+NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_LABEL: Final = 256
+MAX_TTL: Final = 10 * 365 * 86400.0
+MAX_GRACE: Final = 86400.0
+MAX_PRIORITY: Final = 10
+MIN_PRIORITY: Final = 1
+
+Binding = Literal["detached", "session"]
+Preemption = Literal["off", "lower_priority"]
+Placement = Literal["binpack", "spread", "least_used"]
+ReservationState = Literal["active", "terminating", "released", "expired", "preempted"]
+
+
+# --------------------------------------------------------------------------- framing
+
+
+class FrameTooLarge(Exception):
+    """A frame announced more bytes than allowed; the stream cannot be resynchronised."""
+
+
+class BadFrame(Exception):
+    """One frame's payload was not a msgpack map; the stream itself is intact."""
+
+
+def pack(obj: Any) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+def encode_frame(obj: Any) -> bytes:
+    payload = pack(obj)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental frame splitter: ``feed`` bytes, iterate ``frames()``."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._buf)
+
+    def frames(self) -> Iterator[Any]:
+        """Yield each complete frame's decoded value.
+
+        Raises FrameTooLarge when a header exceeds ``max_frame`` and BadFrame when a
+        payload is not msgpack or not a map (that frame is consumed; later frames
+        can still be read).
+        """
+        while len(self._buf) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buf)
+            if length > self.max_frame:
+                raise FrameTooLarge(
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame}"
+                )
+            end = _HEADER.size + length
+            if len(self._buf) < end:
+                return
+            payload = bytes(self._buf[_HEADER.size : end])
+            del self._buf[:end]
+            try:
+                value = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+            except Exception as exc:  # msgpack raises several unrelated types
+                raise BadFrame(f"frame is not valid msgpack: {type(exc).__name__}") from None
+            if not isinstance(value, dict):
+                raise BadFrame(f"frame must be a msgpack map, got {type(value).__name__}")
+            yield value
+
+
+# ------------------------------------------------------------------ typed decoding
+
+T = TypeVar("T")
+_HINTS_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS_CACHE.get(cls)
+    if hints is None:
+        hints = typing.get_type_hints(cls)
+        _HINTS_CACHE[cls] = hints
+    return hints
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "nil"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"map of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "map"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(arg, value, path)
+            except InvalidError:
+                continue
+        raise _type_error(path, tp, value)
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise InvalidError(
+            f"{path}: {value!r} is not allowed; expected one of {_type_name(tp)}",
+            {"field": path, "allowed": list(typing.get_args(tp))},
+        )
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(path, tp, value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(path, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_QUANTITY:
+                raise InvalidError(f"{path}: {value} is out of range", {"field": path})
+            return value
+        raise _type_error(path, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            as_float = float(value)
+            if as_float != as_float or as_float in (float("inf"), float("-inf")):
+                raise InvalidError(f"{path}: must be a finite number", {"field": path})
+            return as_float
+        raise _type_error(path, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(path, tp, value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(path, tp, value)
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(path, tp, value)
+        _, item = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidError(f"{path}: keys must be strings", {"field": path})
+            out[k] = _convert(item, v, f"{path}.{k}")
+        return out
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return from_wire(tp, value, path)
+    raise TypeError(f"protocol type {tp!r} is not supported")  # a bug in this module
+
+
+def _type_error(path: str, tp: Any, value: Any) -> InvalidError:
+    got = "nil" if value is None else type(value).__name__
+    return InvalidError(
+        f"{path}: expected {_type_name(tp)}, got {got}",
+        {"field": path, "expected": _type_name(tp), "got": got},
+    )
+
+
+def from_wire(cls: type[T], value: Any, path: str = "args") -> T:
+    """Build and check a protocol type from a decoded msgpack map.
+
+    Raises InvalidError naming the field, what was expected and what came; unknown
+    fields are refused so that typos are not silently ignored.
+    """
+    if not isinstance(value, dict):
+        raise _type_error(path, cls, value)
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in value if k not in fields)
+    if unknown:
+        raise InvalidError(
+            f"{path}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields) or 'none'}",
+            {"field": path, "unknown": unknown, "allowed": list(fields)},
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], f"{path}.{name}" if path else name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise InvalidError(
+                f"{path}.{name}: required field is missing", {"field": f"{path}.{name}"}
+            )
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def to_wire(obj: Any) -> Any:
+    """Plain msgpack-ready value of a protocol type (nested types become maps)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_wire(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_wire(v) for k, v in obj.items()}
+    return obj
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def check_name(what: str, value: str) -> None:
+    if not NAME.match(value):
+        raise InvalidError(
+            f"{what} name {value!r} is not valid: use 1-64 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit",
+            {"field": what, "value": value},
+        )
+
+
+def check_priority(value: int) -> None:
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidError(
+            f"priority {value} is out of range: use {MIN_PRIORITY} (lowest) to {MAX_PRIORITY} (highest)",
+            {"field": "priority", "value": value, "min": MIN_PRIORITY, "max": MAX_PRIORITY},
+        )
+
+
+def check_ttl(value: float | None) -> None:
+    if value is not None and not 0 < value <= MAX_TTL:
+        raise InvalidError(
+            f"ttl {value:g} is not valid: use seconds greater than 0 and at most {MAX_TTL:g}",
+            {"field": "ttl", "value": value},
+        )
+
+
+def check_amounts(resources: dict[str, int], *, allow_zero: bool, what: str = "resources") -> None:
+    if not allow_zero and not resources:
+        raise InvalidError(
+            f"{what}: ask for at least one resource (e.g. cpu, memory, gpu)", {"field": what}
+        )
+    for name, amount in resources.items():
+        check_resource_name(name)
+        if amount < 0 or (amount == 0 and not allow_zero):
+            raise InvalidError(
+                f"{what}.{name}: must be greater than zero, got {amount}",
+                {"field": f"{what}.{name}", "value": amount},
+            )
+
+
+def check_label(value: str) -> None:
+    if len(value) > MAX_LABEL:
+        raise InvalidError(f"label is longer than {MAX_LABEL} characters", {"field": "label"})
+
+
+def check_labels(labels: dict[str, str]) -> None:
+    if len(labels) > 64:
+        raise InvalidError("at most 64 labels", {"field": "labels"})
+    for k, v in labels.items():
+        check_name("label key", k)
+        check_label(v)
+
+
+def check_ratio(name: str, ratio: float) -> None:
+    if not 0 < ratio <= 1000:
+        raise InvalidError(
+            f"oversubscription ratio for {name} must be > 0 and <= 1000, got {ratio:g}",
+            {"field": f"ratios.{name}", "value": ratio},
+        )
+
+
+def check_grace(value: float) -> None:
+    if not 0 <= value <= MAX_GRACE:
+        raise InvalidError(
+            f"grace must be 0 to {MAX_GRACE:g} seconds, got {value:g}", {"field": "grace"}
+        )
+
+
+def check_max_per_tenant(value: int) -> None:
+    if not 0 <= value <= 1_000_000:
+        raise InvalidError(
+            f"max_per_tenant must be 0 (unlimited) or a positive count, got {value}",
+            {"field": "max_per_tenant", "value": value},
+        )
+
+
+def check_ids(what: str, values: list[int]) -> None:
+    for v in values:
+        if not 0 <= v < 2**32:
+            raise InvalidError(f"{what}: {v} is not a valid id", {"field": what})
+
+
+# ------------------------------------------------------------------ request types
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    version: int
+    client: str = ""
+
+    def check(self) -> None:
+        if len(self.client) > 128:
+            raise InvalidError("client name is longer than 128 characters", {"field": "client"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceSpec:
+    """One resource of a pool: capacity in internal units and its oversubscription ratio."""
+
+    capacity: int
+    ratio: float = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolCreate:
+    name: str
+    resources: dict[str, ResourceSpec]
+    max_per_tenant: int = 1
+    preemption: Preemption = "off"
+    placement: Placement = "binpack"
+    grace: float = 0.0
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        check_name("pool", self.name)
+        check_amounts({k: v.capacity for k, v in self.resources.items()}, allow_zero=True)
+        for k, v in self.resources.items():
+            check_ratio(k, v.ratio)
+        check_max_per_tenant(self.max_per_tenant)
+        check_grace(self.grace)
+        check_labels(self.labels)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolSet:
+    """Change a pool; only the fields given change. ``remove`` drops resources."""
+
+    name: str
+    capacity: dict[str, int] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    remove: list[str] = field(default_factory=list)
+    max_per_tenant: int | None = None
+    preemption: Preemption | None = None
+    placement: Placement | None = None
+    grace: float | None = None
+    labels: dict[str, str] | None = None
+
+    def check(self) -> None:
+        check_name("pool", self.name)
+        check_amounts(self.capacity, allow_zero=True, what="capacity")
+        for k, r in self.ratios.items():
+            check_resource_name(k)
+            check_ratio(k, r)
+        for k in self.remove:
+            check_resource_name(k)
+        if self.max_per_tenant is not None:
+            check_max_per_tenant(self.max_per_tenant)
+        if self.grace is not None:
+            check_grace(self.grace)
+        if self.labels is not None:
+            check_labels(self.labels)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolName:
+    name: str
+
+    def check(self) -> None:
+        check_name("pool", self.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolDelete:
+    name: str
+    force: bool = False
+
+    def check(self) -> None:
+        check_name("pool", self.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Empty:
+    """Arguments of ops that take none."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantAdd:
+    name: str
+    priority: int = 5
+    owners: list[int] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    weight: float = 1.0
+
+    def check(self) -> None:
+        check_name("tenant", self.name)
+        check_priority(self.priority)
+        check_ids("owners", self.owners)
+        check_ids("groups", self.groups)
+        if not 0 < self.weight <= 1000:
+            raise InvalidError(
+                f"weight must be > 0 and <= 1000, got {self.weight:g}", {"field": "weight"}
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantName:
+    name: str
+
+    def check(self) -> None:
+        check_name("tenant", self.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantSet:
+    name: str
+    priority: int | None = None
+    owners: list[int] | None = None
+    groups: list[int] | None = None
+    weight: float | None = None
+
+    def check(self) -> None:
+        check_name("tenant", self.name)
+        if self.priority is not None:
+            check_priority(self.priority)
+        if self.owners is not None:
+            check_ids("owners", self.owners)
+        if self.groups is not None:
+            check_ids("groups", self.groups)
+        if self.weight is not None and not 0 < self.weight <= 1000:
+            raise InvalidError(
+                f"weight must be > 0 and <= 1000, got {self.weight:g}", {"field": "weight"}
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantRemove:
+    name: str
+    force: bool = False
+
+    def check(self) -> None:
+        check_name("tenant", self.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reserve:
+    """Reserve ``resources`` (internal units) in ``pool`` as ``tenant``.
+
+    ``tenant`` defaults to the caller's Unix user name; ``ttl`` in seconds, none for
+    no expiry; ``binding`` ``session`` releases when this connection closes.
+    """
+
+    pool: str
+    resources: dict[str, int]
+    tenant: str | None = None
+    ttl: float | None = None
+    binding: Binding = "detached"
+    label: str = ""
+    reclaimable: bool = False
+
+    def check(self) -> None:
+        check_name("pool", self.pool)
+        if self.tenant is not None:
+            check_name("tenant", self.tenant)
+        check_amounts(self.resources, allow_zero=False)
+        check_ttl(self.ttl)
+        check_label(self.label)
+
+
+RESERVATION_ID: Final = re.compile(r"^r-[0-9a-f]{6,32}$")
+
+
+def check_reservation_id(value: str) -> None:
+    if not RESERVATION_ID.match(value):
+        raise InvalidError(
+            f"reservation id {value!r} is not valid: ids look like r-1a2b3c4d5e6f",
+            {"field": "id", "value": value},
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReservationRef:
+    id: str
+
+    def check(self) -> None:
+        check_reservation_id(self.id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Renew:
+    """Extend a reservation: its new expiry is now + ``ttl`` (default: its own ttl)."""
+
+    id: str
+    ttl: float | None = None
+
+    def check(self) -> None:
+        check_reservation_id(self.id)
+        check_ttl(self.ttl)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preempt:
+    target: str
+    tenant: str | None = None
+    pool: str | None = None
+
+    def check(self) -> None:
+        check_name("tenant", self.target)
+        if self.tenant is not None:
+            check_name("tenant", self.tenant)
+        if self.pool is not None:
+            check_name("pool", self.pool)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListReservations:
+    pool: str | None = None
+    tenant: str | None = None
+
+    def check(self) -> None:
+        if self.pool is not None:
+            check_name("pool", self.pool)
+        if self.tenant is not None:
+            check_name("tenant", self.tenant)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Export:
+    since: float | None = None
+    tenant: str | None = None
+
+    def check(self) -> None:
+        if self.tenant is not None:
+            check_name("tenant", self.tenant)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribe:
+    """Ask for ``state`` pushes (a fresh status after every change)."""
+
+    topics: list[Literal["state"]] = field(default_factory=lambda: ["state"])
+
+
+#: op name → argument type. The daemon's dispatch table must cover exactly these.
+OPS: Final[dict[str, type]] = {
+    "hello": Hello,
+    "pool.create": PoolCreate,
+    "pool.list": Empty,
+    "pool.show": PoolName,
+    "pool.set": PoolSet,
+    "pool.delete": PoolDelete,
+    "tenant.add": TenantAdd,
+    "tenant.list": Empty,
+    "tenant.show": TenantName,
+    "tenant.set": TenantSet,
+    "tenant.remove": TenantRemove,
+    "reserve": Reserve,
+    "release": ReservationRef,
+    "renew": Renew,
+    "preempt": Preempt,
+    "list": ListReservations,
+    "status": Empty,
+    "export": Export,
+    "subscribe": Subscribe,
+}
+
+
+# ------------------------------------------------------------------- result types
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HelloResult:
+    server_version: str
+    protocol: int
+    boot_id: str
+    uid: int
+    gid: int
+    pid: int
+    admin: bool
+    user_tenant: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceUsage:
+    """One resource of a pool, hypeman's shape: effective = capacity × ratio."""
+
+    name: str
+    unit: str
+    capacity: int
+    ratio: float
+    effective: int
+    allocated: int
+    available: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolInfo:
+    name: str
+    resources: list[ResourceUsage]
+    max_per_tenant: int
+    preemption: str
+    placement: str
+    grace: float
+    labels: dict[str, str]
+    created_at: float
+    active: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantInfo:
+    name: str
+    priority: int
+    owners: list[int]
+    groups: list[int]
+    weight: float
+    created_at: float
+    active: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReservationInfo:
+    id: str
+    tenant: str
+    pool: str
+    resources: dict[str, int]
+    label: str
+    created_at: float
+    ttl: float | None
+    expires_at: float | None
+    binding: str
+    reclaimable: bool
+    state: str
+    uid: int
+    ended_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryEvent:
+    seq: int
+    at: float
+    kind: str
+    reservation: str
+    tenant: str
+    pool: str
+    resources: dict[str, int]
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolList:
+    pools: list[PoolInfo]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TenantList:
+    tenants: list[TenantInfo]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReservationList:
+    reservations: list[ReservationInfo]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status:
+    server_version: str
+    boot_id: str
+    started_at: float
+    pools: list[PoolInfo]
+    tenants: int
+    active: int
+    connections: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class History:
+    events: list[HistoryEvent]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Done:
+    """Result of ops that report only success."""
+
+    removed: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preempted:
+    reservations: list[ReservationInfo]
+
+
+#: op name → result type; the client decodes replies through this.
+RESULTS: Final[dict[str, type]] = {
+    "hello": HelloResult,
+    "pool.create": PoolInfo,
+    "pool.list": PoolList,
+    "pool.show": PoolInfo,
+    "pool.set": PoolInfo,
+    "pool.delete": Done,
+    "tenant.add": TenantInfo,
+    "tenant.list": TenantList,
+    "tenant.show": TenantInfo,
+    "tenant.set": TenantInfo,
+    "tenant.remove": Done,
+    "reserve": ReservationInfo,
+    "release": ReservationInfo,
+    "renew": ReservationInfo,
+    "preempt": Preempted,
+    "list": ReservationList,
+    "status": Status,
+    "export": History,
+    "subscribe": Status,
+}
+
+
+# -------------------------------------------------------------------- push events
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpiredEvent:
+    reservation: ReservationInfo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreemptedEvent:
+    reservation: ReservationInfo
+    by: str
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateEvent:
+    """Pools after a change; pushed to ``subscribe``rs, coalesced per actor turn."""
+
+    pools: list[PoolInfo]
+    active: int
+    at: float
+
+
+#: event name → push type.
+EVENTS: Final[dict[str, type]] = {
+    "expired": ExpiredEvent,
+    "preempted": PreemptedEvent,
+    "state": StateEvent,
+}
+EVENT_NAMES: Final[dict[type, str]] = {v: k for k, v in EVENTS.items()}
+
+
+# ---------------------------------------------------------------------- envelope
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    id: int
+    op: str
+    args: Any
+
+
+class RequestError(Exception):
+    """A request could not be decoded; ``id`` is set when the envelope had one."""
+
+    def __init__(self, request_id: int | None, error: ResdError) -> None:
+        super().__init__(error.message)
+        self.request_id = request_id
+        self.error = error
+
+
+def decode_request(frame: dict[str, Any]) -> Request:
+    """Check the envelope and decode ``args``; raises RequestError."""
+    rid = frame.get("id")
+    request_id = (
+        rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else None
+    )
+    if request_id is None:
+        raise RequestError(
+            None, InvalidError("request.id: expected a non-negative integer", {"field": "id"})
+        )
+    version = frame.get("v")
+    if version != PROTOCOL_VERSION:
+        raise RequestError(
+            request_id,
+            UnsupportedVersionError(
+                f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+                {"supported": [PROTOCOL_VERSION]},
+            ),
+        )
+    unknown = sorted(str(k) for k in frame if k not in ("v", "id", "op", "args"))
+    if unknown:
+        raise RequestError(
+            request_id,
+            InvalidError(f"request: unknown field(s) {', '.join(unknown)}", {"unknown": unknown}),
+        )
+    op = frame.get("op")
+    cls = OPS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise RequestError(
+            request_id,
+            InvalidError(
+                f"unknown op {op!r}; known ops: {', '.join(OPS)}",
+                {"field": "op", "allowed": list(OPS)},
+            ),
+        )
+    try:
+        args: Any = from_wire(cls, frame.get("args", {}), "args")
+    except ResdError as exc:
+        raise RequestError(request_id, exc) from None
+    return Request(id=request_id, op=op, args=args)  # type: ignore[arg-type]
+
+
+def request(request_id: int, op: str, args: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": to_wire(args)}
+
+
+def reply_ok(request_id: int, result: Any) -> dict[str, Any]:
+    return {"id": request_id, "ok": True, "result": to_wire(result)}
+
+
+def reply_error(request_id: int | None, error: ResdError) -> dict[str, Any]:
+    return {"id": request_id, "ok": False, "error": error.to_wire()}
+
+
+def push(event: Any) -> dict[str, Any]:
+    body: dict[str, Any] = to_wire(event)
+    body["event"] = EVENT_NAMES[type(event)]
+    return body
+
+
+def decode_event(frame: dict[str, Any]) -> Any:
+    """Typed push event from a frame with an ``event`` key; raises InvalidError."""
+    body = dict(frame)
+    name = body.pop("event")
+    cls = EVENTS.get(name)
+    if cls is None:
+        raise InvalidError(f"unknown event {name!r}", {"event": name})
+    return from_wire(cls, body, "event")

@@ -1,0 +1,221 @@
+"""Quantities: parse what people type into integers in internal units, and back.
+
+Pure standard library, shared by the daemon, ``resctl`` and the client library, so
+that ``8G`` means the same thing everywhere (SPEC §2).
+
+Internal units: ``cpu`` in millicores; ``memory``, ``vram``, ``disk`` in bytes;
+``net`` and ``disk_io`` in bytes per second; ``gpu`` and any custom resource in
+whole counts.
+
+Byte sizes use binary multiples whatever the spelling (``K``/``KB``/``KiB`` are all
+1024), as hypeman's datasize does and as ``docker -m 8g`` does; a plain number of
+bytes-sized resources is MiB, as resgate's ``--memory 8192``. Bandwidth follows
+hypeman's ``ParseBandwidth``: ``...bps`` is bits per second with decimal multiples
+(``10Gbps`` = 1.25e9 B/s); anything else is a byte size per second (``1GB/s``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Final
+
+from resd_client.errors import InvalidError
+
+
+class Unit(enum.Enum):
+    MILLICORES = "millicores"
+    BYTES = "bytes"
+    BANDWIDTH = "bytes/s"
+    COUNT = "count"
+
+
+UNITS: Final[dict[str, Unit]] = {
+    "cpu": Unit.MILLICORES,
+    "memory": Unit.BYTES,
+    "vram": Unit.BYTES,
+    "disk": Unit.BYTES,
+    "net": Unit.BANDWIDTH,
+    "disk_io": Unit.BANDWIDTH,
+    "gpu": Unit.COUNT,
+}
+
+RESOURCE_NAME: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+#: Quantities beyond this are refused: it keeps msgpack ints in 64 bits.
+MAX_QUANTITY: Final = 2**62
+
+_BINARY: Final[dict[str, int]] = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "m": 1024**2,
+    "g": 1024**3,
+    "t": 1024**4,
+    "p": 1024**5,
+    "e": 1024**6,
+}
+_DECIMAL_BITS: Final[dict[str, int]] = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_NUMBER: Final = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z/]*)\s*$")
+
+
+def unit_of(resource: str) -> Unit:
+    """The unit a resource is counted in; custom resources count whole items."""
+    return UNITS.get(resource, Unit.COUNT)
+
+
+def check_resource_name(resource: object) -> str:
+    """Return ``resource`` if it is a valid resource name, else raise InvalidError."""
+    if not isinstance(resource, str) or not RESOURCE_NAME.match(resource):
+        raise InvalidError(
+            f"resource name {resource!r} is not valid: use 1-32 lowercase letters, digits"
+            " or '_', starting with a letter (e.g. cpu, memory, gpu, licenses)",
+            {"field": "resource", "value": repr(resource)},
+        )
+    return resource
+
+
+def _split(resource: str, text: str, hint: str) -> tuple[Decimal, str]:
+    match = _NUMBER.match(text.lower())
+    if not match:
+        raise InvalidError(
+            f"{resource}: {text!r} is not a quantity; {hint}",
+            {"resource": resource, "value": text},
+        )
+    try:
+        return Decimal(match.group(1)), match.group(2)
+    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
+        raise InvalidError(
+            f"{resource}: {text!r} is not a number", {"resource": resource}
+        ) from None
+
+
+def _byte_suffix(suffix: str) -> int | None:
+    suffix = suffix.removesuffix("ib").removesuffix("i") if suffix.endswith(("ib", "i")) else suffix
+    if suffix.endswith("b") and len(suffix) == 2:
+        suffix = suffix[0]
+    return _BINARY.get(suffix)
+
+
+_HINTS: Final[dict[Unit, str]] = {
+    Unit.MILLICORES: "use cores like 4 or 1.5, or millicores like 500m",
+    Unit.BYTES: "use a number of MiB (8192) or a size like 512M, 8G, 8GiB, 1T",
+    Unit.BANDWIDTH: "use bits per second like 10Gbps or 100Mbps, or bytes like 1GB/s, 125MB/s",
+    Unit.COUNT: "use a whole number like 3",
+}
+
+
+def parse_quantity(resource: str, value: object, *, allow_zero: bool = False) -> int:
+    """Parse ``value`` (str, int or float) for ``resource`` into internal units.
+
+    Raises InvalidError naming the resource, the bad value and what is accepted;
+    negative, fractional-count and (unless ``allow_zero``) zero amounts are refused.
+    """
+    unit = unit_of(resource)
+    hint = _HINTS[unit]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InvalidError(
+            f"{resource}: expected a quantity, got {type(value).__name__}; {hint}",
+            {"resource": resource},
+        )
+    text = repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, (int, float)) and value < 0:
+        raise InvalidError(f"{resource}: {text} is negative; {hint}", {"resource": resource})
+    number, suffix = _split(resource, text, hint)
+    if unit is Unit.MILLICORES:
+        if suffix == "m":
+            amount = number
+        elif suffix == "":
+            amount = number * 1000
+        else:
+            raise InvalidError(
+                f"{resource}: unknown suffix in {text!r}; {hint}", {"resource": resource}
+            )
+    elif unit is Unit.BYTES:
+        mult = (1024**2) if suffix == "" else _byte_suffix(suffix)
+        if mult is None:
+            raise InvalidError(
+                f"{resource}: unknown unit in {text!r}; {hint}", {"resource": resource}
+            )
+        amount = number * mult
+    elif unit is Unit.BANDWIDTH:
+        amount = _bandwidth(resource, number, suffix, text, hint)
+    else:
+        if suffix:
+            raise InvalidError(
+                f"{resource}: unknown unit in {text!r}; {hint}", {"resource": resource}
+            )
+        amount = number
+    if amount != amount.to_integral_value():
+        smallest = {Unit.MILLICORES: "1m", Unit.COUNT: "1"}.get(unit, "1 byte")
+        raise InvalidError(
+            f"{resource}: {text!r} is finer than the smallest unit ({smallest}); {hint}",
+            {"resource": resource, "value": text},
+        )
+    result = int(amount)
+    if result == 0 and not allow_zero:
+        raise InvalidError(
+            f"{resource}: must be greater than zero, got {text!r}", {"resource": resource}
+        )
+    if result > MAX_QUANTITY:
+        raise InvalidError(f"{resource}: {text!r} is too large", {"resource": resource})
+    return result
+
+
+def _bandwidth(resource: str, number: Decimal, suffix: str, text: str, hint: str) -> Decimal:
+    if suffix.endswith("bps"):
+        mult = _DECIMAL_BITS.get(suffix.removesuffix("bps"))
+        if mult is None:
+            raise InvalidError(
+                f"{resource}: unknown unit in {text!r}; {hint}", {"resource": resource}
+            )
+        return (number * mult / 8).to_integral_value(rounding="ROUND_FLOOR")
+    base = suffix.removesuffix("/s")
+    if base.endswith("ps"):
+        base = base.removesuffix("ps")
+    mult = _byte_suffix(base)
+    if mult is None:
+        raise InvalidError(f"{resource}: unknown unit in {text!r}; {hint}", {"resource": resource})
+    return number * mult
+
+
+def parse_bandwidth(text: str) -> int:
+    """hypeman's ParseBandwidth: ``10Gbps`` → 1_250_000_000, ``1GB/s`` → 1_073_741_824."""
+    return parse_quantity("net", text, allow_zero=True)
+
+
+def _trim(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def render_quantity(resource: str, amount: int) -> str:
+    """Human form of an internal amount: ``1.5``, ``20GiB``, ``10Gbps``, ``3``."""
+    unit = unit_of(resource)
+    if unit is Unit.MILLICORES:
+        if amount % 1000 == 0:
+            return str(amount // 1000)
+        if amount < 1000:
+            return f"{amount}m"
+        return _trim(amount / 1000)
+    if unit is Unit.BYTES:
+        return render_bytes(amount)
+    if unit is Unit.BANDWIDTH:
+        bits = amount * 8
+        for name, mult in (("Tbps", 10**12), ("Gbps", 10**9), ("Mbps", 10**6), ("Kbps", 10**3)):
+            if bits >= mult:
+                return f"{_trim(bits / mult)}{name}"
+        return f"{bits}bps"
+    return str(amount)
+
+
+def render_bytes(amount: int) -> str:
+    for name, mult in (
+        ("PiB", 1024**5),
+        ("TiB", 1024**4),
+        ("GiB", 1024**3),
+        ("MiB", 1024**2),
+        ("KiB", 1024),
+    ):
+        if abs(amount) >= mult:
+            return f"{_trim(amount / mult)}{name}"
+    return f"{amount}B"

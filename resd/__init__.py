@@ -1,0 +1,1 @@
+"""resd: host resource reservation daemon."""

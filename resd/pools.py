@@ -1,0 +1,463 @@
+"""The pool book: pools, active reservations, allocation sums and history.
+
+Pure and synchronous: no I/O, no clock (``now`` is passed in), no awaits. Decision
+methods read the book and return the events a request would cause, or raise a
+``ResdError``; only ``apply`` changes the book, and it is also what replay calls.
+The pool actor is the book's one owner.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from resd.records import (
+    Capacity,
+    Denied,
+    Ended,
+    Pool,
+    PoolChanged,
+    PoolCreated,
+    PoolDeleted,
+    PoolEvent,
+    Renewed,
+    Reservation,
+    Reserved,
+    Tenant,
+    Terminating,
+    converter,
+)
+from resd_client.errors import (
+    ERRORS,
+    ConflictError,
+    ErrorCode,
+    ExistsError,
+    InsufficientError,
+    InvalidError,
+    NotFoundError,
+    ResdError,
+)
+from resd_client.protocol import (
+    HistoryEvent,
+    PoolCreate,
+    PoolInfo,
+    PoolSet,
+    Renew,
+    Reserve,
+    ResourceUsage,
+    to_wire,
+)
+from resd_client.quantity import render_quantity, unit_of
+
+LIVE = ("active", "terminating")
+
+
+@attrs.define(eq=False)
+class PoolBook:
+    """All pools and their reservations; the one place allocation is decided."""
+
+    history_limit: int = 100_000
+    pools: dict[str, Pool] = attrs.Factory(dict)
+    reservations: dict[str, Reservation] = attrs.Factory(dict)
+    allocated: dict[str, dict[str, int]] = attrs.Factory(dict)
+    history: deque[HistoryEvent] = attrs.field(init=False)
+    seq: int = 0
+    #: (pool, tenant) → ids of that tenant's live reservations there, for conflict checks.
+    _held: dict[tuple[str, str], set[str]] = attrs.Factory(dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.history = deque(maxlen=self.history_limit)
+
+    # ---------------------------------------------------------------- queries
+
+    def pool(self, name: str) -> Pool:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise NotFoundError(
+                f"pool {name!r} does not exist; pools: {', '.join(sorted(self.pools)) or 'none'}",
+                {"pool": name},
+            ) from None
+
+    def reservation(self, rid: str) -> Reservation:
+        try:
+            return self.reservations[rid]
+        except KeyError:
+            raise NotFoundError(
+                f"reservation {rid} is not active (released, expired or unknown)", {"id": rid}
+            ) from None
+
+    def held(self, pool: str, tenant: str) -> set[str]:
+        return self._held.get((pool, tenant), set())
+
+    def active_in(self, pool: str) -> list[Reservation]:
+        return [r for r in self.reservations.values() if r.pool == pool]
+
+    def of_tenant(self, tenant: str, pool: str | None = None) -> list[Reservation]:
+        return [
+            r
+            for r in self.reservations.values()
+            if r.tenant == tenant and (pool is None or r.pool == pool)
+        ]
+
+    def available(self, pool: Pool, resource: str) -> int:
+        cap = pool.resources[resource]
+        return cap.effective - self.allocated[pool.name].get(resource, 0)
+
+    def pool_info(self, pool: Pool) -> PoolInfo:
+        used = self.allocated[pool.name]
+        return PoolInfo(
+            name=pool.name,
+            resources=[
+                ResourceUsage(
+                    name=name,
+                    unit=unit_of(name).value,
+                    capacity=cap.capacity,
+                    ratio=cap.ratio,
+                    effective=cap.effective,
+                    allocated=used.get(name, 0),
+                    available=cap.effective - used.get(name, 0),
+                )
+                for name, cap in pool.resources.items()
+            ],
+            max_per_tenant=pool.max_per_tenant,
+            preemption=pool.preemption,
+            placement=pool.placement,
+            grace=pool.grace,
+            labels=dict(pool.labels),
+            created_at=pool.created_at,
+            active=sum(1 for _ in self.active_in(pool.name)),
+        )
+
+    def pool_infos(self) -> list[PoolInfo]:
+        return [self.pool_info(p) for p in sorted(self.pools.values(), key=lambda p: p.name)]
+
+    # -------------------------------------------------------------- decisions
+
+    def create_pool(self, args: PoolCreate, now: float) -> list[PoolEvent]:
+        if args.name in self.pools:
+            raise ExistsError(f"pool {args.name!r} already exists", {"pool": args.name})
+        pool = Pool(
+            name=args.name,
+            resources={k: Capacity(v.capacity, v.ratio) for k, v in args.resources.items()},
+            max_per_tenant=args.max_per_tenant,
+            preemption=args.preemption,
+            placement=args.placement,
+            grace=args.grace,
+            labels=dict(args.labels),
+            created_at=now,
+        )
+        return [PoolCreated(pool)]
+
+    def set_pool(self, args: PoolSet) -> list[PoolEvent]:
+        pool = self.pool(args.name)
+        resources = dict(pool.resources)
+        for name in args.remove:
+            if name not in resources:
+                raise InvalidError(
+                    f"pool {pool.name!r} has no resource {name!r} to remove", {"resource": name}
+                )
+            resources.pop(name)
+        for name, capacity in args.capacity.items():
+            old = resources.get(name, Capacity(0))
+            resources[name] = attrs.evolve(old, capacity=capacity)
+        for name, ratio in args.ratios.items():
+            if name not in resources:
+                raise InvalidError(
+                    f"pool {pool.name!r} has no resource {name!r}; give its capacity too",
+                    {"resource": name},
+                )
+            resources[name] = attrs.evolve(resources[name], ratio=ratio)
+        used = self.allocated[pool.name]
+        short = {
+            name: {
+                "allocated": amount,
+                "effective": resources[name].effective if name in resources else 0,
+            }
+            for name, amount in used.items()
+            if amount > 0 and (name not in resources or resources[name].effective < amount)
+        }
+        if short:
+            raise ConflictError(
+                f"pool {pool.name!r}: the change would leave less than is already reserved of "
+                + ", ".join(sorted(short))
+                + "; release reservations first",
+                {"resources": short},
+            )
+        changed = attrs.evolve(
+            pool,
+            resources=resources,
+            max_per_tenant=pool.max_per_tenant
+            if args.max_per_tenant is None
+            else args.max_per_tenant,
+            preemption=args.preemption or pool.preemption,
+            placement=args.placement or pool.placement,
+            grace=pool.grace if args.grace is None else args.grace,
+            labels=pool.labels if args.labels is None else dict(args.labels),
+        )
+        return [PoolChanged(changed)]
+
+    def delete_pool(self, name: str, force: bool, now: float) -> list[PoolEvent]:
+        self.pool(name)
+        live = self.active_in(name)
+        if live and not force:
+            raise ConflictError(
+                f"pool {name!r} has {len(live)} active reservation(s); release them or use --force",
+                {"pool": name, "active": [r.id for r in live]},
+            )
+        events: list[PoolEvent] = [Ended(r.id, "released", now, "pool deleted") for r in live]
+        events.append(PoolDeleted(name, now))
+        return events
+
+    def reserve(
+        self, args: Reserve, tenant: Tenant, *, uid: int, session: str, now: float, rid: str
+    ) -> list[PoolEvent]:
+        """Events of granting ``args``; raises InvalidError/NotFoundError for bad input.
+
+        A business refusal (conflict, insufficient) is not raised: it comes back as a
+        single ``Denied`` event so that it is journaled; ``denial_error`` rebuilds it.
+        """
+        pool = self.pool(args.pool)
+        unknown = sorted(set(args.resources) - set(pool.resources))
+        if unknown:
+            raise InvalidError(
+                f"pool {pool.name!r} has no resource {', '.join(unknown)}; "
+                f"it has {', '.join(pool.resources) or 'none'}",
+                {"unknown": unknown, "allowed": list(pool.resources)},
+            )
+        if rid in self.reservations:  # pragma: no cover - ids are random 48-bit
+            raise ExistsError(f"reservation id {rid} collides", {"id": rid})
+        held = self.held(pool.name, tenant.name)
+        if pool.max_per_tenant and len(held) >= pool.max_per_tenant:
+            existing = sorted(held)
+            return [
+                self._deny(
+                    args,
+                    tenant,
+                    now,
+                    ConflictError(
+                        f"tenant {tenant.name!r} already holds {', '.join(existing)} in pool {pool.name!r}"
+                        f" (max {pool.max_per_tenant} per tenant)",
+                        {"existing": existing, "max_per_tenant": pool.max_per_tenant},
+                    ),
+                )
+            ]
+        short: dict[str, dict[str, int]] = {}
+        for name, amount in args.resources.items():
+            available = self.available(pool, name)
+            if amount > available:
+                short[name] = {
+                    "requested": amount,
+                    "available": max(available, 0),
+                    "shortfall": amount - max(available, 0),
+                }
+        if short:
+            text = "; ".join(
+                f"{n}: requested {render_quantity(n, s['requested'])},"
+                f" available {render_quantity(n, s['available'])}"
+                for n, s in short.items()
+            )
+            return [
+                self._deny(
+                    args,
+                    tenant,
+                    now,
+                    InsufficientError(
+                        f"pool {pool.name!r} cannot fit the request: {text}",
+                        {"pool": pool.name, "resources": short},
+                    ),
+                )
+            ]
+        reservation = Reservation(
+            id=rid,
+            tenant=tenant.name,
+            pool=pool.name,
+            resources=dict(args.resources),
+            label=args.label,
+            created_at=now,
+            ttl=args.ttl,
+            expires_at=None if args.ttl is None else now + args.ttl,
+            binding=args.binding,
+            session=session if args.binding == "session" else "",
+            reclaimable=args.reclaimable,
+            uid=uid,
+        )
+        return [Reserved(reservation)]
+
+    @staticmethod
+    def _deny(args: Reserve, tenant: Tenant, now: float, error: ResdError) -> Denied:
+        return Denied(
+            tenant=tenant.name,
+            pool=args.pool,
+            resources=dict(args.resources),
+            at=now,
+            code=str(error.code),
+            reason=error.message,
+            details=error.details,
+        )
+
+    def release(self, rid: str, now: float, reason: str = "released") -> list[PoolEvent]:
+        self.reservation(rid)
+        return [Ended(rid, "released", now, reason)]
+
+    def renew(self, args: Renew, now: float) -> list[PoolEvent]:
+        r = self.reservation(args.id)
+        if r.state != "active":
+            raise ConflictError(
+                f"reservation {r.id} is being preempted and cannot be renewed",
+                {"id": r.id, "state": r.state},
+            )
+        ttl = args.ttl if args.ttl is not None else r.ttl
+        if ttl is None:
+            raise InvalidError(
+                f"reservation {r.id} has no ttl; give one to renew it", {"id": r.id, "field": "ttl"}
+            )
+        return [Renewed(r.id, ttl, now + ttl, now)]
+
+    def expire(self, rid: str, expires_at: float, now: float) -> list[PoolEvent]:
+        """Events of a TTL timer firing; none when the timer is stale (renewed or gone)."""
+        r = self.reservations.get(rid)
+        if r is None or r.state != "active" or r.expires_at != expires_at:
+            return []
+        return [Ended(rid, "expired", now, "ttl elapsed")]
+
+    def preempt(self, target: str, pool: str | None, by: str, now: float) -> list[PoolEvent]:
+        """Evict every live reservation of ``target`` (in ``pool``): at once, or after grace."""
+        if pool is not None:
+            self.pool(pool)
+        events: list[PoolEvent] = []
+        for r in self.of_tenant(target, pool):
+            if r.state != "active":
+                continue
+            grace = self.pools[r.pool].grace
+            if grace > 0:
+                events.append(Terminating(r.id, now + grace, by, now))
+            else:
+                events.append(Ended(r.id, "preempted", now, f"preempted by {by}"))
+        return events
+
+    def finish_grace(self, rid: str, now: float) -> list[PoolEvent]:
+        r = self.reservations.get(rid)
+        if r is None or r.state != "terminating":
+            return []
+        return [Ended(rid, "preempted", now, "grace ended")]
+
+    def end_sessions(self, session: str | None, now: float, reason: str) -> list[PoolEvent]:
+        """Release session-bound reservations of one connection (or of all, on restart)."""
+        return [
+            Ended(r.id, "released", now, reason)
+            for r in self.reservations.values()
+            if r.binding == "session" and (session is None or r.session == session)
+        ]
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, events: Iterable[PoolEvent]) -> None:
+        """Change the book by ``events``; the only mutator, used live and on replay."""
+        for event in events:
+            self._apply_one(event)
+
+    def _apply_one(self, event: PoolEvent) -> None:
+        match event:
+            case Reserved(reservation=r):
+                self.reservations[r.id] = r
+                used = self.allocated[r.pool]
+                for name, amount in r.resources.items():
+                    used[name] = used.get(name, 0) + amount
+                self._held.setdefault((r.pool, r.tenant), set()).add(r.id)
+                self._record(r.created_at, "reserved", r, r.label)
+            case Ended(id=rid, state=state, at=at, reason=reason):
+                r = self.reservations.pop(rid)
+                used = self.allocated[r.pool]
+                for name, amount in r.resources.items():
+                    used[name] -= amount
+                ids = self._held[(r.pool, r.tenant)]
+                ids.discard(rid)
+                if not ids:
+                    del self._held[(r.pool, r.tenant)]
+                self._record(at, state, r, reason)
+            case Renewed(id=rid, ttl=ttl, expires_at=expires_at, at=at):
+                r = attrs.evolve(self.reservations[rid], ttl=ttl, expires_at=expires_at)
+                self.reservations[rid] = r
+                self._record(at, "renewed", r, f"expires at {expires_at:.3f}")
+            case Terminating(id=rid, deadline=deadline, by=by, at=at):
+                r = attrs.evolve(self.reservations[rid], state="terminating", deadline=deadline)
+                self.reservations[rid] = r
+                self._record(at, "preempting", r, f"by {by}; grace until {deadline:.3f}")
+            case Denied():
+                self._push(
+                    HistoryEvent(
+                        seq=self.seq + 1,
+                        at=event.at,
+                        kind="denied",
+                        reservation="",
+                        tenant=event.tenant,
+                        pool=event.pool,
+                        resources=dict(event.resources),
+                        detail=event.reason,
+                    )
+                )
+            case PoolCreated(pool=pool):
+                self.pools[pool.name] = pool
+                self.allocated[pool.name] = {}
+            case PoolChanged(pool=pool):
+                self.pools[pool.name] = pool
+            case PoolDeleted(name=name):
+                del self.pools[name]
+                del self.allocated[name]
+
+    def _record(self, at: float, kind: str, r: Reservation, detail: str) -> None:
+        self._push(
+            HistoryEvent(
+                seq=self.seq + 1,
+                at=at,
+                kind=kind,
+                reservation=r.id,
+                tenant=r.tenant,
+                pool=r.pool,
+                resources=dict(r.resources),
+                detail=detail,
+            )
+        )
+
+    def _push(self, event: HistoryEvent) -> None:
+        self.seq = event.seq
+        self.history.append(event)
+
+    # -------------------------------------------------------------- snapshots
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "pools": [converter.unstructure(p) for p in self.pools.values()],
+            "reservations": [converter.unstructure(r) for r in self.reservations.values()],
+            "history": [to_wire(h) for h in self.history],
+            "seq": self.seq,
+        }
+
+    @classmethod
+    def from_snapshot(cls, state: dict[str, Any] | None, history_limit: int = 100_000) -> PoolBook:
+        book = cls(history_limit=history_limit)
+        if state is None:
+            return book
+        for p in state["pools"]:
+            pool = converter.structure(p, Pool)
+            book.pools[pool.name] = pool
+            book.allocated[pool.name] = {}
+        for raw in state["reservations"]:
+            r = converter.structure(raw, Reservation)
+            book.reservations[r.id] = r
+            used = book.allocated[r.pool]
+            for name, amount in r.resources.items():
+                used[name] = used.get(name, 0) + amount
+            book._held.setdefault((r.pool, r.tenant), set()).add(r.id)
+        book.history.extend(HistoryEvent(**h) for h in state["history"])
+        book.seq = state["seq"]
+        return book
+
+
+def denial_error(event: Denied) -> ResdError:
+    """The error a ``Denied`` event stands for, to raise to the requester."""
+    return ERRORS[ErrorCode(event.code)](event.reason, dict(event.details))
