@@ -1,0 +1,146 @@
+"""The actor base: a mailbox and a loop that handles one message at a time.
+
+``handle`` is synchronous on purpose: an actor cannot await in the middle of a
+state change, so no other task ever sees half a change and no lock is needed. A
+message that needs I/O (the journal) returns what the caller should await next
+(a log sequence number) instead of awaiting it here.
+
+Callers use ``ask`` (await a result) or ``tell`` (fire and forget). A ResdError
+raised by a handler goes back to the asker; any other exception is logged and
+becomes an ``internal`` error, so one bad message never kills the daemon.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from resd_client.errors import InternalError, ResdError
+
+log = structlog.get_logger("resd.actor")
+
+
+@attrs.define(eq=False)
+class _Envelope:
+    message: Any
+    done: trio.Event | None
+    result: Any = None
+    error: ResdError | None = None
+
+
+class Actor:
+    """Subclasses fill ``handlers`` (message type → bound method) and may override
+    ``after_batch`` (runs once the mailbox is drained) and the timer hooks."""
+
+    name = "actor"
+
+    def __init__(self) -> None:
+        self._mailbox, self._inbox = trio.open_memory_channel[_Envelope](math.inf)
+        self.handlers: dict[type, Callable[[Any], Any]] = {}
+
+    async def ask(self, message: Any) -> Any:
+        envelope = _Envelope(message, trio.Event())
+        self._mailbox.send_nowait(envelope)
+        assert envelope.done is not None
+        await envelope.done.wait()
+        if envelope.error is not None:
+            raise envelope.error
+        return envelope.result
+
+    def tell(self, message: Any) -> None:
+        try:
+            self._mailbox.send_nowait(_Envelope(message, None))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # shutting down
+
+    def next_deadline(self) -> float:
+        """trio time at which ``on_deadline`` should run; ``inf`` for never."""
+        return math.inf
+
+    def on_deadline(self) -> None:
+        """Called when ``next_deadline`` has passed."""
+
+    def after_batch(self) -> None:
+        """Called after the messages that were waiting have all been handled."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            envelope: _Envelope | None = None
+            with trio.move_on_at(self.next_deadline()):
+                envelope = await self._inbox.receive()
+            if envelope is None:
+                self.on_deadline()
+                self.after_batch()
+                continue
+            self._deliver(envelope)
+            while True:
+                try:
+                    envelope = self._inbox.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                self._deliver(envelope)
+            if self.next_deadline() <= trio.current_time():
+                self.on_deadline()
+            self.after_batch()
+
+    def _deliver(self, envelope: _Envelope) -> None:
+        message = envelope.message
+        try:
+            handler = self.handlers[type(message)]
+            envelope.result = handler(message)
+        except ResdError as exc:
+            envelope.error = exc
+        except Exception as exc:
+            log.exception("actor_failed", actor=self.name, message=type(message).__name__)
+            envelope.error = InternalError(
+                f"{self.name} failed on {type(message).__name__}: {type(exc).__name__}: {exc}"
+            )
+        if envelope.done is not None:
+            envelope.done.set()
+        elif envelope.error is not None and not isinstance(envelope.error, ResdError):
+            log.warning("told_message_failed", actor=self.name, error=str(envelope.error))
+
+
+@attrs.define(eq=False)
+class TimerHeap:
+    """Deadlines keyed by name; the earliest first. Re-adding a key supersedes it.
+
+    Superseded entries stay in the heap and are skipped when popped (lazy deletion),
+    so adding is O(log n) and nothing is scanned.
+    """
+
+    _heap: list[tuple[float, int, str, Any]] = attrs.Factory(list)
+    _live: dict[str, int] = attrs.Factory(dict)
+    _seq: itertools.count[int] = attrs.Factory(itertools.count)
+
+    def add(self, key: str, deadline: float, payload: Any = None) -> None:
+        seq = next(self._seq)
+        self._live[key] = seq
+        heapq.heappush(self._heap, (deadline, seq, key, payload))
+
+    def discard(self, key: str) -> None:
+        self._live.pop(key, None)
+
+    def earliest(self) -> float:
+        while self._heap and self._live.get(self._heap[0][2]) != self._heap[0][1]:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else math.inf
+
+    def pop_due(self, now: float) -> list[tuple[str, Any]]:
+        due: list[tuple[str, Any]] = []
+        while self.earliest() <= now:
+            _, _, key, payload = heapq.heappop(self._heap)
+            del self._live[key]
+            due.append((key, payload))
+        return due
+
+    def __len__(self) -> int:
+        return len(self._live)

@@ -1,0 +1,185 @@
+"""Daemon configuration: embedded defaults, then a TOML file, then ``RESD_*`` variables,
+then command-line flags. Every key is checked once, here, with a message that says
+what was wrong and what is allowed.
+
+Environment names are the key upper-cased with ``RESD_`` in front (``RESD_FSYNC``,
+``RESD_SOCKET``); oversubscription ratios are ``RESD_OVERSUB_<RESOURCE>``
+(``RESD_OVERSUB_CPU=2``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from resd_client.paths import SYSTEM_SOCKET, SYSTEM_STATE, user_socket, user_state_dir
+from resd_client.quantity import check_resource_name, parse_quantity
+
+#: hypeman's defaults for a discovered host.
+DEFAULT_OVERSUB: Final[dict[str, float]] = {
+    "cpu": 4.0,
+    "memory": 1.0,
+    "disk": 1.0,
+    "net": 2.0,
+    "disk_io": 2.0,
+}
+FSYNC_MODES: Final = ("always", "batch", "never")
+LOG_FORMATS: Final = ("auto", "json", "console")
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; the message names the key and what is allowed."""
+
+
+@attrs.frozen
+class Config:
+    system: bool = False
+    socket: str = ""
+    state_dir: str = ""
+    fsync: str = "always"
+    max_frame: int = 1 << 20
+    max_connections: int = 1024
+    max_pending: int = 64
+    default_priority: int = 5
+    admin_group: str = ""
+    history_limit: int = 100_000
+    snapshot_every: int = 100_000
+    host_pool: bool = True
+    disk_io_limit: str = "1GB/s"
+    log_format: str = "auto"
+    log_level: str = "info"
+    oversub: dict[str, float] = attrs.Factory(lambda: dict(DEFAULT_OVERSUB))
+
+    @property
+    def socket_path(self) -> Path:
+        if self.socket:
+            return Path(self.socket)
+        return SYSTEM_SOCKET if self.system else user_socket()
+
+    @property
+    def state_path(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir)
+        return SYSTEM_STATE if self.system else user_state_dir()
+
+
+_FIELDS: Final = {f.name: f for f in attrs.fields(Config)}
+
+
+def _coerce(key: str, raw: Any, from_env: bool) -> Any:
+    kind = _FIELDS[key].type
+    try:
+        if kind in ("bool", bool):
+            if isinstance(raw, bool):
+                return raw
+            if from_env and str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if from_env and str(raw).lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind in ("int", int):
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind in ("str", str):
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+    except ValueError:
+        raise ConfigError(f"{key}: {raw!r} is not a valid {kind}") from None
+    raise ConfigError(f"{key}: cannot be set this way")  # pragma: no cover
+
+
+def _ratio(resource: str, raw: Any) -> float:
+    try:
+        check_resource_name(resource)
+        value = float(raw)
+    except Exception:
+        raise ConfigError(f"oversub.{resource}: {raw!r} is not a ratio (a number > 0)") from None
+    if not 0 < value <= 1000:
+        raise ConfigError(f"oversub.{resource}: {value:g} is out of range (> 0 and <= 1000)")
+    return value
+
+
+def _validate(cfg: Config) -> Config:
+    if cfg.fsync not in FSYNC_MODES:
+        raise ConfigError(
+            f"fsync: {cfg.fsync!r} is not allowed; use one of {', '.join(FSYNC_MODES)}"
+        )
+    if cfg.log_format not in LOG_FORMATS:
+        raise ConfigError(
+            f"log_format: {cfg.log_format!r} is not allowed; use one of {', '.join(LOG_FORMATS)}"
+        )
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"log_level: {cfg.log_level!r} is not allowed; use debug, info, warning or error"
+        )
+    if not 1024 <= cfg.max_frame <= 64 << 20:
+        raise ConfigError(f"max_frame: {cfg.max_frame} is out of range (1024 to {64 << 20} bytes)")
+    for key in ("max_connections", "max_pending", "history_limit", "snapshot_every"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
+    if not 1 <= cfg.default_priority <= 10:
+        raise ConfigError(f"default_priority: {cfg.default_priority} is out of range (1 to 10)")
+    try:
+        parse_quantity("disk_io", cfg.disk_io_limit)
+    except Exception as exc:
+        raise ConfigError(f"disk_io_limit: {exc}") from None
+    return cfg
+
+
+def default_config_file(system: bool) -> Path:
+    if system:
+        return Path("/etc/resd/resd.toml")
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "resd" / "resd.toml"
+
+
+def load(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config; ``path`` None means the default file if it exists.
+
+    Raises ConfigError for unknown keys, wrong types and out-of-range values.
+    """
+    env = os.environ if env is None else env
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values: dict[str, Any] = {}
+    oversub = dict(DEFAULT_OVERSUB)
+    system = bool(overrides.get("system", False))
+    file = path or default_config_file(system)
+    if path is not None or file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {file}: {exc}") from None
+        for key, raw in data.items():
+            if key == "oversub":
+                if not isinstance(raw, dict):
+                    raise ConfigError("oversub: must be a table like [oversub] cpu = 4.0")
+                oversub.update({k: _ratio(k, v) for k, v in raw.items()})
+            elif key in _FIELDS:
+                values[key] = _coerce(key, raw, from_env=False)
+            else:
+                allowed = ", ".join(sorted(_FIELDS))
+                raise ConfigError(f"{file}: unknown key {key!r}; allowed: {allowed}")
+    for name, raw in env.items():
+        if not name.startswith("RESD_"):
+            continue
+        key = name[5:].lower()
+        if key.startswith("oversub_"):
+            oversub[key[8:]] = _ratio(key[8:], raw)
+        elif key in _FIELDS and key != "oversub":
+            values[key] = _coerce(key, raw, from_env=True)
+    for key, raw in overrides.items():
+        values[key] = _coerce(key, raw, from_env=False)
+    values["oversub"] = oversub
+    return _validate(Config(**values))

@@ -1,0 +1,307 @@
+"""Assembly and lifecycle of the daemon: recover, start the actors, serve, stop.
+
+Start: lock the state directory, replay the journal into the books, start the
+journal flusher and the actors, end session leases that died with the previous
+process, create the ``host`` pool on first start, bind the socket (refusing when
+another daemon answers on it, removing it when it is stale), serve, tell systemd
+READY. Stop (SIGTERM/SIGINT or ``request_stop``): STOPPING, stop accepting, let
+in-flight requests finish, snapshot, flush and close the journal, remove the
+socket, return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from resd import messages as m
+from resd.config import Config
+from resd.discovery import discover, host_pool_resources
+from resd.journal import Journal
+from resd.ops import Services
+from resd.pool_actor import PoolActor
+from resd.pools import PoolBook
+from resd.records import decode
+from resd.registry import TenantRegistry
+from resd.sdnotify import activated_socket, notify
+from resd.server import Limits, Server, admin_gid_of
+from resd.tenants import TenantBook
+from resd.timers import Arbiter, Reaper
+from resd_client import __version__
+from resd_client.protocol import PoolCreate, from_wire
+
+log = structlog.get_logger("resd")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the state directory for the daemon's life."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / "resd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise StartupError(
+                f"state directory {state_dir} is in use by resd pid {holder}; "
+                "stop that daemon or use another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def claim_socket_path(path: Path) -> None:
+    """Refuse when a daemon answers on ``path``; remove a stale socket file."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            raise StartupError(f"cannot check existing socket {path}: {exc}") from None
+        log.warning("stale_socket_removed", socket=str(path))
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise StartupError(
+        f"another resd is already listening on {path}; stop it first or use --socket to pick another path"
+    )
+
+
+def bind_listener(path: Path, system: bool) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
+    claim_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o117 if system else 0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if system:
+        with contextlib.suppress(KeyError, PermissionError):
+            import grp
+
+            os.chown(path, 0, grp.getgrnam("resd").gr_gid)
+    sock.listen(512)
+    return sock
+
+
+class Daemon:
+    """One resd process's state and tasks. ``run`` serves until asked to stop."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        wall: Callable[[], float] = time.time,
+        handle_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self.wall = wall
+        self.handle_signals = handle_signals
+        self.boot_id = uuid.uuid4().hex
+        self._stop = trio.Event()
+        self.stopped = trio.Event()
+        self._snapshot_wanted = trio.Event()
+        self.server: Server | None = None
+        self.journal: Journal | None = None
+        self.pools: PoolActor | None = None
+        self.tenants: TenantRegistry | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        try:
+            with state_lock(cfg.state_path):
+                await self._run_locked(cfg, task_status)
+        finally:
+            self.stopped.set()
+
+    def _recover(self, journal: Journal) -> tuple[PoolBook, TenantBook, bool]:
+        rec = journal.recover()
+        for warning in rec.warnings:
+            log.warning("journal_recovered_with_warning", detail=warning)
+        pool_snap = rec.snapshots.get("pools")
+        tenant_snap = rec.snapshots.get("tenants")
+        pools = PoolBook.from_snapshot(
+            pool_snap[1] if pool_snap else None, self.config.history_limit
+        )
+        tenants = TenantBook.from_snapshot(
+            tenant_snap[1] if tenant_snap else None, self.config.default_priority
+        )
+        for _lsn, domain, records in rec.entries:
+            events = [decode(r) for r in records]
+            if domain == "pools":
+                pools.apply(events)  # type: ignore[arg-type]
+            elif domain == "tenants":
+                tenants.apply(events)  # type: ignore[arg-type]
+        fresh = not rec.snapshots and not rec.entries
+        log.info(
+            "recovered",
+            pools=len(pools.pools),
+            reservations=len(pools.reservations),
+            tenants=len(tenants.tenants),
+            entries=len(rec.entries),
+        )
+        return pools, tenants, fresh
+
+    async def _run_locked(self, cfg: Config, task_status: trio.TaskStatus[Daemon]) -> None:
+        journal = Journal(cfg.state_path, cfg.fsync)  # type: ignore[arg-type]
+        pool_book, tenant_book, fresh = self._recover(journal)
+        reaper, arbiter = Reaper(self.wall), Arbiter(self.wall)
+        pools = PoolActor(
+            pool_book,
+            journal,
+            self.wall,
+            reaper,
+            arbiter,
+            snapshot_every=cfg.snapshot_every,
+            snapshot_due=lambda: self._snapshot_wanted.set(),
+        )
+        reaper.pool_actor = arbiter.pool_actor = pools
+        tenants = TenantRegistry(tenant_book, journal, self.wall)
+        self.journal, self.pools, self.tenants = journal, pools, tenants
+        started_at = self.wall()
+        server = Server(
+            Services(
+                pools,
+                tenants,
+                journal,
+                __version__,
+                self.boot_id,
+                started_at,
+                self.wall,
+                lambda: server.connection_count,
+            ),
+            Limits(cfg.max_frame, cfg.max_connections, cfg.max_pending),
+            admin_gid=admin_gid_of(cfg.admin_group),
+        )
+        self.server = server
+        activated = activated_socket()
+        listener_sock = activated or bind_listener(cfg.socket_path, cfg.system)
+        listener = trio.socket.from_stdlib_socket(listener_sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                journal_scope, journal_done = trio.CancelScope(), trio.Event()
+                await nursery.start(self._run_journal, journal, journal_scope, journal_done)
+                for actor in (reaper, arbiter, pools, tenants):
+                    await nursery.start(actor.run)
+                lsn = pools.recover_effects()
+                if lsn:
+                    await journal.wait_durable(lsn)
+                if fresh and cfg.host_pool:
+                    await self._create_host_pool(pools, journal)
+                if self.handle_signals:
+                    nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._snapshots)
+                await nursery.start(server.serve, listener)
+                log.info(
+                    "ready",
+                    socket=str(cfg.socket_path),
+                    state_dir=str(cfg.state_path),
+                    fsync=cfg.fsync,
+                    version=__version__,
+                    pid=os.getpid(),
+                )
+                notify("READY=1\nSTATUS=serving")
+                task_status.started(self)
+                await self._stop.wait()
+                notify("STOPPING=1")
+                log.info("stopping")
+                await server.stop()
+                await self.snapshot()
+                journal_scope.cancel()
+                await journal_done.wait()
+                await journal.close()
+                nursery.cancel_scope.cancel()
+        finally:
+            listener.close()
+            if activated is None:
+                with contextlib.suppress(FileNotFoundError):
+                    cfg.socket_path.unlink()
+        log.info("stopped")
+
+    @staticmethod
+    async def _run_journal(
+        journal: Journal,
+        scope: trio.CancelScope,
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            with scope:
+                await journal.run(task_status=task_status)
+        finally:
+            done.set()
+
+    async def _create_host_pool(self, pools: PoolActor, journal: Journal) -> None:
+        figures = discover(self.config.state_path, self.config.disk_io_limit)
+        args = from_wire(
+            PoolCreate,
+            {
+                "name": "host",
+                "resources": host_pool_resources(figures, self.config.oversub),
+                "max_per_tenant": 0,
+                "labels": {"source": "discovery"},
+            },
+        )
+        _, lsn = await pools.ask(m.CreatePool(args))
+        await journal.wait_durable(lsn)
+        log.info(
+            "host_pool_created",
+            resources={f.resource: f.capacity for f in figures},
+            sources={f.resource: f.source for f in figures},
+        )
+
+    async def _watch_signals(self) -> None:
+        import signal
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal", signal=signal.Signals(signum).name)
+                self._stop.set()
+
+    async def snapshot(self) -> None:
+        """Write a snapshot of both books and drop the journal segments it covers."""
+        assert self.journal is not None and self.pools is not None and self.tenants is not None
+        if self.journal.entries_since_snapshot == 0:
+            return
+        covered = self.journal.rotate()
+        domains: dict[str, tuple[int, Any]] = {
+            "pools": await self.pools.ask(m.TakeSnapshot()),
+            "tenants": await self.tenants.ask(m.TakeSnapshot()),
+        }
+        await self.journal.write_snapshot(domains, covered)
+        log.info("snapshot_written", covered_lsn=covered)
+
+    async def _snapshots(self) -> None:
+        """Snapshot whenever the pool actor says enough entries have accumulated."""
+        while True:
+            await self._snapshot_wanted.wait()
+            await self.snapshot()
+            self._snapshot_wanted = trio.Event()

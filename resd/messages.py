@@ -1,0 +1,187 @@
+"""Messages between actors. Frozen values; each names who sends it and who handles it.
+
+``Outbox`` is a connection's mailbox of encoded frames: actors push events to a
+client by sending into it, never by touching its socket.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import attrs
+import trio
+
+from resd.records import Tenant
+from resd.tenants import Peer
+from resd_client.protocol import PoolCreate, PoolSet, Renew, Reserve, TenantAdd, TenantSet
+
+Outbox: TypeAlias = trio.MemorySendChannel[bytes]
+
+# ----------------------------------------------------------- to the pool actor
+
+
+@attrs.frozen
+class CreatePool:
+    args: PoolCreate
+
+
+@attrs.frozen
+class SetPool:
+    args: PoolSet
+
+
+@attrs.frozen
+class DeletePool:
+    name: str
+    force: bool
+
+
+@attrs.frozen
+class ShowPool:
+    name: str
+
+
+@attrs.frozen
+class ListPools:
+    pass
+
+
+@attrs.frozen
+class DoReserve:
+    args: Reserve
+    tenant: Tenant
+    peer: Peer
+    session: str
+    outbox: Outbox | None = attrs.field(eq=False, default=None)
+
+
+@attrs.frozen
+class GetReservation:
+    id: str
+
+
+@attrs.frozen
+class DoRelease:
+    id: str
+
+
+@attrs.frozen
+class DoRenew:
+    args: Renew
+
+
+@attrs.frozen
+class Expire:
+    """From the reaper: ``id``'s TTL timer for ``expires_at`` fired."""
+
+    id: str
+    expires_at: float
+
+
+@attrs.frozen
+class PreemptTenant:
+    target: str
+    pool: str | None
+    by: str
+
+
+@attrs.frozen
+class FinishGrace:
+    """From the arbiter: ``id``'s grace period is over."""
+
+    id: str
+
+
+@attrs.frozen
+class SessionClosed:
+    session: str
+
+
+@attrs.frozen
+class ListActive:
+    pool: str | None = None
+    tenant: str | None = None
+
+
+@attrs.frozen
+class ExportHistory:
+    since: float | None
+    tenant: str | None
+
+
+@attrs.frozen
+class Subscribe:
+    outbox: Outbox = attrs.field(eq=False)
+
+
+@attrs.frozen
+class Unsubscribe:
+    outbox: Outbox = attrs.field(eq=False)
+
+
+@attrs.frozen
+class CountActive:
+    tenant: str
+
+
+@attrs.frozen
+class ReleaseTenant:
+    tenant: str
+
+
+@attrs.frozen
+class TakeSnapshot:
+    pass
+
+
+# ------------------------------------------------------- to the tenant registry
+
+
+@attrs.frozen
+class Resolve:
+    name: str | None
+    peer: Peer
+
+
+@attrs.frozen
+class AddTenant:
+    args: TenantAdd
+    peer: Peer
+
+
+@attrs.frozen
+class SetTenant:
+    args: TenantSet
+    peer: Peer
+
+
+@attrs.frozen
+class RemoveTenant:
+    name: str
+    peer: Peer
+
+
+@attrs.frozen
+class GetTenant:
+    name: str
+
+
+@attrs.frozen
+class ListTenants:
+    pass
+
+
+# --------------------------------------------------------- to the timer actors
+
+
+@attrs.frozen
+class Schedule:
+    """Reaper: expire ``id`` at wall time ``at``. Arbiter: end ``id``'s grace at ``at``."""
+
+    id: str
+    at: float
+
+
+@attrs.frozen
+class Cancel:
+    id: str

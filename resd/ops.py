@@ -1,0 +1,279 @@
+"""What each protocol op does: the dispatch table from op name to handler.
+
+Handlers run in the connection's task, orchestrate the actors with ``ask``, check
+authority, and await durability of what the actors journaled before returning the
+result. They hold no state of their own. ``HANDLERS`` must cover exactly
+``protocol.OPS`` (a test checks it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import attrs
+
+from resd import messages as m
+from resd.journal import Journal
+from resd.pool_actor import PoolActor
+from resd.records import Tenant
+from resd.registry import TenantRegistry
+from resd.tenants import Peer, TenantBook
+from resd_client.errors import ConflictError, ForbiddenError, InvalidError
+from resd_client.protocol import (
+    PROTOCOL_VERSION,
+    Done,
+    Empty,
+    Export,
+    Hello,
+    HelloResult,
+    History,
+    ListReservations,
+    PoolCreate,
+    PoolDelete,
+    PoolInfo,
+    PoolList,
+    PoolName,
+    PoolSet,
+    Preempt,
+    Preempted,
+    Renew,
+    ReservationInfo,
+    ReservationList,
+    ReservationRef,
+    Reserve,
+    Status,
+    Subscribe,
+    TenantAdd,
+    TenantInfo,
+    TenantList,
+    TenantName,
+    TenantRemove,
+    TenantSet,
+)
+
+
+@attrs.define(eq=False)
+class Services:
+    """What handlers may reach: the actors, the journal, and facts about the daemon."""
+
+    pools: PoolActor
+    tenants: TenantRegistry
+    journal: Journal
+    version: str
+    boot_id: str
+    started_at: float
+    wall: Callable[[], float]
+    connections: Callable[[], int]
+
+
+@attrs.define(eq=False)
+class Conn:
+    """One client connection, as handlers see it."""
+
+    id: str
+    peer: Peer
+    outbox: m.Outbox
+
+
+Handler = Callable[[Services, Conn, Any], Awaitable[Any]]
+
+
+async def _durable(svc: Services, *lsns: int) -> None:
+    lsn = max(lsns, default=0)
+    if lsn:
+        await svc.journal.wait_durable(lsn)
+
+
+async def _mutate(svc: Services, message: Any) -> Any:
+    result, lsn = await svc.pools.ask(message)
+    await _durable(svc, lsn)
+    return result
+
+
+async def hello(svc: Services, conn: Conn, args: Hello) -> HelloResult:
+    return HelloResult(
+        server_version=svc.version,
+        protocol=PROTOCOL_VERSION,
+        boot_id=svc.boot_id,
+        uid=conn.peer.uid,
+        gid=conn.peer.gid,
+        pid=conn.peer.pid,
+        admin=conn.peer.admin,
+        user_tenant=conn.peer.user,
+    )
+
+
+async def pool_create(svc: Services, conn: Conn, args: PoolCreate) -> PoolInfo:
+    TenantBook.check_admin(conn.peer, "create pools")
+    info: PoolInfo = await _mutate(svc, m.CreatePool(args))
+    return info
+
+
+async def pool_list(svc: Services, conn: Conn, args: Empty) -> PoolList:
+    return PoolList(pools=await svc.pools.ask(m.ListPools()))
+
+
+async def pool_show(svc: Services, conn: Conn, args: PoolName) -> PoolInfo:
+    info: PoolInfo = await svc.pools.ask(m.ShowPool(args.name))
+    return info
+
+
+async def pool_set(svc: Services, conn: Conn, args: PoolSet) -> PoolInfo:
+    TenantBook.check_admin(conn.peer, "change pools")
+    info: PoolInfo = await _mutate(svc, m.SetPool(args))
+    return info
+
+
+async def pool_delete(svc: Services, conn: Conn, args: PoolDelete) -> Done:
+    TenantBook.check_admin(conn.peer, "delete pools")
+    done: Done = await _mutate(svc, m.DeletePool(args.name, args.force))
+    return done
+
+
+async def _tenant_info(svc: Services, tenant: Tenant) -> TenantInfo:
+    active: int = await svc.pools.ask(m.CountActive(tenant.name))
+    return tenant.info(active=active)
+
+
+async def tenant_add(svc: Services, conn: Conn, args: TenantAdd) -> TenantInfo:
+    tenant, lsn = await svc.tenants.ask(m.AddTenant(args, conn.peer))
+    await _durable(svc, lsn)
+    info: TenantInfo = tenant.info()
+    return info
+
+
+async def tenant_list(svc: Services, conn: Conn, args: Empty) -> TenantList:
+    tenants: list[Tenant] = await svc.tenants.ask(m.ListTenants())
+    active = Counter(r.tenant for r in await svc.pools.ask(m.ListActive()))
+    return TenantList(tenants=[t.info(active=active[t.name]) for t in tenants])
+
+
+async def tenant_show(svc: Services, conn: Conn, args: TenantName) -> TenantInfo:
+    return await _tenant_info(svc, await svc.tenants.ask(m.GetTenant(args.name)))
+
+
+async def tenant_set(svc: Services, conn: Conn, args: TenantSet) -> TenantInfo:
+    tenant, lsn = await svc.tenants.ask(m.SetTenant(args, conn.peer))
+    await _durable(svc, lsn)
+    return await _tenant_info(svc, tenant)
+
+
+async def tenant_remove(svc: Services, conn: Conn, args: TenantRemove) -> Done:
+    TenantBook.check_admin(conn.peer, "remove tenants")
+    await svc.tenants.ask(m.GetTenant(args.name))
+    active: int = await svc.pools.ask(m.CountActive(args.name))
+    if active and not args.force:
+        raise ConflictError(
+            f"tenant {args.name!r} holds {active} active reservation(s); release them or use --force",
+            {"tenant": args.name, "active": active},
+        )
+    released = await svc.pools.ask(m.ReleaseTenant(args.name)) if active else 0
+    lsn = await svc.tenants.ask(m.RemoveTenant(args.name, conn.peer))
+    await _durable(svc, released, lsn)
+    return Done(removed=active)
+
+
+async def reserve(svc: Services, conn: Conn, args: Reserve) -> ReservationInfo:
+    tenant, tenant_lsn = await svc.tenants.ask(m.Resolve(args.tenant, conn.peer))
+    info, lsn = await svc.pools.ask(m.DoReserve(args, tenant, conn.peer, conn.id, conn.outbox))
+    await _durable(svc, tenant_lsn, lsn)
+    result: ReservationInfo = info
+    return result
+
+
+async def _check_holder(svc: Services, conn: Conn, rid: str) -> None:
+    """The caller must have made the reservation, be an admin, or act as its tenant."""
+    info: ReservationInfo = await svc.pools.ask(m.GetReservation(rid))
+    if conn.peer.admin or info.uid == conn.peer.uid:
+        return
+    tenant: Tenant = await svc.tenants.ask(m.GetTenant(info.tenant))
+    if not TenantBook.may_act_as(conn.peer, tenant):
+        raise ForbiddenError(
+            f"uid {conn.peer.uid} may not act on reservation {rid} of tenant {info.tenant!r}",
+            {"id": rid, "tenant": info.tenant},
+        )
+
+
+async def release(svc: Services, conn: Conn, args: ReservationRef) -> ReservationInfo:
+    await _check_holder(svc, conn, args.id)
+    info: ReservationInfo = await _mutate(svc, m.DoRelease(args.id))
+    return info
+
+
+async def renew(svc: Services, conn: Conn, args: Renew) -> ReservationInfo:
+    await _check_holder(svc, conn, args.id)
+    info: ReservationInfo = await _mutate(svc, m.DoRenew(args))
+    return info
+
+
+async def preempt(svc: Services, conn: Conn, args: Preempt) -> Preempted:
+    by, lsn = await svc.tenants.ask(m.Resolve(args.tenant, conn.peer))
+    target: Tenant = await svc.tenants.ask(m.GetTenant(args.target))
+    if by.name == target.name:
+        raise InvalidError("a tenant cannot preempt itself", {"tenant": by.name})
+    if by.priority <= target.priority:
+        raise ForbiddenError(
+            f"tenant {by.name!r} (priority {by.priority}) cannot preempt {target.name!r}"
+            f" (priority {target.priority}): preemption needs a strictly higher priority",
+            {
+                "tenant": by.name,
+                "priority": by.priority,
+                "target": target.name,
+                "target_priority": target.priority,
+            },
+        )
+    victims, pool_lsn = await svc.pools.ask(m.PreemptTenant(target.name, args.pool, by.name))
+    await _durable(svc, lsn, pool_lsn)
+    return Preempted(reservations=victims)
+
+
+async def list_reservations(svc: Services, conn: Conn, args: ListReservations) -> ReservationList:
+    return ReservationList(reservations=await svc.pools.ask(m.ListActive(args.pool, args.tenant)))
+
+
+async def status(svc: Services, conn: Conn, args: Empty) -> Status:
+    pools: list[PoolInfo] = await svc.pools.ask(m.ListPools())
+    tenants: list[Tenant] = await svc.tenants.ask(m.ListTenants())
+    return Status(
+        server_version=svc.version,
+        boot_id=svc.boot_id,
+        started_at=svc.started_at,
+        pools=pools,
+        tenants=len(tenants),
+        active=sum(p.active for p in pools),
+        connections=svc.connections(),
+    )
+
+
+async def export(svc: Services, conn: Conn, args: Export) -> History:
+    return History(events=await svc.pools.ask(m.ExportHistory(args.since, args.tenant)))
+
+
+async def subscribe(svc: Services, conn: Conn, args: Subscribe) -> Status:
+    await svc.pools.ask(m.Subscribe(conn.outbox))
+    return await status(svc, conn, Empty())
+
+
+HANDLERS: Final[dict[str, Handler]] = {
+    "hello": hello,
+    "pool.create": pool_create,
+    "pool.list": pool_list,
+    "pool.show": pool_show,
+    "pool.set": pool_set,
+    "pool.delete": pool_delete,
+    "tenant.add": tenant_add,
+    "tenant.list": tenant_list,
+    "tenant.show": tenant_show,
+    "tenant.set": tenant_set,
+    "tenant.remove": tenant_remove,
+    "reserve": reserve,
+    "release": release,
+    "renew": renew,
+    "preempt": preempt,
+    "list": list_reservations,
+    "status": status,
+    "export": export,
+    "subscribe": subscribe,
+}

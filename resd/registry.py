@@ -1,0 +1,58 @@
+"""The tenant registry actor: sole owner of the tenant book."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from resd.actor import Actor
+from resd.journal import Journal
+from resd.messages import (
+    AddTenant,
+    GetTenant,
+    ListTenants,
+    RemoveTenant,
+    Resolve,
+    SetTenant,
+    TakeSnapshot,
+)
+from resd.records import Tenant, TenantEvent, encode
+from resd.tenants import TenantBook
+
+DOMAIN = "tenants"
+
+
+class TenantRegistry(Actor):
+    name = "tenant-registry"
+
+    def __init__(self, book: TenantBook, journal: Journal, wall: Callable[[], float]) -> None:
+        super().__init__()
+        self.book = book
+        self.journal = journal
+        self.wall = wall
+        self.handlers = {
+            Resolve: self._resolve,
+            AddTenant: lambda m: self._saved(self.book.add(m.args, m.peer, self.wall())),
+            SetTenant: lambda m: self._saved(self.book.set(m.args, m.peer)),
+            RemoveTenant: lambda m: self._commit(self.book.remove(m.name, m.peer, self.wall())),
+            GetTenant: lambda m: self.book.get(m.name),
+            ListTenants: lambda m: sorted(
+                self.book.tenants.values(), key=lambda t: (-t.priority, t.name)
+            ),
+            TakeSnapshot: lambda m: (self.journal.last_lsn, self.book.snapshot()),
+        }
+
+    def _commit(self, events: Sequence[TenantEvent]) -> int:
+        if not events:
+            return 0
+        self.book.apply(events)
+        return self.journal.append(DOMAIN, [encode(e) for e in events])
+
+    def _saved(self, events: Sequence[TenantEvent]) -> tuple[Tenant, int]:
+        lsn = self._commit(events)
+        (event,) = events
+        tenant: Tenant = event.tenant  # type: ignore[union-attr]
+        return tenant, lsn
+
+    def _resolve(self, msg: Resolve) -> tuple[Tenant, int]:
+        tenant, events = self.book.resolve(msg.name, msg.peer, self.wall())
+        return tenant, self._commit(events)
