@@ -1,0 +1,648 @@
+"""The write-ahead log and snapshots: the only module that touches the state directory.
+
+Layout of the state directory (format version 1; files written by any release must replay):
+
+- ``wal-<first lsn, 20 digits>.log``: ``b"RESDWAL\\x00"`` + u32 BE version, then entries of
+  u32 BE length + u32 BE crc32(payload) + payload, where payload is the msgpack map
+  ``{"lsn": int, "d": domain, "r": [records]}``. One ``append`` is one entry, so a
+  multi-record change replays all or nothing.
+- ``snapshot.msgpack``: ``b"RESDSNAP"`` + u32 BE version + u32 BE crc32(payload) + payload,
+  the msgpack map ``{"lsn": covered_lsn, "domains": {domain: {"lsn": int, "state": any}}}``.
+  Every entry with lsn <= ``covered_lsn`` is reflected in the snapshot, and so is every entry of
+  a domain with lsn <= that domain's lsn. Written atomically (tmp file, fsync, rename, fsync dir).
+
+``Journal`` owns one append-only file descriptor and a flusher task (``run``) doing group
+commit: everything appended while the previous write/fsync was in progress goes out in one
+``os.write`` and shares one fsync. Records are opaque msgpack-able values.
+
+What can fail:
+
+- ``recover`` raises ``JournalCorrupt`` for anything unreadable except a torn final entry of
+  the last segment (truncated with a warning): resd refuses to start rather than reset state.
+- A failed write or fsync is sticky (after a failed fsync the page cache cannot be trusted):
+  ``run`` raises ``JournalFailed``, and so do pending and later ``wait_durable`` and ``append``.
+- ``write_snapshot`` raises ``OSError`` if the snapshot cannot be written; the previous
+  snapshot and the WAL stay valid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, Literal, final
+
+import attrs
+import msgpack
+import structlog
+import trio
+
+__all__ = ["FsyncMode", "Journal", "JournalCorrupt", "JournalFailed", "Recovered"]
+
+log = structlog.get_logger("resd.journal")
+
+FsyncMode = Literal["always", "batch", "never"]
+
+FORMAT_VERSION: Final = 1
+WAL_MAGIC: Final = b"RESDWAL\x00"
+SNAP_MAGIC: Final = b"RESDSNAP"
+SNAPSHOT_NAME: Final = "snapshot.msgpack"
+MAX_ENTRY: Final = 64 << 20  # a larger length field is corruption, never a torn tail
+
+_FILE_HEADER: Final = struct.Struct(">8sI")  # magic, version
+_ENTRY_HEADER: Final = struct.Struct(">II")  # length, crc32
+_SNAP_HEADER: Final = struct.Struct(">8sII")  # magic, version, crc32
+_WAL_HEADER: Final = _FILE_HEADER.pack(WAL_MAGIC, FORMAT_VERSION)
+_SEGMENT_NAME: Final = re.compile(r"^wal-(\d{20})\.log$")
+
+_Entry = tuple[int, str, list[Any]]  # (lsn, domain, records)
+
+# Every fsync goes through this name, so tests can count or fail them.
+_fsync: Callable[[int], None] = os.fsync
+
+
+@final
+class JournalCorrupt(Exception):
+    """The state directory holds data resd cannot read; it refuses to start."""
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        super().__init__(
+            f"{path}: offset {offset}: {reason}. resd refuses to start rather than reset its "
+            "state; restore the state directory from a backup or move it aside to start empty"
+        )
+
+
+@final
+class JournalFailed(Exception):
+    """Writing or fsyncing the WAL failed; durability of later entries is unknown."""
+
+
+@final
+@attrs.frozen
+class Recovered:
+    """What ``recover`` read: replay ``snapshots``, then ``entries`` in order."""
+
+    snapshots: dict[str, tuple[int, Any]]
+    entries: list[tuple[int, str, list[Any]]]
+    warnings: list[str]
+    next_lsn: int
+
+
+def _segment_name(first_lsn: int) -> str:
+    return f"wal-{first_lsn:020d}.log"
+
+
+def _packb(value: Any) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def _unpackb(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_files(retired: list[int], fd: int | None, directory: Path | None) -> None:
+    """fsync and close the retired segments (oldest first), then fsync ``fd`` and the dir."""
+    try:
+        for old in retired:
+            _fsync(old)
+    finally:
+        for old in retired:
+            os.close(old)
+    if fd is not None:
+        _fsync(fd)
+    if directory is not None:
+        _fsync_dir(directory)
+
+
+def _write_snapshot_file(directory: Path, data: bytes, sync: bool) -> None:
+    tmp = directory / (SNAPSHOT_NAME + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, data)
+            if sync:
+                _fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, directory / SNAPSHOT_NAME)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        _fsync_dir(directory)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_snapshot(path: Path) -> tuple[int, dict[str, tuple[int, Any]]]:
+    """Returns (covered lsn, domain -> (lsn, state)); raises JournalCorrupt."""
+    data = path.read_bytes()
+    if len(data) < _SNAP_HEADER.size:
+        raise JournalCorrupt(path, 0, f"file is {len(data)} bytes, shorter than its header")
+    magic, version, crc = _SNAP_HEADER.unpack_from(data)
+    if magic != SNAP_MAGIC:
+        raise JournalCorrupt(path, 0, f"bad magic {magic!r}, expected {SNAP_MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise JournalCorrupt(
+            path, 8, f"unknown snapshot format version {version}; this resd reads version 1"
+        )
+    payload = data[_SNAP_HEADER.size :]
+    if zlib.crc32(payload) != crc:
+        raise JournalCorrupt(path, _SNAP_HEADER.size, "snapshot crc32 mismatch")
+    try:
+        body = _unpackb(payload)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise JournalCorrupt(path, _SNAP_HEADER.size, f"undecodable snapshot: {exc}") from exc
+    domains: dict[str, tuple[int, Any]] = {}
+    ok = (
+        isinstance(body, dict)
+        and _is_int(body.get("lsn"))
+        and isinstance(body.get("domains"), dict)
+    )
+    if ok:
+        for name, entry in body["domains"].items():
+            if not (
+                isinstance(name, str)
+                and isinstance(entry, dict)
+                and _is_int(entry.get("lsn"))
+                and "state" in entry
+            ):
+                ok = False
+                break
+            domains[name] = (entry["lsn"], entry["state"])
+    if not ok:
+        raise JournalCorrupt(path, _SNAP_HEADER.size, "snapshot payload has the wrong shape")
+    covered: int = body["lsn"]
+    return covered, domains
+
+
+def _decode_entry(payload: bytes) -> tuple[_Entry | None, str]:
+    """Returns ((lsn, domain, records), "") or (None, what is wrong)."""
+    try:
+        body = _unpackb(payload)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        return None, f"undecodable entry: {exc}"
+    if (
+        isinstance(body, dict)
+        and _is_int(body.get("lsn"))
+        and isinstance(body.get("d"), str)
+        and isinstance(body.get("r"), list)
+    ):
+        return (body["lsn"], body["d"], body["r"]), ""
+    return None, "entry has the wrong shape"
+
+
+def _parse_entry(data: bytes, offset: int) -> tuple[_Entry | None, str, bool, int]:
+    """Returns (entry or None, what is wrong, whether a bad entry reaches end of file, end)."""
+    if len(data) - offset < _ENTRY_HEADER.size:
+        return None, "entry header runs past end of file", True, len(data)
+    length, crc = _ENTRY_HEADER.unpack_from(data, offset)
+    end = offset + _ENTRY_HEADER.size + length
+    if length == 0 or length > MAX_ENTRY:
+        return None, f"invalid entry length {length}", False, end
+    if end > len(data):
+        present = len(data) - offset - _ENTRY_HEADER.size
+        return None, f"entry of {length} bytes runs past end of file ({present} present)", True, end
+    payload = data[offset + _ENTRY_HEADER.size : end]
+    if zlib.crc32(payload) != crc:
+        return None, "entry crc32 mismatch", end == len(data), end
+    entry, problem = _decode_entry(payload)
+    return entry, problem, end == len(data), end
+
+
+def _warn(message: str, path: Path, offset: int) -> str:
+    log.warning("journal.torn_tail", detail=message, file=str(path), offset=offset)
+    return message
+
+
+@final
+class Journal:
+    """The WAL and snapshots of one state directory; see the module docstring."""
+
+    def __init__(
+        self, state_dir: Path, fsync: FsyncMode = "always", *, batch_interval: float = 0.1
+    ) -> None:
+        if fsync not in ("always", "batch", "never"):
+            raise ValueError(f"fsync must be always, batch or never, not {fsync!r}")
+        self._dir = state_dir
+        self._mode: FsyncMode = fsync
+        self._batch_interval = batch_interval
+        self._recovered = False
+        self._closed = False
+        self._running = False
+        self._snapshot_lock = trio.Lock()  # snapshots are written one after the other
+        self._failure: OSError | None = None
+        self._fd: int | None = None  # None: the last segment is not created yet
+        self._retired: list[int] = []  # rotated-out fds awaiting fsync and close
+        self._dir_dirty = False  # a segment was created since the last directory fsync
+        self._segments: list[int] = []  # first lsn of each segment, the last one current
+        self._buffer: list[bytes] = []  # encoded entries last_lsn-len+1 .. last_lsn
+        self._last_lsn = 0
+        self._written_lsn = 0
+        self._durable_lsn = 0
+        self._snapshot_lsn = 0
+        self._work = trio.Event()  # set: the flusher has something to do
+        self._dirty = trio.Event()  # set: the batch syncer has something to do
+        self._progress = trio.Event()  # set and replaced whenever an lsn advances
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def recover(self) -> Recovered:
+        """Read the snapshot and every segment; call once, before ``run``.
+
+        Creates the state directory (0o700) if missing. Truncates a torn final entry of the
+        last segment (and fsyncs it) with a warning. Raises JournalCorrupt for anything else
+        unreadable: bad magic or version, a bad entry before the end, an lsn out of sequence,
+        a missing segment, a bad snapshot.
+        """
+        if self._recovered:
+            raise RuntimeError("recover() was already called")
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self._dir / (SNAPSHOT_NAME + ".tmp")).unlink(missing_ok=True)
+        snap_path = self._dir / SNAPSHOT_NAME
+        covered, snapshots = _read_snapshot(snap_path) if snap_path.exists() else (0, {})
+        segments = sorted(
+            (int(m[1]), self._dir / m[0])
+            for m in (_SEGMENT_NAME.match(p.name) for p in self._dir.iterdir())
+            if m
+        )
+        warnings: list[str] = []
+        entries: list[_Entry] = []
+        expected = covered + 1
+        kept: list[int] = []
+        for index, (first, path) in enumerate(segments):
+            if index == 0 and first > expected:
+                missing = f"lsns {expected}..{first - 1} are in no segment and not in the snapshot"
+                raise JournalCorrupt(path, 0, missing)
+            if index > 0 and first != expected:
+                reason = (
+                    f"segment starts at lsn {first} but the previous one ends at {expected - 1}"
+                )
+                raise JournalCorrupt(path, 0, reason)
+            is_last = index == len(segments) - 1
+            read, warning = self._read_segment(path, first, is_last)
+            if warning:
+                warnings.append(warning)
+            if read is None:  # a torn header: the file was removed
+                continue
+            kept.append(first)
+            expected = first + len(read)
+            entries.extend(read)
+        high = max((lsn for lsn, _ in snapshots.values()), default=0)
+        if max(covered, high) >= expected:
+            reason = (
+                f"the snapshot covers lsn {max(covered, high)} but the WAL ends at {expected - 1}"
+            )
+            raise JournalCorrupt(snap_path, 0, reason)
+        self._segments = kept or [expected]
+        if kept:
+            self._fd = os.open(self._dir / _segment_name(kept[-1]), os.O_WRONLY | os.O_APPEND)
+            if self._mode != "never":
+                _fsync(self._fd)  # what we replay must not vanish after a later crash
+                _fsync_dir(self._dir)
+        self._last_lsn = self._written_lsn = self._durable_lsn = expected - 1
+        self._snapshot_lsn = covered
+        self._recovered = True
+        replay = [
+            (lsn, domain, records)
+            for lsn, domain, records in entries
+            if lsn > covered and lsn > snapshots.get(domain, (0, None))[0]
+        ]
+        return Recovered(snapshots, replay, warnings, expected)
+
+    def _read_segment(
+        self, path: Path, first: int, is_last: bool
+    ) -> tuple[list[_Entry] | None, str]:
+        """Returns (entries, warning); entries is None if a torn header was removed."""
+        data = path.read_bytes()
+        if len(data) < _FILE_HEADER.size:
+            if is_last and (_WAL_HEADER.startswith(data) or not any(data)):
+                path.unlink()
+                _fsync_dir(self._dir)
+                what = f"removed {path.name}, whose segment header is torn ({len(data)} bytes)"
+                return None, _warn(what, path, 0)
+            raise JournalCorrupt(path, 0, f"file is {len(data)} bytes, shorter than its header")
+        magic, version = _FILE_HEADER.unpack_from(data)
+        if magic != WAL_MAGIC:
+            raise JournalCorrupt(path, 0, f"bad magic {magic!r}, expected {WAL_MAGIC!r}")
+        if version != FORMAT_VERSION:
+            reason = f"unknown WAL format version {version}; this resd reads version 1"
+            raise JournalCorrupt(path, 8, reason)
+        entries: list[_Entry] = []
+        offset = _FILE_HEADER.size
+        while offset < len(data):
+            entry, problem, torn, end = _parse_entry(data, offset)
+            if entry is None:
+                if is_last and (torn or not any(data[offset:])):
+                    self._truncate(path, offset)
+                    what = (
+                        f"truncated a torn final record at {path.name} offset {offset} "
+                        f"({len(data) - offset} bytes): {problem}"
+                    )
+                    return entries, _warn(what, path, offset)
+                raise JournalCorrupt(path, offset, problem)
+            lsn = entry[0]
+            if lsn != first + len(entries):
+                reason = f"entry has lsn {lsn} where {first + len(entries)} was expected"
+                raise JournalCorrupt(path, offset, reason)
+            entries.append(entry)
+            offset = end
+        return entries, ""
+
+    def _truncate(self, path: Path, offset: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, offset)
+            _fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- appending --------------------------------------------------------------------------
+
+    @property
+    def last_lsn(self) -> int:
+        """The lsn of the last appended entry (0 if none ever)."""
+        return self._last_lsn
+
+    @property
+    def entries_since_snapshot(self) -> int:
+        """Entries appended after the last snapshot's covered lsn."""
+        return self._last_lsn - self._snapshot_lsn
+
+    def append(self, domain: str, records: list[Any]) -> int:
+        """Buffer one entry and wake the flusher; never blocks. Returns its lsn.
+
+        Raises TypeError/ValueError if the entry cannot be encoded or would not decode again
+        (nothing is appended), JournalFailed after a write failure, RuntimeError if not
+        recovered or closed.
+        """
+        self._check_open()
+        lsn = self._last_lsn + 1
+        payload = _packb({"lsn": lsn, "d": domain, "r": records})
+        if len(payload) > MAX_ENTRY:
+            raise ValueError(f"journal entry of {len(payload)} bytes exceeds {MAX_ENTRY}")
+        if _decode_entry(payload)[0] is None:  # e.g. a tuple as a map key: would not replay
+            raise ValueError(f"journal entry for {domain!r} would not replay: {records!r}")
+        self._buffer.append(_ENTRY_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        self._last_lsn = lsn
+        self._work.set()
+        return lsn
+
+    async def wait_durable(self, lsn: int) -> None:
+        """Return once entry ``lsn`` is durable: fsync'ed in mode always, written otherwise.
+
+        Raises JournalFailed if the WAL failed first, ValueError for an lsn never appended.
+        """
+        if lsn > self._last_lsn:
+            raise ValueError(f"lsn {lsn} was never appended (last is {self._last_lsn})")
+        if lsn <= self._acked_lsn:
+            await trio.lowlevel.checkpoint()
+            return
+        while lsn > self._acked_lsn:
+            self._raise_if_failed()
+            if self._closed:
+                raise RuntimeError("the journal was closed before the entry was durable")
+            await self._progress.wait()
+
+    @property
+    def _acked_lsn(self) -> int:
+        return self._durable_lsn if self._mode == "always" else self._written_lsn
+
+    def _check_open(self) -> None:
+        if not self._recovered:
+            raise RuntimeError("call recover() first")
+        if self._closed:
+            raise RuntimeError("the journal is closed")
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            message = f"the WAL in {self._dir} failed: {self._failure}"
+            raise JournalFailed(message) from self._failure
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def _fail(self, exc: OSError) -> None:
+        """Record a write/fsync failure (sticky) and wake everyone so they see it."""
+        self._failure = exc
+        log.error("journal.failed", dir=str(self._dir), error=str(exc))
+        self._work.set()
+        self._notify()
+
+    def _write_buffer(self) -> None:
+        """os.write everything buffered, creating the current segment if needed; records a
+        failure instead of raising. Sync: the buffer and the file never disagree at an await."""
+        if not self._buffer or self._failure is not None:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        try:
+            if self._fd is None:
+                path = self._dir / _segment_name(self._segments[-1])
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                self._fd = os.open(path, flags, 0o600)
+                self._dir_dirty = True
+                data = _WAL_HEADER + data
+            _write_all(self._fd, data)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._written_lsn = self._last_lsn
+        self._dirty.set()
+        self._notify()
+
+    async def _sync(self) -> None:
+        """fsync in a worker thread the retired segments, the current one and, after a segment
+        was created, the directory; records a failure instead of raising. Callers make sure
+        two never overlap (the flusher, the batch syncer, or the owner when run() is not on)."""
+        if self._failure is not None or (
+            self._durable_lsn >= self._written_lsn and not self._retired and not self._dir_dirty
+        ):
+            return
+        target, fd = self._written_lsn, self._fd
+        retired, self._retired = self._retired, []
+        directory = self._dir if self._dir_dirty else None
+        self._dir_dirty = False
+        started = False
+
+        def sync() -> None:
+            nonlocal started
+            started = True
+            _sync_files(retired, fd, directory)
+
+        try:
+            await trio.to_thread.run_sync(sync)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        except BaseException:
+            if not started:  # cancelled before the thread began: the work is still owed
+                self._retired[:0] = retired
+                self._dir_dirty = self._dir_dirty or directory is not None
+            raise
+        self._durable_lsn = max(self._durable_lsn, target)
+        self._notify()
+
+    # -- the flusher ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher: group-commits appended entries until cancelled.
+
+        Each cycle writes everything buffered with one os.write, then (mode always) fsyncs
+        once; entries appended meanwhile go in the next cycle. Mode batch fsyncs at most every
+        ``batch_interval`` in a second task; mode never uses no thread. Raises JournalFailed if
+        a write or fsync fails. Cancelling it loses nothing acknowledged; call ``close``
+        afterwards to write what is still buffered.
+        """
+        self._check_open()
+        if self._running:
+            raise RuntimeError("run() is already running")
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._mode == "batch":
+                    nursery.start_soon(self._batch_sync_loop)
+                task_status.started()
+                while self._failure is None:
+                    await self._work.wait()
+                    self._work = trio.Event()
+                    self._write_buffer()
+                    if self._mode == "always":
+                        await self._sync()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._running = False
+        self._raise_if_failed()
+
+    async def _batch_sync_loop(self) -> None:
+        while self._failure is None:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            await self._sync()
+            await trio.sleep(self._batch_interval)
+
+    async def close(self) -> None:
+        """Write what is buffered, fsync it (except in mode never) and close the files.
+
+        Call after ``run`` has returned (RuntimeError otherwise); the fsync is shielded from
+        cancellation. Idempotent. Raises JournalFailed if the WAL failed (files closed anyway).
+        """
+        if self._closed or not self._recovered:
+            self._closed = True
+            await trio.lowlevel.checkpoint()
+            return
+        if self._running:
+            raise RuntimeError("cancel run() before close()")
+        try:
+            self._write_buffer()
+            if self._mode != "never":
+                with trio.CancelScope(shield=True):
+                    await self._sync()
+        finally:
+            for fd in [*self._retired, *([] if self._fd is None else [self._fd])]:
+                os.close(fd)
+            self._retired, self._fd = [], None
+            self._closed = True
+            self._notify()
+        self._raise_if_failed()
+        await trio.lowlevel.checkpoint()
+
+    # -- segments and snapshots -------------------------------------------------------------
+
+    def rotate(self) -> int:
+        """Start a new segment for the next entry; returns the last lsn of the old ones.
+
+        Writes what is buffered to the old segment first (its fsync is left to the flusher).
+        A no-op if the current segment is still empty. Raises JournalFailed on a write error.
+        """
+        self._check_open()
+        if self._segments[-1] == self._last_lsn + 1:
+            return self._last_lsn
+        self._write_buffer()
+        self._raise_if_failed()
+        if self._fd is not None:
+            if self._mode == "never":
+                os.close(self._fd)
+            else:
+                self._retired.append(self._fd)
+                self._work.set()
+                self._dirty.set()
+            self._fd = None
+        self._segments.append(self._last_lsn + 1)
+        return self._last_lsn
+
+    async def write_snapshot(self, domains: dict[str, tuple[int, Any]], covered_lsn: int) -> None:
+        """Write ``snapshot.msgpack`` atomically, then delete segments it makes redundant.
+
+        Concurrent calls are serialized (lsns are checked once it is this call's turn).
+
+        ``domains`` maps each domain to (lsn, state): the state reflects that domain's entries
+        up to lsn. Every entry <= ``covered_lsn`` must be reflected in some domain's state.
+        First makes the WAL durable up to the highest of these lsns, so the snapshot never
+        claims more than the WAL holds. Raises ValueError for lsns not yet appended or below
+        the previous snapshot, or a state that would not decode again; OSError if the file
+        cannot be written (nothing changes); JournalFailed if the WAL failed.
+        """
+        async with self._snapshot_lock:
+            self._check_open()
+            high = max([covered_lsn, *(lsn for lsn, _ in domains.values())])
+            if high > self._last_lsn or covered_lsn < self._snapshot_lsn:
+                raise ValueError(
+                    f"snapshot lsns must be between {self._snapshot_lsn} and {self._last_lsn}"
+                )
+            body = {
+                "lsn": covered_lsn,
+                "domains": {
+                    name: {"lsn": lsn, "state": state} for name, (lsn, state) in domains.items()
+                },
+            }
+            payload = _packb(body)
+            try:
+                _unpackb(payload)
+            except Exception as exc:  # e.g. a tuple as a map key: the snapshot would not load
+                raise ValueError(f"the snapshot would not load again: {exc}") from exc
+            data = _SNAP_HEADER.pack(SNAP_MAGIC, FORMAT_VERSION, zlib.crc32(payload)) + payload
+            await self._wait_synced(high)
+            if self._mode == "never":
+                _write_snapshot_file(self._dir, data, sync=False)
+            else:
+                await trio.to_thread.run_sync(_write_snapshot_file, self._dir, data, True)
+            self._snapshot_lsn = covered_lsn
+            while len(self._segments) > 1 and self._segments[1] - 1 <= covered_lsn:
+                (self._dir / _segment_name(self._segments.pop(0))).unlink(missing_ok=True)
+
+    async def _wait_synced(self, lsn: int) -> None:
+        """Make entries up to ``lsn`` written, and fsync'ed unless mode never."""
+        self._write_buffer()
+        if self._mode != "never" and not self._running:
+            await self._sync()
+        while self._mode != "never" and self._durable_lsn < lsn and self._failure is None:
+            self._work.set()
+            self._dirty.set()
+            await self._progress.wait()
+        self._raise_if_failed()
