@@ -119,7 +119,7 @@ def parse_quantity(resource: str, value: object, *, allow_zero: bool = False) ->
             {"resource": resource},
         )
     text = repr(value) if isinstance(value, float) else str(value)
-    if isinstance(value, (int, float)) and value < 0:
+    if text.strip().startswith("-") or (isinstance(value, (int, float)) and value < 0):
         raise InvalidError(f"{resource}: {text} is negative; {hint}", {"resource": resource})
     number, suffix = _split(resource, text, hint)
     if unit is Unit.MILLICORES:

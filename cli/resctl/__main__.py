@@ -1,0 +1,5 @@
+"""``python -m resctl``."""
+
+from resctl.main import main
+
+main()

@@ -1,0 +1,239 @@
+"""``resctl pool create|list|show|set|delete`` (ops ``pool.*``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from resctl.options import (
+    CpuOpt,
+    ForceOpt,
+    GpuOpt,
+    JsonOpt,
+    MemoryOpt,
+    PoolNameOpt,
+    ResOpt,
+    SocketOpt,
+    build,
+    parse_duration,
+    parse_labels,
+    parse_ratios,
+    parse_resources,
+)
+from resctl.render import capacity_summary, pool_detail, pools_table, utilization_table
+from resctl.session import Output, connect, guard
+from resd_client.errors import InvalidError
+from resd_client.protocol import (
+    Done,
+    Empty,
+    PoolCreate,
+    PoolDelete,
+    PoolInfo,
+    PoolList,
+    PoolName,
+    PoolSet,
+)
+
+app = typer.Typer(no_args_is_help=True, help="Create, inspect, change and delete pools.")
+
+OversubOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--oversub",
+        metavar="NAME=RATIO",
+        help="Oversubscription ratio of a resource: effective = capacity × ratio (repeatable).",
+    ),
+]
+PreemptionOpt = Annotated[
+    str | None,
+    typer.Option("--preemption", metavar="off|lower_priority", help="Automatic preemption policy."),
+]
+PlacementOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--placement", metavar="binpack|spread|least_used", help="How members are chosen."
+    ),
+]
+GraceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--grace",
+        metavar="SECONDS",
+        help="Seconds a preempted holder keeps its resources (300, 5m).",
+    ),
+]
+LabelOpt = Annotated[
+    list[str] | None,
+    typer.Option("--label", metavar="K=V", help="Pool label (repeatable)."),
+]
+MaxPerTenantOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-per-tenant",
+        metavar="N",
+        help="Active reservations one tenant may hold here; 0 = unlimited.",
+    ),
+]
+
+
+def _grace(value: str | None) -> float | None:
+    return None if value is None else parse_duration(value, "grace")
+
+
+@app.command("create")
+def create(
+    name: PoolNameOpt,
+    cpu: CpuOpt = None,
+    memory: MemoryOpt = None,
+    gpu: GpuOpt = None,
+    res: ResOpt = None,
+    oversub: OversubOpt = None,
+    max_per_tenant: Annotated[
+        int,
+        typer.Option(
+            "--max-per-tenant",
+            metavar="N",
+            help="Active reservations one tenant may hold here; 0 = unlimited.",
+        ),
+    ] = 1,
+    preemption: Annotated[
+        str,
+        typer.Option(
+            "--preemption", metavar="off|lower_priority", help="Automatic preemption policy."
+        ),
+    ] = "off",
+    placement: Annotated[
+        str,
+        typer.Option(
+            "--placement", metavar="binpack|spread|least_used", help="How members are chosen."
+        ),
+    ] = "binpack",
+    grace: GraceOpt = None,
+    label: LabelOpt = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """Create a pool with the given capacities and policies."""
+    out = Output(json_out)
+    with guard(out):
+        capacity = parse_resources(cpu=cpu, memory=memory, gpu=gpu, res=res, allow_zero=True)
+        ratios = parse_ratios(oversub)
+        unknown = sorted(set(ratios) - set(capacity))
+        if unknown:
+            raise InvalidError(
+                f"--oversub {', '.join(unknown)}: the pool has no such resource; give its capacity too",
+                {"field": "oversub", "unknown": unknown},
+            )
+        args = build(
+            PoolCreate,
+            {
+                "name": name,
+                "resources": {
+                    k: {"capacity": v, "ratio": ratios.get(k, 1.0)} for k, v in capacity.items()
+                },
+                "max_per_tenant": max_per_tenant,
+                "preemption": preemption,
+                "placement": placement,
+                "grace": _grace(grace),
+                "labels": parse_labels(label),
+            },
+        )
+        with connect(socket) as client:
+            pool: PoolInfo = client.call("pool.create", args)
+        out.emit(pool)
+        out.line(f"created pool {pool.name}: {capacity_summary(pool)}")
+
+
+@app.command("list")
+def list_(json_out: JsonOpt = False, socket: SocketOpt = None) -> None:
+    """List all pools with their policies and utilization."""
+    out = Output(json_out)
+    with guard(out), connect(socket) as client:
+        result: PoolList = client.call("pool.list", Empty())
+        out.emit(result)
+        if not result.pools:
+            out.line("no pools")
+            return
+        out.show(pools_table(result.pools, plain=out.plain))
+        out.line("")
+        out.show(utilization_table(result.pools, plain=out.plain))
+
+
+@app.command("show")
+def show(name: PoolNameOpt, json_out: JsonOpt = False, socket: SocketOpt = None) -> None:
+    """Show one pool: policies, and per resource capacity, ratio and usage."""
+    out = Output(json_out)
+    with guard(out):
+        args = build(PoolName, {"name": name})
+        with connect(socket) as client:
+            pool: PoolInfo = client.call("pool.show", args)
+        out.emit(pool)
+        out.show(pool_detail(pool, plain=out.plain))
+
+
+@app.command("set")
+def set_(
+    name: PoolNameOpt,
+    cpu: CpuOpt = None,
+    memory: MemoryOpt = None,
+    gpu: GpuOpt = None,
+    res: ResOpt = None,
+    oversub: OversubOpt = None,
+    remove_res: Annotated[
+        list[str] | None,
+        typer.Option("--remove-res", metavar="NAME", help="Drop a resource (repeatable)."),
+    ] = None,
+    max_per_tenant: MaxPerTenantOpt = None,
+    preemption: PreemptionOpt = None,
+    placement: PlacementOpt = None,
+    grace: GraceOpt = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label", metavar="K=V", help="Replace the pool's labels with these (repeatable)."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """Change a pool; only the given fields change (resource flags set capacities)."""
+    out = Output(json_out)
+    with guard(out):
+        fields = {
+            "name": name,
+            "capacity": parse_resources(cpu=cpu, memory=memory, gpu=gpu, res=res, allow_zero=True),
+            "ratios": parse_ratios(oversub),
+            "remove": remove_res or [],
+            "max_per_tenant": max_per_tenant,
+            "preemption": preemption,
+            "placement": placement,
+            "grace": _grace(grace),
+            "labels": parse_labels(label),
+        }
+        if all(v in (None, {}, []) for k, v in fields.items() if k != "name"):
+            raise InvalidError(
+                "nothing to change: give a resource, --oversub, --remove-res or a policy flag",
+                {"field": "pool.set"},
+            )
+        args = build(PoolSet, fields)
+        with connect(socket) as client:
+            pool: PoolInfo = client.call("pool.set", args)
+        out.emit(pool)
+        out.line(f"updated pool {pool.name}")
+        out.show(pool_detail(pool, plain=out.plain))
+
+
+@app.command("delete")
+def delete(
+    name: PoolNameOpt, force: ForceOpt = False, json_out: JsonOpt = False, socket: SocketOpt = None
+) -> None:
+    """Delete a pool; with --force also release its active reservations."""
+    out = Output(json_out)
+    with guard(out):
+        args = build(PoolDelete, {"name": name, "force": force})
+        with connect(socket) as client:
+            done: Done = client.call("pool.delete", args)
+        out.emit(done)
+        released = f" (released {done.removed} reservation(s))" if done.removed else ""
+        out.line(f"deleted pool {name}{released}")

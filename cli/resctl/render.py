@@ -1,0 +1,434 @@
+"""Human and JSON renderings of protocol results: tables, utilization bars, units.
+
+Pure functions from protocol values to rich renderables or strings; nothing here
+talks to the daemon or reads the clock (``now`` is passed in). ``plain`` output
+(stdout not a TTY, or ``NO_COLOR`` set) has no colour, no box drawing and ASCII
+bars, so that it can be piped to ``grep`` and ``awk``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import IO, Any, Final
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from resctl.options import group_name, resource_order, user_name
+from resd_client.protocol import (
+    PoolInfo,
+    ReservationInfo,
+    ResourceUsage,
+    TenantInfo,
+    to_wire,
+)
+from resd_client.quantity import render_quantity
+
+BAR_WIDTH: Final = 20
+GREEN: Final = "green"
+YELLOW: Final = "yellow"
+RED: Final = "red"
+_PLAIN_WIDTH: Final = 10_000  # piped output is never wrapped by rich
+
+# -------------------------------------------------------------------- consoles
+
+
+def is_plain(stream: IO[str]) -> bool:
+    """True when ``stream`` is not a terminal or ``NO_COLOR`` is set (non-empty)."""
+    if os.environ.get("NO_COLOR", "") != "":
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return not (isatty is not None and isatty())
+
+
+def make_console(file: IO[str], plain: bool) -> Console:
+    """A console on ``file``: plain ones emit no ANSI escapes at all."""
+    if plain:
+        return Console(
+            file=file,
+            color_system=None,
+            no_color=True,
+            force_terminal=False,
+            force_interactive=False,
+            highlight=False,
+            markup=False,
+            emoji=False,
+            width=_PLAIN_WIDTH,
+        )
+    return Console(file=file, highlight=False, markup=False, emoji=False)
+
+
+def json_text(value: Any, *, compact: bool = False) -> str:
+    """JSON of a protocol value (dataclasses become maps)."""
+    wire = to_wire(value)
+    if compact:
+        return json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(wire, ensure_ascii=False, indent=2)
+
+
+def make_table(
+    *headers: str, plain: bool, title: str | None = None, keep: tuple[str, ...] = ("id", "usage")
+) -> Table:
+    """A table with upper-case headers; borderless when ``plain``.
+
+    Columns named in ``keep`` are never wrapped (ids, bars), even on a narrow terminal.
+    """
+    if plain:
+        table = Table(
+            box=None,
+            show_edge=False,
+            pad_edge=False,
+            header_style="",
+            title=title,
+            title_style="",
+            title_justify="left",
+        )
+    else:
+        table = Table(box=box.SIMPLE_HEAD, header_style="bold", title=title, title_justify="left")
+    for header in headers:
+        keep_it = header in keep
+        table.add_column(
+            header.upper(),
+            no_wrap=plain or keep_it,
+            min_width=BAR_WIDTH + 5 if header == "usage" else None,
+        )
+    return table
+
+
+# -------------------------------------------------------------- small formats
+
+
+def amounts(resources: dict[str, int], sep: str = ",") -> str:
+    """``cpu=4,memory=8GiB`` in human units, well-known resources first."""
+    if not resources:
+        return "-"
+    return sep.join(
+        f"{name}={render_quantity(name, resources[name])}"
+        for name in sorted(resources, key=resource_order)
+    )
+
+
+def duration(seconds: float) -> str:
+    """Compact duration: ``45s``, ``4m05s``, ``3h12m``, ``2d03h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def timestamp(unix: float | None) -> str:
+    """Local time ``2026-01-31 12:00:00``, or ``-``."""
+    if unix is None:
+        return "-"
+    return datetime.fromtimestamp(unix).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def ttl_left(info: ReservationInfo, now: float) -> str:
+    """Time until expiry (rounded up), ``-`` when it does not expire or has ended."""
+    if info.expires_at is None or info.state not in ("active", "terminating"):
+        return "-"
+    return duration(math.ceil(info.expires_at - now))
+
+
+def seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+# ------------------------------------------------------------------- the bar
+
+
+def percent(allocated: int, effective: int) -> float:
+    """Allocated share of the effective capacity, in percent (100 when there is none)."""
+    if effective <= 0:
+        return 100.0
+    return allocated * 100.0 / effective
+
+
+def bar_colour(allocated: int, effective: int, available: int) -> str:
+    """resgate's colours: green below 60 %, yellow to 90 %, red at 90 % or exhausted."""
+    pct = percent(allocated, effective)
+    if available <= 0 or pct >= 90:
+        return RED
+    if pct >= 60:
+        return YELLOW
+    return GREEN
+
+
+def usage_bar(usage: ResourceUsage, *, plain: bool, width: int = BAR_WIDTH) -> Text:
+    """``████░░░░ 40%`` coloured by ``bar_colour``; ``[####....]  40%`` when plain."""
+    pct = percent(usage.allocated, usage.effective)
+    filled = min(width, max(0, round(pct * width / 100)))
+    label = f" {math.floor(pct):3d}%"
+    if plain:
+        return Text("[" + "#" * filled + "." * (width - filled) + "]" + label)
+    colour = bar_colour(usage.allocated, usage.effective, usage.available)
+    text = Text()
+    text.append("█" * filled, style=colour)
+    text.append("░" * (width - filled), style="dim")
+    text.append(label, style=colour)
+    return text
+
+
+def _q(usage: ResourceUsage, amount: int) -> str:
+    return render_quantity(usage.name, amount)
+
+
+def _sorted_usage(pool: PoolInfo) -> list[ResourceUsage]:
+    return sorted(pool.resources, key=lambda u: resource_order(u.name))
+
+
+def capacity_summary(pool: PoolInfo) -> str:
+    """``cpu=32,memory=64GiB,gpu=8`` (capacities, before oversubscription)."""
+    return amounts({u.name: u.capacity for u in pool.resources})
+
+
+# --------------------------------------------------------------------- tables
+
+
+def utilization_table(pools: Sequence[PoolInfo], *, plain: bool) -> Table:
+    """One row per pool and resource: bar, allocated, effective and available."""
+    table = make_table(
+        "pool", "resource", "usage", "allocated", "effective", "available", plain=plain
+    )
+    for pool in pools:
+        usages = _sorted_usage(pool)
+        if not usages:
+            table.add_row(pool.name, "-", "-", "-", "-", "-")
+        for i, usage in enumerate(usages):
+            table.add_row(
+                pool.name if i == 0 or plain else "",
+                usage.name,
+                usage_bar(usage, plain=plain),
+                _q(usage, usage.allocated),
+                _q(usage, usage.effective),
+                _q(usage, usage.available),
+            )
+    return table
+
+
+def resources_table(pool: PoolInfo, *, plain: bool) -> Table:
+    """hypeman's resource view of one pool: capacity, ratio, effective limit, usage."""
+    table = make_table(
+        "resource", "capacity", "ratio", "effective", "allocated", "available", "usage", plain=plain
+    )
+    for usage in _sorted_usage(pool):
+        table.add_row(
+            usage.name,
+            _q(usage, usage.capacity),
+            f"{usage.ratio:g}",
+            _q(usage, usage.effective),
+            _q(usage, usage.allocated),
+            _q(usage, usage.available),
+            usage_bar(usage, plain=plain),
+        )
+    return table
+
+
+def pools_table(pools: Sequence[PoolInfo], *, plain: bool) -> Table:
+    """Pools with their capacities and policies."""
+    table = make_table(
+        "name",
+        "capacity",
+        "active",
+        "max/tenant",
+        "preemption",
+        "placement",
+        "grace",
+        "labels",
+        plain=plain,
+    )
+    for pool in pools:
+        table.add_row(
+            pool.name,
+            capacity_summary(pool),
+            str(pool.active),
+            "unlimited" if pool.max_per_tenant == 0 else str(pool.max_per_tenant),
+            pool.preemption,
+            pool.placement,
+            seconds(pool.grace),
+            labels_text(pool.labels),
+        )
+    return table
+
+
+def labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def pool_detail(pool: PoolInfo, *, plain: bool) -> Group:
+    """``pool show``: the pool's settings, then its resources."""
+    return Group(
+        _fields(
+            [
+                ("name", pool.name),
+                ("active reservations", str(pool.active)),
+                (
+                    "max per tenant",
+                    "unlimited" if pool.max_per_tenant == 0 else str(pool.max_per_tenant),
+                ),
+                ("preemption", pool.preemption),
+                ("placement", pool.placement),
+                ("grace", seconds(pool.grace)),
+                ("labels", labels_text(pool.labels)),
+                ("created", timestamp(pool.created_at)),
+            ],
+            plain=plain,
+        ),
+        Text(""),
+        resources_table(pool, plain=plain),
+    )
+
+
+def _fields(rows: Iterable[tuple[str, str]], *, plain: bool) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="" if plain else "bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(f"{key}:", value)
+    return table
+
+
+def _ids(values: list[int], name: Any) -> str:
+    return ",".join(name(v) for v in values) or "-"
+
+
+def tenants_table(tenants: Sequence[TenantInfo], *, plain: bool) -> Table:
+    """Tenants, highest priority first (then by name), as resgate lists them."""
+    table = make_table(
+        "name", "priority", "weight", "owners", "groups", "active", "created", plain=plain
+    )
+    for t in sorted(tenants, key=lambda t: (-t.priority, t.name)):
+        table.add_row(
+            t.name,
+            str(t.priority),
+            f"{t.weight:g}",
+            _ids(t.owners, user_name),
+            _ids(t.groups, group_name),
+            str(t.active),
+            timestamp(t.created_at),
+        )
+    return table
+
+
+def tenant_detail(tenant: TenantInfo, *, plain: bool) -> Table:
+    """``tenant show``: one field per line."""
+    return _fields(
+        [
+            ("name", tenant.name),
+            ("priority", str(tenant.priority)),
+            ("weight", f"{tenant.weight:g}"),
+            ("owners", _ids(tenant.owners, user_name)),
+            ("groups", _ids(tenant.groups, group_name)),
+            ("active reservations", str(tenant.active)),
+            ("created", timestamp(tenant.created_at)),
+        ],
+        plain=plain,
+    )
+
+
+def reservations_table(
+    reservations: Sequence[ReservationInfo], now: float, *, plain: bool
+) -> Table:
+    """Active reservations: id first, resources in human units, time left."""
+    table = make_table(
+        "id", "tenant", "pool", "resources", "label", "binding", "state", "ttl left", plain=plain
+    )
+    for r in reservations:
+        state = Text(r.state + (" (reclaimable)" if r.reclaimable and not plain else ""))
+        if not plain and r.state != "active":
+            state.stylize(YELLOW)
+        table.add_row(
+            r.id,
+            r.tenant,
+            r.pool,
+            amounts(r.resources),
+            r.label or "-",
+            r.binding,
+            state,
+            ttl_left(r, now),
+        )
+    return table
+
+
+def reservation_line(info: ReservationInfo, now: float) -> str:
+    """One line, id first so that ``awk '{print $1}'`` gets it."""
+    parts = [
+        info.id,
+        info.state,
+        f"tenant={info.tenant}",
+        f"pool={info.pool}",
+        amounts(info.resources),
+    ]
+    if info.expires_at is not None:
+        parts.append(f"ttl={ttl_left(info, now)}")
+    if info.label:
+        parts.append(f"label={info.label}")
+    return " ".join(parts)
+
+
+def status_view(
+    *,
+    server_version: str,
+    boot_id: str,
+    started_at: float,
+    pools: Sequence[PoolInfo],
+    tenants: int | None,
+    active: int,
+    connections: int | None,
+    now: float,
+    plain: bool,
+    heading: str | None = None,
+) -> RenderableType:
+    """``status`` and each ``watch`` frame: daemon facts, counts, utilization."""
+    lines: list[RenderableType] = []
+    if heading is not None:
+        lines.append(Text(heading, style="" if plain else "bold"))
+    lines.append(
+        Text(
+            f"resd {server_version}  boot {boot_id}  up {duration(now - started_at)}"
+            f" (since {timestamp(started_at)})"
+        )
+    )
+    counts = [f"pools {len(pools)}"]
+    if tenants is not None:
+        counts.append(f"tenants {tenants}")
+    counts.append(f"active reservations {active}")
+    if connections is not None:
+        counts.append(f"connections {connections}")
+    lines.append(Text("  ".join(counts)))
+    lines.append(Text(""))
+    if pools:
+        lines.append(utilization_table(pools, plain=plain))
+    else:
+        lines.append(Text("no pools"))
+    return Group(*lines)
+
+
+def insufficient_lines(details: dict[str, Any]) -> list[str]:
+    """Per-resource ``requested / available / shortfall`` from an insufficient error."""
+    resources = details.get("resources")
+    if not isinstance(resources, dict):
+        return []
+    out = []
+    for name in sorted(resources, key=lambda n: resource_order(str(n))):
+        entry = resources[name]
+        if not isinstance(entry, dict):
+            continue
+        parts = []
+        for key in ("requested", "available", "shortfall"):
+            value = entry.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                parts.append(f"{key} {render_quantity(str(name), value)}")
+        if parts:
+            out.append(f"  {name}: " + ", ".join(parts))
+    return out

@@ -1,0 +1,230 @@
+"""Reservation commands: ``reserve``, ``unreserve``/``release``, ``renew``, ``preempt``,
+``list`` and ``resources``."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from resctl.options import (
+    CpuOpt,
+    GpuOpt,
+    JsonOpt,
+    MemoryOpt,
+    ReservationIdOpt,
+    ResOpt,
+    SocketOpt,
+    build,
+    parse_duration,
+    parse_resources,
+)
+from resctl.render import reservation_line, reservations_table, resources_table
+from resctl.session import Output, connect, guard
+from resd_client.protocol import (
+    Empty,
+    ListReservations,
+    PoolInfo,
+    PoolList,
+    PoolName,
+    Preempt,
+    Preempted,
+    Renew,
+    ReservationInfo,
+    ReservationList,
+    ReservationRef,
+    Reserve,
+)
+
+TenantOpt = Annotated[
+    str | None,
+    typer.Option("--tenant", metavar="TENANT", help="Act as this tenant (default: your user's)."),
+]
+PoolFilterOpt = Annotated[
+    str | None, typer.Option("--pool", metavar="POOL", help="Only this pool.")
+]
+TtlOpt = Annotated[
+    str | None,
+    typer.Option("--ttl", metavar="SECONDS", help="Expire after this long (300, 5m, 2h)."),
+]
+
+
+def _ttl(value: str | None) -> float | None:
+    return None if value is None else parse_duration(value, "ttl")
+
+
+def reserve(
+    tenant: TenantOpt = None,
+    pool: Annotated[
+        str, typer.Option("--pool", metavar="POOL", help="Pool to reserve in.")
+    ] = "host",
+    cpu: CpuOpt = None,
+    memory: MemoryOpt = None,
+    gpu: GpuOpt = None,
+    res: ResOpt = None,
+    ttl: TtlOpt = None,
+    label: Annotated[
+        str, typer.Option("--label", metavar="TEXT", help="Free-form note shown in lists.")
+    ] = "",
+    reclaimable: Annotated[
+        bool,
+        typer.Option("--reclaimable", help="May be taken back first when capacity is needed."),
+    ] = False,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """Reserve resources until released, expired or preempted; prints the id first."""
+    out = Output(json_out)
+    with guard(out):
+        args = build(
+            Reserve,
+            {
+                "pool": pool,
+                "tenant": tenant,
+                "resources": parse_resources(cpu=cpu, memory=memory, gpu=gpu, res=res),
+                "ttl": _ttl(ttl),
+                "binding": "detached",
+                "label": label,
+                "reclaimable": reclaimable,
+            },
+        )
+        with connect(socket) as client:
+            info: ReservationInfo = client.call("reserve", args)
+        out.emit(info)
+        out.line(reservation_line(info, time.time()))
+
+
+def unreserve(
+    reservation_id: ReservationIdOpt, json_out: JsonOpt = False, socket: SocketOpt = None
+) -> None:
+    """Release a reservation now."""
+    out = Output(json_out)
+    with guard(out):
+        args = build(ReservationRef, {"id": reservation_id})
+        with connect(socket) as client:
+            info: ReservationInfo = client.call("release", args)
+        out.emit(info)
+        out.line(f"{info.id} released")
+
+
+def release(
+    reservation_id: ReservationIdOpt, json_out: JsonOpt = False, socket: SocketOpt = None
+) -> None:
+    """Release a reservation now (alias of unreserve)."""
+    unreserve(reservation_id, json_out, socket)
+
+
+def renew(
+    reservation_id: ReservationIdOpt,
+    ttl: Annotated[
+        str | None,
+        typer.Option(
+            "--ttl", metavar="SECONDS", help="New time to live from now (default: its own ttl)."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """Extend a reservation's expiry to now + ttl."""
+    out = Output(json_out)
+    with guard(out):
+        args = build(Renew, {"id": reservation_id, "ttl": _ttl(ttl)})
+        with connect(socket) as client:
+            info: ReservationInfo = client.call("renew", args)
+        out.emit(info)
+        out.line(reservation_line(info, time.time()))
+
+
+def preempt(
+    target: Annotated[
+        str, typer.Option("--target", metavar="TENANT", help="Tenant whose reservations to evict.")
+    ],
+    tenant: Annotated[
+        str | None,
+        typer.Option(
+            "--tenant",
+            metavar="TENANT",
+            help="Preempt as this tenant; needs a strictly higher priority (default: your user's).",
+        ),
+    ] = None,
+    pool: PoolFilterOpt = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """Evict all active reservations of a lower-priority tenant (or those in --pool)."""
+    out = Output(json_out)
+    with guard(out):
+        args = build(Preempt, {"target": target, "tenant": tenant, "pool": pool})
+        with connect(socket) as client:
+            result: Preempted = client.call("preempt", args)
+        out.emit(result)
+        count = len(result.reservations)
+        out.line(f"preempted {count} reservation(s) of {target}")
+        if count:
+            out.show(reservations_table(result.reservations, time.time(), plain=out.plain))
+
+
+def list_(
+    pool: PoolFilterOpt = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", metavar="TENANT", help="Only this tenant.")
+    ] = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """List active reservations."""
+    out = Output(json_out)
+    with guard(out):
+        args = build(ListReservations, {"pool": pool, "tenant": tenant})
+        with connect(socket) as client:
+            result: ReservationList = client.call("list", args)
+        out.emit(result)
+        if result.reservations:
+            out.show(reservations_table(result.reservations, time.time(), plain=out.plain))
+        else:
+            out.line("no active reservations")
+
+
+def resources(
+    pool: PoolFilterOpt = None, json_out: JsonOpt = False, socket: SocketOpt = None
+) -> None:
+    """Per pool: capacity, ratio, effective limit, allocated, available, and allocations."""
+    out = Output(json_out)
+    with guard(out):
+        name_args = None if pool is None else build(PoolName, {"name": pool})
+        with connect(socket) as client:
+            pools: list[PoolInfo]
+            if name_args is None:
+                listed: PoolList = client.call("pool.list", Empty())
+                pools = listed.pools
+            else:
+                pools = [client.call("pool.show", name_args)]
+            held: ReservationList = client.call("list", ListReservations(pool=pool))
+        now = time.time()
+        if out.json:
+            out.emit(
+                {
+                    "pools": [
+                        {
+                            "pool": p,
+                            "allocations": [r for r in held.reservations if r.pool == p.name],
+                        }
+                        for p in pools
+                    ]
+                }
+            )
+            return
+        for i, p in enumerate(pools):
+            if i:
+                out.line("")
+            out.show(Text(f"pool {p.name}", style="" if out.plain else "bold"))
+            out.show(resources_table(p, plain=out.plain))
+            mine = [r for r in held.reservations if r.pool == p.name]
+            if mine:
+                out.show(reservations_table(mine, now, plain=out.plain))
+            else:
+                out.line("no allocations")
+        if not pools:
+            out.line("no pools")

@@ -1,0 +1,96 @@
+"""Where a command meets the outside: its output streams, the daemon, its errors.
+
+``Output`` owns stdout (a rich console, or raw JSON) and stderr. ``guard`` turns
+every ``ResdError`` — raised by a flag parser before connecting, or returned by
+the daemon — into ``resctl: <code>: <message>`` on stderr (plus an ``{"error":…}``
+map on stdout with ``--json``) and exits with the error's exit code. ``connect``
+opens a ``Client``; a missing daemon is an ``UnavailableError`` (exit 12).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any, Final, NoReturn
+
+import typer
+from rich.console import Console, RenderableType
+
+from resctl.render import insufficient_lines, is_plain, json_text, make_console
+from resd_client import Client
+from resd_client.errors import ErrorCode, ResdError
+
+CLIENT_NAME: Final = "resctl"
+EXIT_INTERRUPTED: Final = 130
+
+
+class Output:
+    """stdout and stderr of one command; ``json`` selects machine output."""
+
+    def __init__(self, json_mode: bool) -> None:
+        self.json = json_mode
+        self.plain = is_plain(sys.stdout)
+        self.console: Console = make_console(sys.stdout, self.plain)
+
+    def show(self, *renderables: RenderableType) -> None:
+        """Print human output (never in ``--json`` mode)."""
+        if self.json:
+            return
+        if not self.plain:
+            self.console.print(*renderables)
+            return
+        with self.console.capture() as captured:
+            self.console.print(*renderables)
+        sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+    def line(self, text: str) -> None:
+        """Print one plain line of human output, untouched by rich."""
+        if not self.json:
+            sys.stdout.write(text + "\n")
+
+    def emit(self, value: Any, *, compact: bool = False) -> None:
+        """Print a protocol value as JSON (only in ``--json`` mode)."""
+        if self.json:
+            sys.stdout.write(json_text(value, compact=compact) + "\n")
+            sys.stdout.flush()
+
+    def warn(self, message: str) -> None:
+        sys.stderr.write(f"resctl: {message}\n")
+
+    def error(self, exc: ResdError) -> None:
+        """Report ``exc`` on stderr (and as JSON on stdout in ``--json`` mode)."""
+        lines = [f"resctl: {exc.code}: {exc.message}"]
+        if exc.code == ErrorCode.INSUFFICIENT:
+            lines += insufficient_lines(exc.details)
+        sys.stderr.write("\n".join(lines) + "\n")
+        if self.json:
+            sys.stdout.write(json.dumps({"error": exc.to_wire()}, ensure_ascii=False) + "\n")
+
+    def fail(self, exc: ResdError) -> NoReturn:
+        """Report ``exc`` and exit with its exit code."""
+        self.error(exc)
+        raise typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def guard(out: Output) -> Iterator[None]:
+    """Map ResdError to its report and exit code; Ctrl-C to exit 130."""
+    try:
+        yield
+    except ResdError as exc:
+        out.fail(exc)
+    except KeyboardInterrupt:
+        sys.stderr.write("resctl: interrupted\n")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@contextlib.contextmanager
+def connect(socket: str | None) -> Iterator[Client]:
+    """A connected client, closed on exit. Raises UnavailableError with no daemon."""
+    client = Client(socket, name=CLIENT_NAME)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,157 @@
+"""``resctl watch``: redraw utilization on every state change the daemon pushes.
+
+The daemon is never polled: ``subscribe`` returns the first status, then the
+client's reader thread queues a ``StateEvent`` after each change. ``Throttle``
+(pure) coalesces bursts so that frames are at least ``--interval`` apart while the
+latest state is always drawn eventually. A TTY gets a ``rich.live.Live`` display;
+plain output reprints each frame; ``--json`` prints one compact line per frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import RenderableType
+from rich.live import Live
+
+from resctl.options import JsonOpt, SocketOpt, parse_duration
+from resctl.render import status_view
+from resctl.session import Output, connect, guard
+from resd_client import Client
+from resd_client.errors import InvalidError, UnavailableError
+from resd_client.protocol import StateEvent, Status
+
+
+@dataclass
+class Throttle:
+    """Redraw at most once per ``interval`` seconds, never dropping the last change."""
+
+    interval: float
+    last: float = -math.inf
+    pending: bool = False
+
+    def changed(self) -> None:
+        self.pending = True
+
+    def due(self, now: float) -> bool:
+        """A change is waiting and the interval since the last frame has passed."""
+        return self.pending and now - self.last >= self.interval
+
+    def wait(self, now: float) -> float | None:
+        """How long to block for the next event: forever when nothing is pending."""
+        if not self.pending:
+            return None
+        return max(0.0, self.last + self.interval - now)
+
+    def drawn(self, now: float) -> None:
+        self.last = now
+        self.pending = False
+
+
+class Wake(enum.Enum):
+    TIMEOUT = "timeout"
+    CLOSED = "closed"
+
+
+def next_event(client: Client, timeout: float | None) -> Any:
+    """The next pushed event, ``Wake.TIMEOUT`` after ``timeout``, or ``Wake.CLOSED``."""
+    for event in client.events(timeout):
+        return event
+    return Wake.CLOSED if client.closed else Wake.TIMEOUT
+
+
+def follow(
+    client: Client, throttle: Throttle, draw: Callable[[StateEvent], None], first: StateEvent
+) -> NoReturn:
+    """Draw ``first``, then each pushed state as the throttle allows; never returns.
+
+    Raises UnavailableError when the daemon closes the connection.
+    """
+    state = first
+    draw(state)
+    throttle.drawn(time.monotonic())
+    while True:
+        now = time.monotonic()
+        if throttle.due(now):
+            draw(state)
+            throttle.drawn(now)
+            continue
+        event = next_event(client, throttle.wait(now))
+        if event is Wake.CLOSED:
+            raise UnavailableError("resd closed the connection; watch stopped")
+        if isinstance(event, StateEvent):
+            state = event
+            throttle.changed()
+
+
+def watch(
+    interval: Annotated[
+        str,
+        typer.Option(
+            "--interval",
+            metavar="SECONDS",
+            help="Minimum time between redraws; changes in between are coalesced.",
+        ),
+    ] = "2",
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """Live utilization, redrawn when the daemon pushes a change. Ctrl-C quits."""
+    out = Output(json_out)
+    with guard(out):
+        every = parse_duration(interval, "interval")
+        if every < 0:
+            raise InvalidError(
+                f"interval must be 0 or more seconds, got {every:g}", {"field": "interval"}
+            )
+        with connect(socket) as client:
+            status: Status = client.subscribe()
+            first = StateEvent(pools=status.pools, active=status.active, at=time.time())
+            throttle = Throttle(every)
+            try:
+                if out.json:
+                    follow(client, throttle, lambda s: out.emit(s, compact=True), first)
+                elif out.plain:
+                    follow(client, throttle, lambda s: _reprint(out, status, s, every), first)
+                else:
+                    with Live(console=out.console, auto_refresh=False) as live:
+
+                        def redraw(s: StateEvent) -> None:
+                            live.update(_frame(status, s, every, plain=False), refresh=True)
+
+                        follow(client, throttle, redraw, first)
+            except KeyboardInterrupt:
+                return
+
+
+def _frame(status: Status, state: StateEvent, every: float, *, plain: bool) -> RenderableType:
+    now = time.time()
+    heading = (
+        f"resd watch  updated {time.strftime('%H:%M:%S', time.localtime(state.at))}"
+        f"  (redraws at most every {every:g}s; Ctrl-C quits)"
+    )
+    return status_view(
+        server_version=status.server_version,
+        boot_id=status.boot_id,
+        started_at=status.started_at,
+        pools=state.pools,
+        tenants=None,
+        active=state.active,
+        connections=None,
+        now=now,
+        plain=plain,
+        heading=heading,
+    )
+
+
+def _reprint(out: Output, status: Status, state: StateEvent, every: float) -> None:
+    out.show(_frame(status, state, every, plain=True))
+    out.line("")
+    sys.stdout.flush()

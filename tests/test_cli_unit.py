@@ -1,0 +1,474 @@
+"""resctl without a daemon: flag validation, exit codes, rendering, parsers, export."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from resctl.export import CSV_FIELDS, history_csv, history_json
+from resctl.main import app
+from resctl.options import parse_duration, parse_labels, parse_ratios, parse_resources, parse_since
+from resctl.render import (
+    GREEN,
+    RED,
+    YELLOW,
+    bar_colour,
+    duration,
+    insufficient_lines,
+    is_plain,
+    make_console,
+    reservations_table,
+    usage_bar,
+    utilization_table,
+)
+from resctl.watch import Throttle
+from resd_client.errors import InvalidError
+from resd_client.protocol import HistoryEvent, PoolInfo, ReservationInfo, ResourceUsage
+
+GIB = 1024**3
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def missing_socket(tmp_path: Path) -> str:
+    return str(tmp_path / "no-daemon" / "resd.sock")
+
+
+def invoke(*args: str, socket: str | None = None) -> tuple[int, str, str]:
+    argv = [*args, "--socket", socket] if socket else list(args)
+    result = CliRunner().invoke(app, argv, env={"NO_COLOR": None, "RESD_SOCKET": None})
+    return result.exit_code, result.stdout, result.stderr
+
+
+# ------------------------------------------------------------ flag validation
+
+BAD_FLAGS = [
+    (["tenant", "add", "--name", "t", "--priority", "0"], "priority 0 is out of range"),
+    (["tenant", "add", "--name", "t", "--priority", "11"], "priority 11 is out of range"),
+    (["tenant", "set", "--name", "t", "--priority", "11"], "priority 11 is out of range"),
+    (["tenant", "set", "--name", "t"], "nothing to change"),
+    (["tenant", "add", "--name", "bad name"], "tenant name 'bad name' is not valid"),
+    (["reserve", "--cpu", "0"], "cpu: must be greater than zero"),
+    (["reserve", "--cpu", "-2"], "cpu"),
+    (["reserve", "--memory", "lots"], "memory: 'lots' is not a quantity"),
+    (["reserve", "--gpu", "1.5"], "finer than the smallest unit"),
+    (["reserve"], "ask for at least one resource"),
+    (["reserve", "--cpu", "1", "--ttl", "0"], "ttl 0 is not valid"),
+    (["reserve", "--cpu", "1", "--ttl", "-5"], "ttl -5 is not valid"),
+    (["reserve", "--cpu", "1", "--ttl", "soon"], "ttl: 'soon' is not a duration"),
+    (["reserve", "--res", "vram"], "--res: 'vram' is not of the form NAME=QTY"),
+    (["reserve", "--res", "=3"], "is not of the form NAME=QTY"),
+    (["reserve", "--res", "Bad=3"], "resource name 'Bad' is not valid"),
+    (["reserve", "--cpu", "1", "--res", "cpu=2"], "resource cpu is given twice"),
+    (["renew", "--id", "r-00ff00ff", "--ttl", "0"], "ttl 0 is not valid"),
+    (["unreserve", "--id", "nope"], "reservation id 'nope' is not valid"),
+    (["release", "--id", "nope"], "reservation id 'nope' is not valid"),
+    (["pool", "create", "--name", "p", "--cpu", "4", "--oversub", "gpu=2"], "no such resource"),
+    (["pool", "create", "--name", "p", "--cpu", "4", "--oversub", "cpu=0"], "ratio for cpu"),
+    (["pool", "create", "--name", "p", "--cpu", "4", "--oversub", "cpu=x"], "not a number"),
+    (["pool", "create", "--name", "p", "--preemption", "always"], "'always' is not allowed"),
+    (["pool", "create", "--name", "p", "--placement", "random"], "'random' is not allowed"),
+    (["pool", "create", "--name", "p", "--max-per-tenant", "-1"], "max_per_tenant"),
+    (["pool", "create", "--name", "p", "--label", "novalue"], "--label"),
+    (["pool", "set", "--name", "p"], "nothing to change"),
+    (["export", "--format", "xml"], "use one of json, csv"),
+    (["export", "--since", "last tuesday"], "--since: 'last tuesday' is not a time"),
+    (["watch", "--interval", "-1"], "interval must be 0 or more"),
+    (["list", "--pool", "no/slash"], "pool name 'no/slash' is not valid"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_FLAGS)
+def test_bad_flags_exit_2_before_connecting(
+    argv: list[str], message: str, missing_socket: str
+) -> None:
+    code, stdout, stderr = invoke(*argv, socket=missing_socket)
+    assert code == 2, stderr
+    assert message in stderr
+    assert stderr.startswith("resctl: invalid: ")
+    assert "unavailable" not in stderr
+    assert stdout == ""
+
+
+def test_bad_flag_with_json_prints_error_map(missing_socket: str) -> None:
+    code, stdout, stderr = invoke(
+        "tenant", "add", "--name", "t", "--priority", "11", "--json", socket=missing_socket
+    )
+    assert code == 2
+    error = json.loads(stdout)["error"]
+    assert error["code"] == "invalid"
+    assert error["details"]["field"] == "priority"
+    assert "priority 11" in stderr
+
+
+def test_wrong_flag_type_is_a_usage_error(missing_socket: str) -> None:
+    code, _, stderr = invoke("tenant", "add", "--name", "t", "--priority", "high")
+    assert code == 2
+    assert "priority" in stderr
+
+
+# ------------------------------------------------------------ no daemon
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["list"],
+        ["status"],
+        ["pool", "list"],
+        ["tenant", "list"],
+        ["reserve", "--tenant", "t1", "--pool", "pool1", "--cpu", "4", "--memory", "8192"],
+        ["pool", "create", "--name", "pool1", "--cpu", "32", "--memory", "65536", "--gpu", "8"],
+        ["export", "--format", "csv"],
+        ["watch"],
+    ],
+)
+def test_no_daemon_is_unavailable_exit_12(argv: list[str], missing_socket: str) -> None:
+    code, stdout, stderr = invoke(*argv, socket=missing_socket)
+    assert code == 12
+    assert stderr.startswith("resctl: unavailable: no resd daemon is listening")
+    assert missing_socket in stderr
+    assert stdout == ""
+
+
+def test_no_daemon_json_error(missing_socket: str) -> None:
+    code, stdout, _ = invoke("status", "--json", socket=missing_socket)
+    assert code == 12
+    assert json.loads(stdout)["error"]["code"] == "unavailable"
+
+
+def test_version_without_daemon_exits_0(missing_socket: str) -> None:
+    code, stdout, _ = invoke("version", socket=missing_socket)
+    assert code == 0
+    assert stdout.startswith("resctl ")
+    assert "not reachable" in stdout
+    code, stdout, _ = invoke("version", "--json", socket=missing_socket)
+    data = json.loads(stdout)
+    assert code == 0
+    assert data["daemon"] is None
+    assert data["error"]["code"] == "unavailable"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["pool"],
+        ["tenant"],
+        *[[c, "--help"] for c in ("reserve", "unreserve", "release", "renew", "preempt")],
+        *[[c, "--help"] for c in ("list", "status", "export", "watch", "version", "resources")],
+        *[["pool", c, "--help"] for c in ("create", "list", "show", "set", "delete")],
+        *[["tenant", c, "--help"] for c in ("add", "list", "show", "set", "remove")],
+    ],
+)
+def test_help(argv: list[str]) -> None:
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code in (0, 2)  # bare groups show help with usage exit code
+    assert "Usage" in result.output
+
+
+# ------------------------------------------------------------ bars and colour
+
+
+def usage(allocated: int, effective: int) -> ResourceUsage:
+    return ResourceUsage(
+        name="cpu",
+        unit="millicores",
+        capacity=effective,
+        ratio=1.0,
+        effective=effective,
+        allocated=allocated,
+        available=effective - allocated,
+    )
+
+
+@pytest.mark.parametrize(
+    ("allocated", "effective", "colour"),
+    [
+        (0, 100, GREEN),
+        (59, 100, GREEN),
+        (599, 1000, GREEN),
+        (60, 100, YELLOW),
+        (89, 100, YELLOW),
+        (90, 100, RED),
+        (100, 100, RED),
+        (120, 100, RED),  # over-allocated after a capacity cut
+        (0, 0, RED),  # no capacity at all: exhausted
+    ],
+)
+def test_bar_colour_thresholds(allocated: int, effective: int, colour: str) -> None:
+    assert bar_colour(allocated, effective, effective - allocated) == colour
+
+
+def test_exhausted_is_red_whatever_the_percentage() -> None:
+    assert bar_colour(10, 100, 0) == RED
+
+
+def test_plain_bar_is_ascii() -> None:
+    assert usage_bar(usage(50, 100), plain=True, width=10).plain == "[#####.....]  50%"
+    assert usage_bar(usage(150, 100), plain=True, width=4).plain == "[####] 150%"
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def sample_pool() -> PoolInfo:
+    return PoolInfo(
+        name="pool1",
+        resources=[
+            ResourceUsage(
+                name="memory",
+                unit="bytes",
+                capacity=64 * GIB,
+                ratio=1.0,
+                effective=64 * GIB,
+                allocated=60 * GIB,
+                available=4 * GIB,
+            ),
+            usage(4000, 32000),
+        ],
+        max_per_tenant=1,
+        preemption="off",
+        placement="binpack",
+        grace=0.0,
+        labels={},
+        created_at=NOW,
+        active=2,
+    )
+
+
+def test_plain_console_has_no_ansi_even_on_a_tty() -> None:
+    stream = FakeTTY()
+    make_console(stream, plain=True).print(utilization_table([sample_pool()], plain=True))
+    text = stream.getvalue()
+    assert "\x1b" not in text
+    assert "█" not in text and "─" not in text
+    assert "pool1  cpu" in text
+    assert "60GiB" in text and "4GiB" in text
+
+
+def test_colour_console_on_a_tty_has_colours() -> None:
+    stream = FakeTTY()
+    console = make_console(stream, plain=False)
+    console.print(utilization_table([sample_pool()], plain=False))
+    assert "\x1b[" in stream.getvalue()
+
+
+def test_is_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert not is_plain(FakeTTY())
+    assert is_plain(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert is_plain(FakeTTY())
+    monkeypatch.setenv("NO_COLOR", "")
+    assert not is_plain(FakeTTY())
+
+
+def test_cli_output_when_piped_has_no_ansi(missing_socket: str) -> None:
+    result = CliRunner().invoke(app, ["version", "--socket", missing_socket])
+    assert "\x1b" not in result.stdout
+
+
+def test_reservations_table_human_units() -> None:
+    info = ReservationInfo(
+        id="r-0123456789ab",
+        tenant="t1",
+        pool="pool1",
+        resources={"memory": 8 * GIB, "cpu": 1500},
+        label="",
+        created_at=NOW,
+        ttl=300.0,
+        expires_at=NOW + 299.5,
+        binding="detached",
+        reclaimable=False,
+        state="active",
+        uid=1000,
+    )
+    stream = io.StringIO()
+    make_console(stream, plain=True).print(reservations_table([info], NOW, plain=True))
+    row = stream.getvalue().splitlines()[1].split()
+    assert row == [
+        "r-0123456789ab",
+        "t1",
+        "pool1",
+        "cpu=1.5,memory=8GiB",
+        "-",
+        "detached",
+        "active",
+        "5m00s",
+    ]
+
+
+def test_insufficient_details_in_human_units() -> None:
+    details = {
+        "resources": {
+            "memory": {"requested": 16 * GIB, "available": 4 * GIB, "shortfall": 12 * GIB},
+            "cpu": {"requested": 8000, "available": 500, "shortfall": 7500},
+        }
+    }
+    assert insufficient_lines(details) == [
+        "  cpu: requested 8, available 500m, shortfall 7.5",
+        "  memory: requested 16GiB, available 4GiB, shortfall 12GiB",
+    ]
+    assert insufficient_lines({"resources": "junk"}) == []
+
+
+def test_duration() -> None:
+    assert [duration(s) for s in (0, 59, 61, 3600, 3661, 90000)] == [
+        "0s",
+        "59s",
+        "1m01s",
+        "1h00m",
+        "1h01m",
+        "1d01h",
+    ]
+
+
+# ------------------------------------------------------------ parsers
+
+
+def test_parse_since() -> None:
+    assert parse_since("90s", NOW) == NOW - 90
+    assert parse_since("10m", NOW) == NOW - 600
+    assert parse_since("2h", NOW) == NOW - 7200
+    assert parse_since("1d", NOW) == NOW - 86400
+    assert parse_since("1h30m", NOW) == NOW - 5400
+    assert parse_since("1700000000", NOW) == 1_700_000_000
+    assert parse_since("1700000000.5", NOW) == 1_700_000_000.5
+    iso = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
+    assert parse_since("2026-01-31T12:00:00Z", NOW) == iso.timestamp()
+    assert parse_since("2026-01-31T13:00:00+01:00", NOW) == iso.timestamp()
+    naive = datetime(2026, 1, 31, 12, 0).astimezone().timestamp()
+    assert parse_since("2026-01-31 12:00", NOW) == naive
+
+
+@pytest.mark.parametrize("text", ["", "yesterday", "10 parsecs", "5x", "-1", "2h-", "h"])
+def test_parse_since_rejects(text: str) -> None:
+    with pytest.raises(InvalidError):
+        parse_since(text, NOW)
+
+
+def test_parse_since_rejects_the_future() -> None:
+    with pytest.raises(InvalidError, match="future"):
+        parse_since(str(NOW + 3600), NOW)
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("300", "ttl") == 300
+    assert parse_duration("1.5", "ttl") == 1.5
+    assert parse_duration("5m", "ttl") == 300
+    assert parse_duration("1h 30m", "ttl") == 5400
+    assert parse_duration("250ms", "ttl") == 0.25
+    assert parse_duration("-5", "ttl") == -5  # range is the protocol's to refuse
+    for bad in ("nan", "inf", "5 minutes", "m5"):
+        with pytest.raises(InvalidError):
+            parse_duration(bad, "ttl")
+
+
+def test_parse_resources() -> None:
+    assert parse_resources(
+        cpu="500m", memory="65536", gpu="8", res=["vram=20G", "licenses=3", "net = 10Gbps"]
+    ) == {
+        "cpu": 500,
+        "memory": 64 * GIB,
+        "gpu": 8,
+        "vram": 20 * GIB,
+        "licenses": 3,
+        "net": 1_250_000_000,
+    }
+    assert parse_resources(memory="64G") == {"memory": 64 * GIB}
+    assert parse_resources(res=["gpu=0"], allow_zero=True) == {"gpu": 0}
+    with pytest.raises(InvalidError, match="greater than zero"):
+        parse_resources(res=["gpu=0"])
+    for bad in (["vram"], ["=1"], ["vram="], ["x-y=1"], ["cpu=1", "cpu=2"]):
+        with pytest.raises(InvalidError):
+            parse_resources(res=bad)
+
+
+def test_parse_ratios_and_labels() -> None:
+    assert parse_ratios(["cpu=4", "net=2.5"]) == {"cpu": 4.0, "net": 2.5}
+    assert parse_ratios(None) == {}
+    assert parse_labels(None) is None
+    assert parse_labels(["zone=a", "rack=r1=x"]) == {"zone": "a", "rack": "r1=x"}
+    with pytest.raises(InvalidError):
+        parse_ratios(["cpu=inf"])
+
+
+# ------------------------------------------------------------ export
+
+
+EVENTS = [
+    HistoryEvent(
+        seq=1,
+        at=1_700_000_000.25,
+        kind="reserved",
+        reservation="r-0123456789ab",
+        tenant="t1",
+        pool="pool1",
+        resources={"memory": 8 * GIB, "cpu": 4000},
+    ),
+    HistoryEvent(
+        seq=2,
+        at=1_700_000_001.0,
+        kind="denied",
+        reservation="",
+        tenant="t2",
+        pool="pool1",
+        resources={"gpu": 9},
+        detail="pool 'pool1' cannot fit the request: gpu: requested 9, available 8",
+    ),
+]
+
+
+def test_history_csv() -> None:
+    lines = history_csv(EVENTS).splitlines()
+    assert lines[0] == ",".join(CSV_FIELDS)
+    assert lines[0] == "seq,at,kind,reservation,tenant,pool,resources,detail"
+    assert (
+        lines[1] == "1,1700000000.25,reserved,r-0123456789ab,t1,pool1,cpu=4000;memory=8589934592,"
+    )
+    assert lines[2] == (
+        "2,1700000001.0,denied,,t2,pool1,gpu=9,\"pool 'pool1' cannot fit the request: gpu:"
+        ' requested 9, available 8"'
+    )
+    assert history_csv([]) == "seq,at,kind,reservation,tenant,pool,resources,detail\n"
+
+
+def test_history_json() -> None:
+    data = json.loads(history_json(EVENTS))
+    assert [e["seq"] for e in data] == [1, 2]
+    assert data[0]["resources"] == {"memory": 8 * GIB, "cpu": 4000}
+    assert set(data[1]) == set(CSV_FIELDS)
+
+
+# ------------------------------------------------------------ watch coalescing
+
+
+def test_throttle_coalesces_bursts() -> None:
+    t = Throttle(interval=2.0)
+    assert t.wait(0.0) is None  # nothing pending: block until a push
+    t.drawn(10.0)
+    t.changed()
+    assert not t.due(10.5)
+    assert t.wait(10.5) == 1.5
+    t.changed()  # a burst collapses into one pending redraw
+    assert t.due(12.0)
+    t.drawn(12.0)
+    assert not t.pending
+    assert t.wait(12.1) is None
+    t.changed()
+    assert t.due(20.0)  # a lone change after a quiet spell is drawn at once
+
+
+def test_throttle_zero_interval_draws_every_change() -> None:
+    t = Throttle(interval=0.0)
+    t.drawn(1.0)
+    t.changed()
+    assert t.due(1.0)
