@@ -27,7 +27,7 @@ def subprocess_env() -> dict[str, str]:
     """Environment for child processes: the source tree importable, no stray config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESD_")}
     paths = [str(ROOT), str(ROOT / "client"), str(ROOT / "cli")]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
     env["NO_COLOR"] = "1"
     env["XDG_CONFIG_HOME"] = "/nonexistent-resd-test-config"
     return env
@@ -101,22 +101,22 @@ class Proc:
 
     def start(self, timeout: float = 15.0) -> Proc:
         assert self.log is not None
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "resd",
-                "--socket",
-                self.socket,
-                "--state-dir",
-                self.state_dir,
-                *self.args,
-            ],
-            env=subprocess_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "resd",
+                    "--socket",
+                    self.socket,
+                    "--state-dir",
+                    self.state_dir,
+                    *self.args,
+                ],
+                env=subprocess_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
