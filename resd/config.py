@@ -40,6 +40,7 @@ class ConfigError(Exception):
 class Config:
     system: bool = False
     socket: str = ""
+    socket_mode: str = ""
     state_dir: str = ""
     fsync: str = "always"
     max_frame: int = 1 << 20
@@ -60,6 +61,13 @@ class Config:
         if self.socket:
             return Path(self.socket)
         return SYSTEM_SOCKET if self.system else user_socket()
+
+    @property
+    def socket_permissions(self) -> int:
+        """0600 in user mode, 0660 in system mode, unless ``socket_mode`` says otherwise."""
+        if self.socket_mode:
+            return int(self.socket_mode, 8)
+        return 0o660 if self.system else 0o600
 
     @property
     def state_path(self) -> Path:
@@ -126,6 +134,15 @@ def _validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
     if not 1 <= cfg.default_priority <= 10:
         raise ConfigError(f"default_priority: {cfg.default_priority} is out of range (1 to 10)")
+    if cfg.socket_mode:
+        try:
+            mode = int(cfg.socket_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
+            raise ConfigError(
+                f"socket_mode: {cfg.socket_mode!r} is not an octal file mode like 0660"
+            )
     try:
         parse_quantity("disk_io", cfg.disk_io_limit)
     except Exception as exc:

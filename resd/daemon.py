@@ -90,15 +90,18 @@ def claim_socket_path(path: Path) -> None:
     )
 
 
-def bind_listener(path: Path, system: bool) -> socket.socket:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
+def bind_listener(path: Path, system: bool, mode: int) -> socket.socket:
+    """Bind the socket with ``mode`` from the start (umask), so it is never looser."""
+    shared = system or mode & 0o077
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if shared else 0o700)
     claim_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o117 if system else 0o177)
+    old = os.umask(0o777 & ~mode)
     try:
         sock.bind(str(path))
     finally:
         os.umask(old)
+    os.chmod(path, mode)
     if system:
         with contextlib.suppress(KeyError, PermissionError):
             import grp
@@ -202,7 +205,9 @@ class Daemon:
         )
         self.server = server
         activated = activated_socket()
-        listener_sock = activated or bind_listener(cfg.socket_path, cfg.system)
+        listener_sock = activated or bind_listener(
+            cfg.socket_path, cfg.system, cfg.socket_permissions
+        )
         listener = trio.socket.from_stdlib_socket(listener_sock)
         try:
             async with trio.open_nursery() as nursery:

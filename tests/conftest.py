@@ -98,6 +98,7 @@ class Proc:
     args: list[str]
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    env: dict[str, str] = attrs.Factory(dict)
 
     def start(self, timeout: float = 15.0) -> Proc:
         assert self.log is not None
@@ -113,7 +114,7 @@ class Proc:
                     self.state_dir,
                     *self.args,
                 ],
-                env=subprocess_env(),
+                env={**subprocess_env(), **self.env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

@@ -9,6 +9,7 @@ to the lease they concern or to ``events()``. Failures of the socket become
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import queue
@@ -71,6 +72,7 @@ def connect_socket(
     Raises UnavailableError saying where it looked when none is listening.
     """
     tried: list[str] = []
+    refused = True
     for candidate in socket_candidates(path):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -79,6 +81,7 @@ def connect_socket(
         except OSError as exc:
             sock.close()
             tried.append(f"{candidate} ({exc.strerror or exc})")
+            refused = refused and exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK)
             continue
         sock.settimeout(None)
         return sock, candidate
