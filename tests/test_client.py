@@ -16,7 +16,6 @@ import pytest
 from resd_client import (
     Client,
     ConflictError,
-    ForbiddenError,
     InsufficientError,
     InvalidError,
     NotFoundError,
