@@ -56,6 +56,14 @@ class DoReserve:
 
 
 @attrs.frozen
+class CheckReserve:
+    """Is the request well-formed for its pool? Asked before the tenant is resolved,
+    so a bad request does not create the caller's tenant."""
+
+    args: Reserve
+
+
+@attrs.frozen
 class GetReservation:
     id: str
 

@@ -176,6 +176,7 @@ async def tenant_remove(svc: Services, conn: Conn, args: TenantRemove) -> Done:
 
 
 async def reserve(svc: Services, conn: Conn, args: Reserve) -> ReservationInfo:
+    await svc.pools.ask(m.CheckReserve(args))
     tenant, tenant_lsn = await svc.tenants.ask(m.Resolve(args.tenant, conn.peer))
     info, lsn = await svc.pools.ask(m.DoReserve(args, tenant, conn.peer, conn.id, conn.outbox))
     await _durable(svc, tenant_lsn, lsn)

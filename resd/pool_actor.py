@@ -20,6 +20,7 @@ from resd.actor import Actor
 from resd.journal import Journal
 from resd.messages import (
     Cancel,
+    CheckReserve,
     CountActive,
     CreatePool,
     DeletePool,
@@ -106,6 +107,7 @@ class PoolActor(Actor):
             DeletePool: self._delete_pool,
             ShowPool: lambda m: self.book.pool_info(self.book.pool(m.name)),
             ListPools: lambda m: self.book.pool_infos(),
+            CheckReserve: lambda m: self.book.check_request(m.args).name,
             DoReserve: self._reserve,
             GetReservation: lambda m: self.book.reservation(m.id).info(),
             DoRelease: self._release,

@@ -212,13 +212,10 @@ class PoolBook:
         events.append(PoolDeleted(name, now))
         return events
 
-    def reserve(
-        self, args: Reserve, tenant: Tenant, *, uid: int, session: str, now: float, rid: str
-    ) -> list[PoolEvent]:
-        """Events of granting ``args``; raises InvalidError/NotFoundError for bad input.
+    def check_request(self, args: Reserve) -> Pool:
+        """The pool ``args`` names, if it exists and has every resource asked for.
 
-        A business refusal (conflict, insufficient) is not raised: it comes back as a
-        single ``Denied`` event so that it is journaled; ``denial_error`` rebuilds it.
+        Raises NotFoundError or InvalidError; nothing about capacity is checked.
         """
         pool = self.pool(args.pool)
         unknown = sorted(set(args.resources) - set(pool.resources))
@@ -228,6 +225,17 @@ class PoolBook:
                 f"it has {', '.join(pool.resources) or 'none'}",
                 {"unknown": unknown, "allowed": list(pool.resources)},
             )
+        return pool
+
+    def reserve(
+        self, args: Reserve, tenant: Tenant, *, uid: int, session: str, now: float, rid: str
+    ) -> list[PoolEvent]:
+        """Events of granting ``args``; raises InvalidError/NotFoundError for bad input.
+
+        A business refusal (conflict, insufficient) is not raised: it comes back as a
+        single ``Denied`` event so that it is journaled; ``denial_error`` rebuilds it.
+        """
+        pool = self.check_request(args)
         if rid in self.reservations:  # pragma: no cover - ids are random 48-bit
             raise ExistsError(f"reservation id {rid} collides", {"id": rid})
         held = self.held(pool.name, tenant.name)

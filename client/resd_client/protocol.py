@@ -158,7 +158,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, str) and value in typing.get_args(tp):
             return value
         raise InvalidError(
-            f"{path}: {value!r} is not allowed; expected one of {_type_name(tp)}",
+            f"{path}: {show(value)} is not allowed; expected one of {_type_name(tp)}",
             {"field": path, "allowed": list(typing.get_args(tp))},
         )
     if tp is type(None):
@@ -204,6 +204,18 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_wire(tp, value, path)
     raise TypeError(f"protocol type {tp!r} is not supported")  # a bug in this module
+
+
+def show(value: Any, limit: int = 64) -> str:
+    """A short, safe rendering of a client-sent value for an error message.
+
+    Containers are named by type only: their repr could be huge or nest deeper
+    than Python's recursion limit.
+    """
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        text = repr(value)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"a {type(value).__name__}"
 
 
 def _type_error(path: str, tp: Any, value: Any) -> InvalidError:
@@ -260,11 +272,11 @@ def to_wire(obj: Any) -> Any:
 
 
 def check_name(what: str, value: str) -> None:
-    if not NAME.match(value):
+    if not NAME.fullmatch(value):
         raise InvalidError(
-            f"{what} name {value!r} is not valid: use 1-64 letters, digits, '.', '_' or '-',"
+            f"{what} name {show(value)} is not valid: use 1-64 letters, digits, '.', '_' or '-',"
             " starting with a letter or digit",
-            {"field": what, "value": value},
+            {"field": what, "value": show(value)},
         )
 
 
@@ -520,10 +532,10 @@ RESERVATION_ID: Final = re.compile(r"^r-[0-9a-f]{6,32}$")
 
 
 def check_reservation_id(value: str) -> None:
-    if not RESERVATION_ID.match(value):
+    if not RESERVATION_ID.fullmatch(value):
         raise InvalidError(
-            f"reservation id {value!r} is not valid: ids look like r-1a2b3c4d5e6f",
-            {"field": "id", "value": value},
+            f"reservation id {show(value)} is not valid: ids look like r-1a2b3c4d5e6f",
+            {"field": "id", "value": show(value)},
         )
 
 
@@ -829,7 +841,7 @@ def decode_request(frame: dict[str, Any]) -> Request:
         raise RequestError(
             request_id,
             UnsupportedVersionError(
-                f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+                f"protocol version {show(version)} is not supported; this daemon speaks {PROTOCOL_VERSION}",
                 {"supported": [PROTOCOL_VERSION]},
             ),
         )
@@ -845,7 +857,7 @@ def decode_request(frame: dict[str, Any]) -> Request:
         raise RequestError(
             request_id,
             InvalidError(
-                f"unknown op {op!r}; known ops: {', '.join(OPS)}",
+                f"unknown op {show(op)}; known ops: {', '.join(OPS)}",
                 {"field": "op", "allowed": list(OPS)},
             ),
         )
@@ -880,5 +892,5 @@ def decode_event(frame: dict[str, Any]) -> Any:
     name = body.pop("event")
     cls = EVENTS.get(name)
     if cls is None:
-        raise InvalidError(f"unknown event {name!r}", {"event": name})
+        raise InvalidError(f"unknown event {show(name)}", {"event": show(name)})
     return from_wire(cls, body, "event")

@@ -66,7 +66,7 @@ def unit_of(resource: str) -> Unit:
 
 def check_resource_name(resource: object) -> str:
     """Return ``resource`` if it is a valid resource name, else raise InvalidError."""
-    if not isinstance(resource, str) or not RESOURCE_NAME.match(resource):
+    if not isinstance(resource, str) or not RESOURCE_NAME.fullmatch(resource):
         raise InvalidError(
             f"resource name {resource!r} is not valid: use 1-32 lowercase letters, digits"
             " or '_', starting with a letter (e.g. cpu, memory, gpu, licenses)",
