@@ -91,7 +91,7 @@ def _coerce(key: str, raw: Any, from_env: bool) -> Any:
                 return False
             raise ValueError
         if kind in ("int", int):
-            if isinstance(raw, bool):
+            if isinstance(raw, bool) or (not from_env and not isinstance(raw, int)):
                 raise ValueError
             return int(raw)
         if kind in ("str", str):
@@ -197,6 +197,8 @@ def load(
         elif key in _FIELDS and key != "oversub":
             values[key] = _coerce(key, raw, from_env=True)
     for key, raw in overrides.items():
+        if key not in _FIELDS or key == "oversub":
+            raise ConfigError(f"unknown setting {key!r}; allowed: {', '.join(sorted(_FIELDS))}")
         values[key] = _coerce(key, raw, from_env=False)
     values["oversub"] = oversub
     return _validate(Config(**values))

@@ -230,6 +230,15 @@ class Server:
         except RequestError as exc:
             await self._send(c, reply_error(exc.request_id, exc.error))
             return
+        except Exception as exc:  # a decoding bug must cost one frame, not the daemon
+            log.exception("decode_failed")
+            await self._send(
+                c,
+                reply_error(
+                    None, InternalError(f"could not decode the request: {type(exc).__name__}")
+                ),
+            )
+            return
         if not c.greeted:
             if req.op != "hello":
                 await self._send(

@@ -188,34 +188,46 @@ def _trim(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
+_BYTE_UNITS: Final = (
+    ("PiB", 1024**5),
+    ("TiB", 1024**4),
+    ("GiB", 1024**3),
+    ("MiB", 1024**2),
+    ("KiB", 1024),
+)
+_BIT_UNITS: Final = (("Tbps", 10**12), ("Gbps", 10**9), ("Mbps", 10**6), ("Kbps", 10**3))
+
+
+def _in_units(amount: int, units: tuple[tuple[str, int], ...], base: str) -> str:
+    """The largest unit that shows ``amount`` exactly with at most two decimals and a
+    short number; failing that, the largest unit, rounded (display only)."""
+    for name, mult in units:
+        if abs(amount) >= mult and (amount * 100) % mult == 0 and abs(amount) // mult < 100_000:
+            return f"{_trim(amount / mult)}{name}"
+    for name, mult in units:
+        if abs(amount) >= mult:
+            return f"{_trim(amount / mult)}{name}"
+    return f"{amount}{base}"
+
+
 def render_quantity(resource: str, amount: int) -> str:
-    """Human form of an internal amount: ``1.5``, ``20GiB``, ``10Gbps``, ``3``."""
+    """Human form of an internal amount (``1.5``, ``20GiB``, ``10Gbps``, ``3``).
+
+    Exact amounts render so that ``parse_quantity`` gives them back.
+    """
     unit = unit_of(resource)
     if unit is Unit.MILLICORES:
         if amount % 1000 == 0:
             return str(amount // 1000)
-        if amount < 1000:
-            return f"{amount}m"
-        return _trim(amount / 1000)
+        if amount % 10 == 0 and amount > 1000:
+            return _trim(amount / 1000)
+        return f"{amount}m"
     if unit is Unit.BYTES:
         return render_bytes(amount)
     if unit is Unit.BANDWIDTH:
-        bits = amount * 8
-        for name, mult in (("Tbps", 10**12), ("Gbps", 10**9), ("Mbps", 10**6), ("Kbps", 10**3)):
-            if bits >= mult:
-                return f"{_trim(bits / mult)}{name}"
-        return f"{bits}bps"
+        return _in_units(amount * 8, _BIT_UNITS, "bps")
     return str(amount)
 
 
 def render_bytes(amount: int) -> str:
-    for name, mult in (
-        ("PiB", 1024**5),
-        ("TiB", 1024**4),
-        ("GiB", 1024**3),
-        ("MiB", 1024**2),
-        ("KiB", 1024),
-    ):
-        if abs(amount) >= mult:
-            return f"{_trim(amount / mult)}{name}"
-    return f"{amount}B"
+    return _in_units(amount, _BYTE_UNITS, "B")
