@@ -1,0 +1,110 @@
+"""Explicit preemption (resgate's rule) with and without a grace period, on MockClock."""
+
+from __future__ import annotations
+
+import trio
+
+from tests.conftest import BASE_WALL, InProcess
+from tests.wire import WireClient
+
+
+async def setup(c: WireClient, grace: float) -> None:
+    await c.ok(
+        "pool.create", {"name": "p", "resources": {"cpu": {"capacity": 8000}}, "grace": grace}
+    )
+    await c.ok("tenant.add", {"name": "low", "priority": 3})
+    await c.ok("tenant.add", {"name": "mid", "priority": 5})
+    await c.ok("tenant.add", {"name": "high", "priority": 8})
+
+
+async def test_needs_strictly_higher_priority(inproc: InProcess) -> None:
+    c = await WireClient.connect(inproc.socket)
+    await setup(c, 0.0)
+    await c.ok("tenant.set", {"name": "mid", "priority": 8})
+    r = await c.ok("reserve", {"pool": "p", "tenant": "mid", "resources": {"cpu": 1000}})
+    same = await c.request("preempt", {"tenant": "high", "target": "mid"})
+    assert same["error"]["code"] == "forbidden" and "strictly higher" in same["error"]["message"]
+    lower = await c.request("preempt", {"tenant": "low", "target": "mid"})
+    assert lower["error"]["code"] == "forbidden"
+    assert [x["id"] for x in (await c.ok("list"))["reservations"]] == [r["id"]]
+    self_ = await c.request("preempt", {"tenant": "mid", "target": "mid"})
+    assert self_["error"]["code"] == "invalid"
+
+
+async def test_immediate_preemption_frees_and_notifies(inproc: InProcess) -> None:
+    admin = await WireClient.connect(inproc.socket)
+    await setup(admin, 0.0)
+    holder = await WireClient.connect(inproc.socket)
+    r = await holder.ok("reserve", {"pool": "p", "tenant": "low", "resources": {"cpu": 6000}})
+    result = await admin.ok("preempt", {"tenant": "high", "target": "low"})
+    assert [v["id"] for v in result["reservations"]] == [r["id"]]
+    push = await holder.push()
+    assert push["event"] == "preempted" and push["reservation"]["state"] == "preempted"
+    assert push["by"] == "preempted by high"
+    pool = await admin.ok("pool.show", {"name": "p"})
+    assert pool["resources"][0]["allocated"] == 0
+
+
+async def test_grace_keeps_resources_counted_until_the_deadline(
+    inproc: InProcess, mock_clock: trio.testing.MockClock
+) -> None:
+    admin = await WireClient.connect(inproc.socket)
+    await setup(admin, 30.0)
+    holder = await WireClient.connect(inproc.socket)
+    r = await holder.ok("reserve", {"pool": "p", "tenant": "low", "resources": {"cpu": 6000}})
+    other = await holder.ok("reserve", {"pool": "p", "tenant": "mid", "resources": {"cpu": 1000}})
+    start = trio.current_time()
+    result = await admin.ok("preempt", {"tenant": "high", "target": "low", "pool": "p"})
+    assert [v["state"] for v in result["reservations"]] == ["terminating"]
+    notice = await holder.push()
+    assert notice["event"] == "preempted" and notice["reservation"]["state"] == "terminating"
+    assert abs(notice["deadline"] - (BASE_WALL + start + 30.0)) < 0.1
+    await trio.sleep(29.9)
+    pool = await admin.ok("pool.show", {"name": "p"})
+    assert pool["resources"][0]["allocated"] == 7000  # still counted during grace
+    states = {x["id"]: x["state"] for x in (await admin.ok("list"))["reservations"]}
+    assert states == {r["id"]: "terminating", other["id"]: "active"}
+    renew = await holder.request("renew", {"id": r["id"], "ttl": 10.0})
+    assert renew["error"]["code"] == "conflict"
+    final = await holder.push()
+    assert 30.0 <= trio.current_time() - start <= 30.1
+    assert final["event"] == "preempted" and final["reservation"]["state"] == "preempted"
+    pool = await admin.ok("pool.show", {"name": "p"})
+    assert pool["resources"][0]["allocated"] == 1000
+    kinds = [h["kind"] for h in (await admin.ok("export", {"tenant": "low"}))["events"]]
+    assert kinds == ["reserved", "preempting", "preempted"]
+
+
+async def test_release_during_grace_ends_it_early(
+    inproc: InProcess, mock_clock: trio.testing.MockClock
+) -> None:
+    admin = await WireClient.connect(inproc.socket)
+    await setup(admin, 30.0)
+    r = await admin.ok("reserve", {"pool": "p", "tenant": "low", "resources": {"cpu": 6000}})
+    await admin.ok("preempt", {"tenant": "high", "target": "low"})
+    await admin.ok("release", {"id": r["id"]})
+    await trio.sleep(31)
+    kinds = [h["kind"] for h in (await admin.ok("export", {"tenant": "low"}))["events"]]
+    assert kinds == ["reserved", "preempting", "released"]
+
+
+async def test_delete_and_remove_refuse_while_active_unless_forced(inproc: InProcess) -> None:
+    c = await WireClient.connect(inproc.socket)
+    await setup(c, 0.0)
+    await c.ok("reserve", {"pool": "p", "tenant": "low", "resources": {"cpu": 1000}})
+    refused = await c.request("pool.delete", {"name": "p"})
+    assert refused["error"]["code"] == "conflict"
+    refused = await c.request("tenant.remove", {"name": "low"})
+    assert refused["error"]["code"] == "conflict"
+    assert (await c.ok("tenant.remove", {"name": "low", "force": True}))["removed"] == 1
+    await c.ok("reserve", {"pool": "p", "tenant": "mid", "resources": {"cpu": 1000}})
+    assert (await c.ok("pool.delete", {"name": "p", "force": True}))["removed"] == 1
+    assert (await c.ok("pool.list"))["pools"] == []
+    assert (await c.ok("list"))["reservations"] == []
+    shrink = await c.ok("pool.create", {"name": "q", "resources": {"cpu": {"capacity": 4000}}})
+    assert shrink["name"] == "q"
+    await c.ok("reserve", {"pool": "q", "tenant": "mid", "resources": {"cpu": 3000}})
+    below = await c.request("pool.set", {"name": "q", "capacity": {"cpu": 2000}})
+    assert below["error"]["code"] == "conflict"
+    grown = await c.ok("pool.set", {"name": "q", "capacity": {"cpu": 6000}, "ratios": {"cpu": 2.0}})
+    assert grown["resources"][0]["effective"] == 12000
