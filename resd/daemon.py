@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -70,15 +71,19 @@ def state_lock(state_dir: Path) -> Iterator[None]:
 
 
 def claim_socket_path(path: Path) -> None:
-    """Refuse when a daemon answers on ``path``; remove a stale socket file."""
-    if not path.exists() and not path.is_symlink():
+    """Refuse when a daemon answers on ``path`` or it is not a socket; remove a stale socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; remove it or use --socket to pick another path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(str(path))
     except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise StartupError(f"cannot check existing socket {path}: {exc}") from None
         log.warning("stale_socket_removed", socket=str(path))
         path.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -102,6 +102,7 @@ class Proc:
 
     def start(self, timeout: float = 15.0) -> Proc:
         assert self.log is not None
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
@@ -124,14 +125,19 @@ class Proc:
                 raise AssertionError(
                     f"resd exited with {self.proc.returncode}: {self.log.read_text()}"
                 )
-            if self._ready():
+            if self._ready(offset):
                 return self
             time.sleep(0.02)
         raise AssertionError(f"resd did not become ready: {self.log.read_text()}")
 
-    def _ready(self) -> bool:
+    def _ready(self, offset: int) -> bool:
+        """This run (the log from ``offset`` on) has logged ``ready``."""
         assert self.log is not None
-        return b'"event": "ready"' in self.log.read_bytes().rsplit(b'"event": "recovered"', 1)[-1]
+        return b'"event": "ready"' in self.log.read_bytes()[offset:]
+
+    def log_text(self) -> str:
+        assert self.log is not None
+        return self.log.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         assert self.proc is not None
@@ -180,3 +186,60 @@ def resctl(
             f"resctl {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+DAEMON_ARGS = ["--no-host-pool", "--fsync", "always", "--log-level", "info", "--log-format", "json"]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+class Daemons:
+    """Makes real resd processes in one temp dir; whatever still runs at teardown is killed."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def make(
+        self,
+        name: str = "a",
+        *,
+        state: str | None = None,
+        sock: str | None = None,
+        config: str = "",
+    ) -> Proc:
+        args = list(DAEMON_ARGS)
+        if config:
+            path = self.tmp / f"{name}.toml"
+            path.write_text(config)
+            args += ["--config", str(path)]
+        proc = Proc(
+            socket=str(self.tmp / f"{sock or name}.sock"),
+            state_dir=str(self.tmp / f"state-{state or name}"),
+            args=args,
+            log=self.tmp / f"{name}.log",
+        )
+        self.procs.append(proc)
+        return proc
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.proc.kill()
+                proc.proc.wait(10)
+
+
+@pytest.fixture
+def daemons(short_tmp: Path) -> Iterator[Daemons]:
+    d = Daemons(short_tmp)
+    try:
+        yield d
+    finally:
+        d.cleanup()
