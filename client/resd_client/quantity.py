@@ -225,7 +225,9 @@ def render_quantity(resource: str, amount: int) -> str:
     if unit is Unit.BYTES:
         return render_bytes(amount)
     if unit is Unit.BANDWIDTH:
-        return _in_units(amount * 8, _BIT_UNITS, "bps")
+        if resource == "net":  # links are sold in bits per second
+            return _in_units(amount * 8, _BIT_UNITS, "bps")
+        return render_bytes(amount) + "/s"
     return str(amount)
 
 
