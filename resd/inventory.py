@@ -1,0 +1,42 @@
+"""What host discovery found: plain frozen values, shared by discovery, the daemon
+and ``resd detect``. Discovery fills them; nothing here touches the machine."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+Source = Literal["detected", "configured"]
+
+
+@attrs.frozen
+class Figure:
+    """One scalar capacity of the host, in internal units (see resd_client.quantity)."""
+
+    resource: str
+    capacity: int
+    source: Source
+
+
+@attrs.frozen
+class GpuDevice:
+    """One GPU as NVML (or a configured GPU file) describes it."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total: int  # bytes
+    numa_node: int | None = None
+    pci_bus_id: str = ""
+    mig: bool = False
+
+
+@attrs.frozen
+class HostInventory:
+    figures: tuple[Figure, ...]
+    gpus: tuple[GpuDevice, ...] = ()
+    gpu_source: Source = "detected"
+
+    def figure(self, resource: str) -> Figure | None:
+        return next((f for f in self.figures if f.resource == resource), None)
