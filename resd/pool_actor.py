@@ -107,7 +107,7 @@ class PoolActor(Actor):
             DeletePool: self._delete_pool,
             ShowPool: lambda m: self.book.pool_info(self.book.pool(m.name)),
             ListPools: lambda m: self.book.pool_infos(),
-            CheckReserve: lambda m: self.book.check_request(m.args).name,
+            CheckReserve: lambda m: [p.name for p in self.book.check_request(m.args)],
             DoReserve: self._reserve,
             GetReservation: lambda m: self.book.reservation(m.id).info(),
             DoRelease: self._release,

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from resd.holdings import GPU, VRAM, PoolHoldings, members_of
 from resd.records import (
     Capacity,
     Denied,
@@ -67,6 +68,8 @@ class PoolBook:
     seq: int = 0
     #: (pool, tenant) → ids of that tenant's live reservations there, for conflict checks.
     _held: dict[tuple[str, str], set[str]] = attrs.Factory(dict)
+    #: pool → who holds which set members and range values.
+    holdings: dict[str, PoolHoldings] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -104,25 +107,60 @@ class PoolBook:
         ]
 
     def available(self, pool: Pool, resource: str) -> int:
-        cap = pool.resources[resource]
-        return cap.effective - self.allocated[pool.name].get(resource, 0)
+        return pool.resources[resource].effective - self.used(pool, resource)
 
-    def pool_info(self, pool: Pool) -> PoolInfo:
-        used = self.allocated[pool.name]
-        return PoolInfo(
-            name=pool.name,
-            resources=[
+    def used(self, pool: Pool, resource: str) -> int:
+        """Allocated units: scalar sums, held values of a range, busy members of a set."""
+        cap = pool.resources[resource]
+        holdings = self.holdings[pool.name]
+        if cap.kind == "range":
+            return cap.capacity - len(holdings.free[resource])
+        if cap.kind == "set":
+            return sum(1 for u in holdings.use[resource].values() if not u.free_whole)
+        return self.allocated[pool.name].get(resource, 0)
+
+    def usage(self, pool: Pool) -> list[ResourceUsage]:
+        holdings = self.holdings[pool.name]
+        rows = []
+        for name, cap in pool.resources.items():
+            used = self.used(pool, name)
+            rows.append(
                 ResourceUsage(
                     name=name,
                     unit=unit_of(name).value,
                     capacity=cap.capacity,
                     ratio=cap.ratio,
                     effective=cap.effective,
-                    allocated=used.get(name, 0),
-                    available=cap.effective - used.get(name, 0),
+                    allocated=used,
+                    available=cap.effective - used,
+                    kind=cap.kind,
+                    source=cap.source,
+                    lo=cap.lo if cap.kind == "range" else None,
+                    hi=cap.hi if cap.kind == "range" else None,
+                    members=holdings.member_usage(name),
                 )
-                for name, cap in pool.resources.items()
-            ],
+            )
+            if name == GPU and cap.sliceable:
+                total, in_use = holdings.vram()
+                rows.append(
+                    ResourceUsage(
+                        name=VRAM,
+                        unit=unit_of(VRAM).value,
+                        capacity=total,
+                        ratio=1.0,
+                        effective=total,
+                        allocated=in_use,
+                        available=total - in_use,
+                        kind="slice",
+                        source=cap.source,
+                    )
+                )
+        return rows
+
+    def pool_info(self, pool: Pool) -> PoolInfo:
+        return PoolInfo(
+            name=pool.name,
+            resources=self.usage(pool),
             max_per_tenant=pool.max_per_tenant,
             preemption=pool.preemption,
             placement=pool.placement,
@@ -142,7 +180,17 @@ class PoolBook:
             raise ExistsError(f"pool {args.name!r} already exists", {"pool": args.name})
         pool = Pool(
             name=args.name,
-            resources={k: Capacity(v.capacity, v.ratio) for k, v in args.resources.items()},
+            resources={
+                k: Capacity(
+                    capacity=v.size,
+                    ratio=v.ratio,
+                    kind=v.kind,
+                    lo=v.lo,
+                    members=members_of(v.members),
+                    source=v.source,
+                )
+                for k, v in args.resources.items()
+            },
             max_per_tenant=args.max_per_tenant,
             preemption=args.preemption,
             placement=args.placement,
@@ -163,6 +211,11 @@ class PoolBook:
             resources.pop(name)
         for name, capacity in args.capacity.items():
             old = resources.get(name, Capacity(0))
+            if old.kind != "scalar":
+                raise InvalidError(
+                    f"{name} is a {old.kind} resource; its members or values cannot be changed in place",
+                    {"resource": name},
+                )
             resources[name] = attrs.evolve(old, capacity=capacity)
         for name, ratio in args.ratios.items():
             if name not in resources:
@@ -212,20 +265,39 @@ class PoolBook:
         events.append(PoolDeleted(name, now))
         return events
 
-    def check_request(self, args: Reserve) -> Pool:
-        """The pool ``args`` names, if it exists and has every resource asked for.
+    def candidates(self, args: Reserve) -> list[Pool]:
+        """The pools a request may go to: the one it names, those its selector matches,
+        or ``host``. Raises NotFoundError when there is none."""
+        if args.pool is not None:
+            return [self.pool(args.pool)]
+        if args.selector:
+            found = [
+                p
+                for p in sorted(self.pools.values(), key=lambda p: p.name)
+                if all(p.labels.get(k) == v for k, v in args.selector.items())
+            ]
+            if not found:
+                raise NotFoundError(
+                    f"no pool has the labels {args.selector}", {"selector": dict(args.selector)}
+                )
+            return found
+        return [self.pool("host")]
 
-        Raises NotFoundError or InvalidError; nothing about capacity is checked.
-        """
-        pool = self.pool(args.pool)
-        unknown = sorted(set(args.resources) - set(pool.resources))
-        if unknown:
-            raise InvalidError(
-                f"pool {pool.name!r} has no resource {', '.join(unknown)}; "
-                f"it has {', '.join(pool.resources) or 'none'}",
-                {"unknown": unknown, "allowed": list(pool.resources)},
-            )
-        return pool
+    def check_request(self, args: Reserve) -> list[Pool]:
+        """The candidate pools on which ``args`` is well-formed; raises the first
+        InvalidError/NotFoundError when it fits none. Capacity is not checked."""
+        pools, first = [], None
+        for pool in self.candidates(args):
+            try:
+                PoolHoldings.check(pool, args)
+            except ResdError as exc:
+                first = first or exc
+                continue
+            pools.append(pool)
+        if not pools:
+            assert first is not None
+            raise first
+        return pools
 
     def reserve(
         self, args: Reserve, tenant: Tenant, *, uid: int, session: str, now: float, rid: str
@@ -234,27 +306,53 @@ class PoolBook:
 
         A business refusal (conflict, insufficient) is not raised: it comes back as a
         single ``Denied`` event so that it is journaled; ``denial_error`` rebuilds it.
+        With several candidate pools (a label selector) the request goes to the one the
+        placement policy prefers among those it fits.
         """
-        pool = self.check_request(args)
         if rid in self.reservations:  # pragma: no cover - ids are random 48-bit
             raise ExistsError(f"reservation id {rid} collides", {"id": rid})
+        pools = self.check_request(args)
+        granted: list[tuple[float, Reservation]] = []
+        refusals: list[ResdError] = []
+        for pool in pools:
+            outcome = self._try(pool, args, tenant, uid=uid, session=session, now=now, rid=rid)
+            if isinstance(outcome, ResdError):
+                refusals.append(outcome)
+            else:
+                granted.append((self._fill(pool, outcome), outcome))
+        if not granted:
+            return [self._deny(args, pools[0].name, tenant, now, refusals[0])]
+        policy = args.placement or pools[0].placement
+        best = (
+            max(granted, key=lambda g: g[0])
+            if policy == "binpack"
+            else min(granted, key=lambda g: g[0])
+        )
+        return [Reserved(best[1])]
+
+    def _try(
+        self,
+        pool: Pool,
+        args: Reserve,
+        tenant: Tenant,
+        *,
+        uid: int,
+        session: str,
+        now: float,
+        rid: str,
+    ) -> Reservation | ResdError:
         held = self.held(pool.name, tenant.name)
         if pool.max_per_tenant and len(held) >= pool.max_per_tenant:
             existing = sorted(held)
-            return [
-                self._deny(
-                    args,
-                    tenant,
-                    now,
-                    ConflictError(
-                        f"tenant {tenant.name!r} already holds {', '.join(existing)} in pool {pool.name!r}"
-                        f" (max {pool.max_per_tenant} per tenant)",
-                        {"existing": existing, "max_per_tenant": pool.max_per_tenant},
-                    ),
-                )
-            ]
+            return ConflictError(
+                f"tenant {tenant.name!r} already holds {', '.join(existing)} in pool {pool.name!r}"
+                f" (max {pool.max_per_tenant} per tenant)",
+                {"existing": existing, "max_per_tenant": pool.max_per_tenant},
+            )
         short: dict[str, dict[str, int]] = {}
         for name, amount in args.resources.items():
+            if name == VRAM or pool.resources[name].kind != "scalar":
+                continue
             available = self.available(pool, name)
             if amount > available:
                 short[name] = {
@@ -262,28 +360,25 @@ class PoolBook:
                     "available": max(available, 0),
                     "shortfall": amount - max(available, 0),
                 }
-        if short:
+        placement, missing = self.holdings[pool.name].place(
+            pool, args, args.placement or pool.placement
+        )
+        short.update(missing)
+        if short or placement is None:
             text = "; ".join(
                 f"{n}: requested {render_quantity(n, s['requested'])},"
                 f" available {render_quantity(n, s['available'])}"
                 for n, s in short.items()
             )
-            return [
-                self._deny(
-                    args,
-                    tenant,
-                    now,
-                    InsufficientError(
-                        f"pool {pool.name!r} cannot fit the request: {text}",
-                        {"pool": pool.name, "resources": short},
-                    ),
-                )
-            ]
-        reservation = Reservation(
+            return InsufficientError(
+                f"pool {pool.name!r} cannot fit the request: {text}",
+                {"pool": pool.name, "resources": short},
+            )
+        return Reservation(
             id=rid,
             tenant=tenant.name,
             pool=pool.name,
-            resources=dict(args.resources),
+            resources={**args.resources, **placement.counts},
             label=args.label,
             created_at=now,
             ttl=args.ttl,
@@ -292,14 +387,30 @@ class PoolBook:
             session=session if args.binding == "session" else "",
             reclaimable=args.reclaimable,
             uid=uid,
+            members=placement.members,
+            values=placement.values,
+            devices=placement.devices,
         )
-        return [Reserved(reservation)]
+
+    def _fill(self, pool: Pool, r: Reservation) -> float:
+        """How full ``pool`` would be with ``r``: its most used requested resource."""
+        fill = 0.0
+        for name, amount in r.resources.items():
+            if name == VRAM:
+                total, in_use = self.holdings[pool.name].vram()
+                fill = max(fill, (in_use + amount) / total if total else 1.0)
+                continue
+            cap = pool.resources[name]
+            fill = max(
+                fill, (self.used(pool, name) + amount) / cap.effective if cap.effective else 1.0
+            )
+        return fill
 
     @staticmethod
-    def _deny(args: Reserve, tenant: Tenant, now: float, error: ResdError) -> Denied:
+    def _deny(args: Reserve, pool: str, tenant: Tenant, now: float, error: ResdError) -> Denied:
         return Denied(
             tenant=tenant.name,
-            pool=args.pool,
+            pool=pool,
             resources=dict(args.resources),
             at=now,
             code=str(error.code),
@@ -371,17 +482,14 @@ class PoolBook:
     def _apply_one(self, event: PoolEvent) -> None:
         match event:
             case Reserved(reservation=r):
-                self.reservations[r.id] = r
-                used = self.allocated[r.pool]
-                for name, amount in r.resources.items():
-                    used[name] = used.get(name, 0) + amount
-                self._held.setdefault((r.pool, r.tenant), set()).add(r.id)
+                self._hold(r)
                 self._record(r.created_at, "reserved", r, r.label)
             case Ended(id=rid, state=state, at=at, reason=reason):
                 r = self.reservations.pop(rid)
                 used = self.allocated[r.pool]
-                for name, amount in r.resources.items():
+                for name, amount in self._scalars(r):
                     used[name] -= amount
+                self.holdings[r.pool].unhold(r)
                 ids = self._held[(r.pool, r.tenant)]
                 ids.discard(rid)
                 if not ids:
@@ -411,11 +519,28 @@ class PoolBook:
             case PoolCreated(pool=pool):
                 self.pools[pool.name] = pool
                 self.allocated[pool.name] = {}
+                self.holdings[pool.name] = PoolHoldings.of(pool)
             case PoolChanged(pool=pool):
                 self.pools[pool.name] = pool
+                holdings = self.holdings[pool.name] = PoolHoldings.of(pool)
+                for r in self.active_in(pool.name):
+                    holdings.hold(r)
             case PoolDeleted(name=name):
                 del self.pools[name]
                 del self.allocated[name]
+                del self.holdings[name]
+
+    def _scalars(self, r: Reservation) -> list[tuple[str, int]]:
+        kinds = self.pools[r.pool].resources
+        return [(n, a) for n, a in r.resources.items() if n in kinds and kinds[n].kind == "scalar"]
+
+    def _hold(self, r: Reservation) -> None:
+        self.reservations[r.id] = r
+        used = self.allocated[r.pool]
+        for name, amount in self._scalars(r):
+            used[name] = used.get(name, 0) + amount
+        self.holdings[r.pool].hold(r)
+        self._held.setdefault((r.pool, r.tenant), set()).add(r.id)
 
     def _record(self, at: float, kind: str, r: Reservation, detail: str) -> None:
         self._push(
@@ -454,13 +579,9 @@ class PoolBook:
             pool = converter.structure(p, Pool)
             book.pools[pool.name] = pool
             book.allocated[pool.name] = {}
+            book.holdings[pool.name] = PoolHoldings.of(pool)
         for raw in state["reservations"]:
-            r = converter.structure(raw, Reservation)
-            book.reservations[r.id] = r
-            used = book.allocated[r.pool]
-            for name, amount in r.resources.items():
-                used[name] = used.get(name, 0) + amount
-            book._held.setdefault((r.pool, r.tenant), set()).add(r.id)
+            book._hold(converter.structure(raw, Reservation))
         book.history.extend(HistoryEvent(**h) for h in state["history"])
         book.seq = state["seq"]
         return book

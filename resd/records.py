@@ -19,14 +19,47 @@ from resd_client.protocol import ReservationInfo, TenantInfo
 
 
 @attrs.frozen
+class Member:
+    """A named member of a set resource (a GPU, a disk).
+
+    ``capacity`` > 0 lets the member be sliced (a GPU's VRAM in bytes); ``labels``
+    are its attributes (uuid, model, numa, pci_bus, index, ...).
+    """
+
+    name: str
+    capacity: int = 0
+    labels: dict[str, str] = attrs.Factory(dict)
+
+
+@attrs.frozen
 class Capacity:
+    """One resource of a pool.
+
+    ``scalar``: any amount up to capacity × ratio. ``range``: the integers
+    ``lo .. lo + capacity - 1``, each held by one reservation. ``set``: the named
+    ``members``, each held whole by one reservation or (if it has a capacity) in
+    slices by several.
+    """
+
     capacity: int
     ratio: float = 1.0
+    kind: str = "scalar"
+    lo: int = 0
+    members: tuple[Member, ...] = ()
+    source: str = "configured"
 
     @property
     def effective(self) -> int:
         """Allocatable amount: capacity × oversubscription ratio, rounded down."""
         return int(self.capacity * self.ratio)
+
+    @property
+    def hi(self) -> int:
+        return self.lo + self.capacity - 1
+
+    @property
+    def sliceable(self) -> bool:
+        return self.kind == "set" and any(m.capacity > 0 for m in self.members)
 
 
 @attrs.frozen
@@ -78,6 +111,9 @@ class Reservation:
     uid: int
     state: str = "active"
     deadline: float | None = None
+    members: dict[str, tuple[str, ...]] = attrs.Factory(dict)
+    values: dict[str, tuple[tuple[int, int], ...]] = attrs.Factory(dict)
+    devices: tuple[dict[str, str], ...] = ()
 
     def info(self, *, state: str | None = None, ended_at: float | None = None) -> ReservationInfo:
         return ReservationInfo(
@@ -94,6 +130,9 @@ class Reservation:
             state=state or self.state,
             uid=self.uid,
             ended_at=ended_at,
+            members={k: list(v) for k, v in self.members.items()},
+            values={k: [list(i) for i in v] for k, v in self.values.items()},
+            devices=[dict(d) for d in self.devices],
         )
 
 

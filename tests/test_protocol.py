@@ -381,7 +381,8 @@ def request_error(frame: dict[str, Any]) -> p.RequestError:
 @pytest.mark.parametrize(
     ("frame", "error_type", "words"),
     [
-        ({"v": 1, "id": 5, "op": "reserve", "args": {"pool": "p"}}, InvalidError, "args.resources"),
+        ({"v": 1, "id": 5, "op": "reserve", "args": {"pool": "p"}}, InvalidError, "resources"),
+        ({"v": 1, "id": 5, "op": "tenant.add", "args": {}}, InvalidError, "args.name"),
         (
             {"v": 1, "id": 5, "op": "reserve", "args": {"pool": "p", "resources": {"cpu": 1.5}}},
             InvalidError,

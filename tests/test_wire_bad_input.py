@@ -190,8 +190,8 @@ WRONG: dict[str, dict[str, Any]] = {
 }
 # field -> (kind, nullable, required)
 RESERVE_FIELDS = {
-    "pool": ("str", False, True),
-    "resources": ("map", False, True),
+    "pool": ("str", True, False),
+    "resources": ("map", False, False),
     "tenant": ("str", True, False),
     "ttl": ("float", True, False),
     "binding": ("literal", False, False),
@@ -528,7 +528,20 @@ add("op is a list", ["reserve"], {}, "op")
 for _what, _value in {"list": [], "str": "pool=p", "int": 1, "nil": None, "bool": False}.items():
     add(f"args is a {_what} (list)", "list", _value, "args")
     add(f"args is a {_what} (reserve)", "reserve", _value, "args")
-add("reserve args missing", "reserve", None, "args.pool", drop=("args",))
+add("reserve args missing", "reserve", None, "resources", drop=("args",))
+add("reserve nothing asked", "reserve", without(RESERVE, "resources"), "resources")
+add(
+    "reserve no pool and no host pool",
+    "reserve",
+    without(RESERVE, "pool"),
+    "host",
+    codes=("not_found",),
+)
+add("reserve pool and selector", "reserve", with_(RESERVE, selector={"a": "b"}), "selector")
+add(
+    "reserve gpu and vram", "reserve", with_(RESERVE, resources={"gpu": 1, "vram": 1 << 30}), "vram"
+)
+add("reserve vram without gpus", "reserve", with_(RESERVE, resources={"vram": 1 << 30}), "vram")
 
 
 def deep_envelope(field: str) -> Callable[[int], bytes]:

@@ -37,6 +37,7 @@ DEFAULT_MAX_FRAME: Final = 1 << 20
 _HEADER: Final = struct.Struct(">I")
 
 NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MEMBER: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 MAX_LABEL: Final = 256
 MAX_TTL: Final = 10 * 365 * 86400.0
 MAX_GRACE: Final = 86400.0
@@ -366,11 +367,92 @@ class Hello:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ResourceSpec:
-    """One resource of a pool: capacity in internal units and its oversubscription ratio."""
+class MemberSpec:
+    """A member of a set resource: a name, an optional sliceable capacity, attributes."""
 
-    capacity: int
+    name: str
+    capacity: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+ResourceKind = Literal["scalar", "range", "set"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceSpec:
+    """One resource of a pool (SPEC §2 kinds).
+
+    ``scalar``: ``capacity`` in internal units, times ``ratio``. ``range``: the
+    integers ``lo``..``hi``. ``set``: ``members`` (a GPU set's members carry their
+    VRAM as capacity, which makes ``vram`` requests possible).
+    """
+
+    capacity: int | None = None
     ratio: float = 1.0
+    kind: ResourceKind = "scalar"
+    lo: int = 0
+    hi: int | None = None
+    members: list[MemberSpec] = field(default_factory=list)
+    source: Literal["detected", "configured"] = "configured"
+
+    def check_as(self, name: str) -> None:
+        if self.kind == "scalar":
+            if self.capacity is None:
+                raise InvalidError(
+                    f"args.resources.{name}.capacity: a scalar resource needs a capacity",
+                    {"field": f"args.resources.{name}.capacity"},
+                )
+            if self.members or self.hi is not None:
+                raise InvalidError(
+                    f"args.resources.{name}: a scalar resource has no members or range",
+                    {"resource": name},
+                )
+            return
+        if self.ratio != 1.0:
+            raise InvalidError(
+                f"resources.{name}: only scalar resources can be oversubscribed (ratio must be 1)",
+                {"resource": name},
+            )
+        if self.kind == "range":
+            if self.hi is None or self.hi < self.lo or self.lo < 0 or self.hi - self.lo >= 1 << 32:
+                raise InvalidError(
+                    f"resources.{name}: a range needs 0 <= lo <= hi and at most 2^32 values",
+                    {"resource": name, "lo": self.lo, "hi": self.hi},
+                )
+            if self.members:
+                raise InvalidError(f"resources.{name}: a range has no members", {"resource": name})
+            return
+        if self.hi is not None:
+            raise InvalidError(
+                f"resources.{name}: a set has members, not a range", {"resource": name}
+            )
+        if not 1 <= len(self.members) <= 4096:
+            raise InvalidError(
+                f"resources.{name}: a set needs 1 to 4096 members", {"resource": name}
+            )
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise InvalidError(f"resources.{name}: member names must be unique", {"resource": name})
+        for m in self.members:
+            if not MEMBER.fullmatch(m.name):
+                raise InvalidError(
+                    f"resources.{name}: member name {show(m.name)} is not valid (1-64 letters, digits, '.', '_', '-', ':')",
+                    {"resource": name},
+                )
+            if m.capacity < 0:
+                raise InvalidError(
+                    f"resources.{name}.{m.name}: capacity must be >= 0", {"resource": name}
+                )
+            check_labels(m.labels)
+
+    @property
+    def size(self) -> int:
+        """How many units the resource holds (members, values, or the capacity)."""
+        if self.kind == "set":
+            return len(self.members)
+        if self.kind == "range":
+            return (self.hi if self.hi is not None else self.lo) - self.lo + 1
+        return self.capacity or 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,9 +467,15 @@ class PoolCreate:
 
     def check(self) -> None:
         check_name("pool", self.name)
-        check_amounts({k: v.capacity for k, v in self.resources.items()}, allow_zero=True)
         for k, v in self.resources.items():
+            v.check_as(k)
             check_ratio(k, v.ratio)
+        check_amounts({k: v.size for k, v in self.resources.items()}, allow_zero=True)
+        if "vram" in self.resources:
+            raise InvalidError(
+                "resources.vram: VRAM is not a resource of its own; give the gpu set members their memory as capacity",
+                {"resource": "vram"},
+            )
         check_max_per_tenant(self.max_per_tenant)
         check_grace(self.grace)
         check_labels(self.labels)
@@ -511,19 +599,50 @@ class Reserve:
     no expiry; ``binding`` ``session`` releases when this connection closes.
     """
 
-    pool: str
-    resources: dict[str, int]
+    pool: str | None = None
+    resources: dict[str, int] = field(default_factory=dict)
     tenant: str | None = None
     ttl: float | None = None
     binding: Binding = "detached"
     label: str = ""
     reclaimable: bool = False
+    members: dict[str, list[str]] = field(default_factory=dict)
+    contiguous: list[str] = field(default_factory=list)
+    constraints: dict[str, str] = field(default_factory=dict)
+    selector: dict[str, str] = field(default_factory=dict)
+    placement: Placement | None = None
 
     def check(self) -> None:
-        check_name("pool", self.pool)
+        if self.pool is not None:
+            check_name("pool", self.pool)
         if self.tenant is not None:
             check_name("tenant", self.tenant)
-        check_amounts(self.resources, allow_zero=False)
+        check_amounts(self.resources, allow_zero=bool(self.members))
+        if not self.resources and not self.members:
+            raise InvalidError(
+                "resources: ask for at least one resource (e.g. cpu, memory, gpu)",
+                {"field": "resources"},
+            )
+        for name, values in self.members.items():
+            check_resource_name(name)
+            if not 1 <= len(values) <= 4096 or any(not MEMBER.fullmatch(v) for v in values):
+                raise InvalidError(
+                    f"members.{name}: give 1 to 4096 member names or values like 30001 or 30005-30009",
+                    {"field": f"members.{name}"},
+                )
+        for name in self.contiguous:
+            check_resource_name(name)
+            if name not in self.resources:
+                raise InvalidError(f"contiguous: {name} is not requested", {"field": "contiguous"})
+        if "gpu" in self.resources and "vram" in self.resources:
+            raise InvalidError(
+                "ask for whole GPUs (gpu) or a slice of one (vram), not both",
+                {"field": "resources"},
+            )
+        check_labels(self.constraints)
+        check_labels(self.selector)
+        if self.pool is not None and self.selector:
+            raise InvalidError("give a pool or a label selector, not both", {"field": "selector"})
         check_ttl(self.ttl)
         check_label(self.label)
 
@@ -642,6 +761,16 @@ class HelloResult:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MemberUsage:
+    name: str
+    capacity: int
+    allocated: int
+    whole: bool
+    holders: int
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ResourceUsage:
     """One resource of a pool, hypeman's shape: effective = capacity × ratio."""
 
@@ -652,6 +781,11 @@ class ResourceUsage:
     effective: int
     allocated: int
     available: int
+    kind: str = "scalar"
+    source: str = "configured"
+    lo: int | None = None
+    hi: int | None = None
+    members: list[MemberUsage] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -693,6 +827,9 @@ class ReservationInfo:
     state: str
     uid: int
     ended_at: float | None = None
+    members: dict[str, list[str]] = field(default_factory=dict)
+    values: dict[str, list[list[int]]] = field(default_factory=dict)
+    devices: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
