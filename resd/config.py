@@ -52,6 +52,9 @@ class Config:
     snapshot_every: int = 100_000
     host_pool: bool = True
     disk_io_limit: str = "1GB/s"
+    disk_limit: str = ""  # "" = statvfs of the state directory
+    network_limit: str = ""  # "" = speed of the uplink NIC
+    gpus_file: str = ""  # "" = ask NVML
     log_format: str = "auto"
     log_level: str = "info"
     oversub: dict[str, float] = attrs.Factory(lambda: dict(DEFAULT_OVERSUB))
@@ -147,7 +150,30 @@ def _validate(cfg: Config) -> Config:
         parse_quantity("disk_io", cfg.disk_io_limit)
     except Exception as exc:
         raise ConfigError(f"disk_io_limit: {exc}") from None
+    for key, resource in (("disk_limit", "disk"), ("network_limit", "net")):
+        check_limit(key, resource, getattr(cfg, key))
+    if cfg.gpus_file:
+        from resd.nvml import load_gpus_file  # the GPU file format lives with NVML
+
+        try:
+            load_gpus_file(Path(cfg.gpus_file))
+        except ValueError as exc:
+            raise ConfigError(f"gpus_file: {exc}") from None
     return cfg
+
+
+def check_limit(key: str, resource: str, text: str) -> int | None:
+    """Parse a capacity override such as ``disk_limit = "500G"``; ``""`` means auto (None).
+
+    Raises ConfigError naming the key, the value and what is accepted.
+    """
+    if not text.strip():
+        return None
+    try:
+        return parse_quantity(resource, text)
+    except Exception as exc:
+        detail = str(exc).removeprefix(f"{resource}: ")
+        raise ConfigError(f"{key}: {detail}; or leave it empty to detect") from None
 
 
 def default_config_file(system: bool) -> Path:

@@ -29,6 +29,7 @@ import trio
 from resd import messages as m
 from resd.config import Config
 from resd.discovery import discover, host_pool_resources
+from resd.inventory import HostInventory
 from resd.journal import Journal
 from resd.ops import Services
 from resd.pool_actor import PoolActor
@@ -77,7 +78,9 @@ def claim_socket_path(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"{path} exists and is not a socket; remove it or use --socket to pick another path")
+        raise StartupError(
+            f"{path} exists and is not a socket; remove it or use --socket to pick another path"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -269,13 +272,16 @@ class Daemon:
         finally:
             done.set()
 
-    async def _create_host_pool(self, pools: PoolActor, journal: Journal) -> None:
-        figures = discover(self.config.state_path, self.config.disk_io_limit)
+    async def _create_host_pool(self, pools: PoolActor, journal: Journal) -> HostInventory:
+        """Create the ``host`` pool from discovery (``max_per_tenant`` 0); returns what
+        discovery found. Raises ConfigError for a bad ``*_limit`` or ``gpus_file``."""
+        inventory = discover(self.config)
+        resources = host_pool_resources(inventory, self.config.oversub)
         args = from_wire(
             PoolCreate,
             {
                 "name": "host",
-                "resources": host_pool_resources(figures, self.config.oversub),
+                "resources": resources,
                 "max_per_tenant": 0,
                 "labels": {"source": "discovery"},
             },
@@ -284,9 +290,11 @@ class Daemon:
         await journal.wait_durable(lsn)
         log.info(
             "host_pool_created",
-            resources={f.resource: f.capacity for f in figures},
-            sources={f.resource: f.source for f in figures},
+            resources={name: spec["capacity"] for name, spec in resources.items()},
+            sources={name: spec["source"] for name, spec in resources.items()},
+            gpus=[gpu.uuid for gpu in inventory.gpus],
         )
+        return inventory
 
     async def _watch_signals(self) -> None:
         import signal

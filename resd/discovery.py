@@ -1,82 +1,251 @@
-"""What this host has: CPUs, memory, disk, disk I/O, network and GPUs.
+"""What this host has: CPUs, memory, disk, network, disk I/O and GPUs (SPEC §2–§3).
 
-The source of the first ``host`` pool. Each figure is measured where the machine
-can tell (``detected``) or taken from the configuration (``configured``); a figure
-that cannot be found is left out rather than guessed. NVML failures (no driver, no
-GPU) mean no GPUs, logged once.
+The source of the first ``host`` pool and of ``resd detect``; the model is hypeman's
+resources package. Each figure is measured where the machine can tell
+(``detected``) or taken from the configuration (``configured``):
+
+- ``cpu``: ``processor`` lines of ``/proc/cpuinfo`` (else ``os.cpu_count()``), in
+  millicores;
+- ``memory``: ``MemTotal`` of ``/proc/meminfo``;
+- ``disk``: ``disk_limit``, else ``statvfs`` of the state directory;
+- ``net``: ``network_limit``, else the link speed of the default route's NIC (else
+  the fastest NIC that is up); left out when no link reports a speed;
+- ``disk_io``: ``disk_io_limit`` (always configured, as hypeman);
+- GPUs: the devices of ``gpus_file``, else NVML (``resd.nvml``). NVML being
+  unavailable means no GPUs and one info log line, never an error.
+
+This module owns ``psutil``; ``resd.nvml`` owns NVML. A figure that cannot be found
+is left out rather than guessed. Bad configured values raise ConfigError.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Protocol
 
-import attrs
 import psutil
 import structlog
 
-from resd_client.quantity import parse_quantity
+from resd.config import Config, ConfigError, check_limit
+from resd.inventory import Figure, GpuDevice, HostInventory, Source
+from resd.nvml import (
+    NvmlBackend,
+    NvmlUnavailable,
+    PynvmlBackend,
+    StaticBackend,
+    device_to_json,
+    load_gpus_file,
+)
+from resd_client.quantity import render_quantity
+
+__all__ = ["LinkStat", "describe", "discover", "host_pool_resources"]
 
 log = structlog.get_logger("resd.discovery")
 
-
-@attrs.frozen
-class Figure:
-    resource: str
-    capacity: int
-    source: str  # "detected" | "configured"
+_PROCESSOR: Final = re.compile(r"^processor\s*:", re.MULTILINE)
+_MEMTOTAL: Final = re.compile(r"^MemTotal:\s*(\d+)\s*kB", re.MULTILINE)
+_RTF_UP: Final = 0x1
 
 
-def _gpu_count() -> int:
+class LinkStat(Protocol):
+    """What discovery needs of ``psutil.net_if_stats()`` values."""
+
+    @property
+    def isup(self) -> bool: ...
+
+    @property
+    def speed(self) -> int: ...  # Mbit/s; 0 when the driver does not say
+
+
+def _psutil_links() -> Mapping[str, LinkStat]:
     try:
-        import pynvml
-    except ImportError:
-        log.info("nvml_absent", detail="nvidia-ml-py not importable; no GPUs")
-        return 0
+        return psutil.net_if_stats()  # type: ignore[no-any-return]
+    except OSError:
+        return {}
+
+
+def discover(
+    config: Config,
+    backend: NvmlBackend | None = None,
+    proc_root: Path = Path("/proc"),
+    *,
+    links: Callable[[], Mapping[str, LinkStat]] = _psutil_links,
+) -> HostInventory:
+    """Measure the host. ``backend`` defaults to the real NVML backend; ``gpus_file``
+    in ``config`` overrides both. ``links`` stands in for ``psutil.net_if_stats``.
+
+    Raises ConfigError for a bad ``disk_limit``, ``network_limit``,
+    ``disk_io_limit`` or ``gpus_file``; NVML failures only mean no GPUs.
+    """
+    figures = [_cpu(proc_root), _memory(proc_root), _disk(config)]
+    net = _net(config, proc_root, links)
+    if net is not None:
+        figures.append(net)
+    disk_io = check_limit("disk_io_limit", "disk_io", config.disk_io_limit)
+    if disk_io is not None:
+        figures.append(Figure("disk_io", disk_io, "configured", "disk_io_limit"))
+    gpus, gpu_source, unavailable = _gpus(config, backend)
+    inventory = HostInventory(tuple(figures), gpus, gpu_source, unavailable)
+    log.info(
+        "host_discovered",
+        figures={
+            f.resource: f"{render_quantity(f.resource, f.capacity)} ({f.source}: {f.detail})"
+            for f in inventory.figures
+        },
+        gpus=len(gpus),
+        gpu_source=gpu_source,
+    )
+    return inventory
+
+
+def _cpu(proc_root: Path) -> Figure:
+    path = proc_root / "cpuinfo"
     try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError subclasses for every missing piece
-        log.info("nvml_unavailable", detail=str(exc))
-        return 0
+        count = len(_PROCESSOR.findall(path.read_text(errors="replace")))
+    except OSError:
+        count = 0
+    if count:
+        return Figure("cpu", count * 1000, "detected", f"{path} ({count} processors)")
+    count = os.cpu_count() or 1
+    return Figure("cpu", count * 1000, "detected", f"os.cpu_count() ({count})")
+
+
+def _memory(proc_root: Path) -> Figure:
+    path = proc_root / "meminfo"
     try:
-        count: int = pynvml.nvmlDeviceGetCount()
-        return count
-    finally:
-        pynvml.nvmlShutdown()
+        match = _MEMTOTAL.search(path.read_text(errors="replace"))
+    except OSError:
+        match = None
+    if match:
+        return Figure("memory", int(match.group(1)) * 1024, "detected", f"{path} MemTotal")
+    return Figure("memory", int(psutil.virtual_memory().total), "detected", "psutil")
 
 
-def _net_speed() -> int | None:
-    speeds = [
-        s.speed
-        for name, s in psutil.net_if_stats().items()
-        if s.isup and s.speed > 0 and name != "lo"
-    ]
-    return max(speeds) * 1_000_000 // 8 if speeds else None
-
-
-def discover(state_dir: Path, disk_io_limit: str) -> list[Figure]:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    figures = [
-        Figure("cpu", cpus * 1000, "detected"),
-        Figure("memory", int(psutil.virtual_memory().total), "detected"),
-    ]
-    probe: Path = state_dir
-    while not probe.exists():
+def _disk(config: Config) -> Figure:
+    limit = check_limit("disk_limit", "disk", config.disk_limit)
+    if limit is not None:
+        return Figure("disk", limit, "configured", "disk_limit")
+    probe = config.state_path
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    figures.append(Figure("disk", shutil.disk_usage(probe).total, "detected"))
-    figures.append(Figure("disk_io", parse_quantity("disk_io", disk_io_limit), "configured"))
-    net = _net_speed()
-    if net:
-        figures.append(Figure("net", net, "detected"))
-    gpus = _gpu_count()
-    if gpus:
-        figures.append(Figure("gpu", gpus, "detected"))
-    return figures
+    st = os.statvfs(probe)
+    return Figure("disk", st.f_blocks * st.f_frsize, "detected", f"statvfs {probe}")
 
 
-def host_pool_resources(figures: list[Figure], oversub: dict[str, float]) -> dict[str, Any]:
+def _net(
+    config: Config, proc_root: Path, links: Callable[[], Mapping[str, LinkStat]]
+) -> Figure | None:
+    limit = check_limit("network_limit", "net", config.network_limit)
+    if limit is not None:
+        return Figure("net", limit, "configured", "network_limit")
+    stats = links()
+    for nic in _default_route_nics(proc_root):
+        stat = stats.get(nic)
+        if stat is not None and stat.isup and stat.speed > 0:
+            return Figure("net", _mbps(stat.speed), "detected", f"{nic} (default route)")
+    candidates = [
+        (stat.speed, nic)
+        for nic, stat in stats.items()
+        if stat.isup and stat.speed > 0 and not _loopback(nic, stat)
+    ]
+    if not candidates:
+        log.info("network_speed_unknown", detail="no link reports a speed; set network_limit")
+        return None
+    speed, nic = max(candidates)
+    return Figure("net", _mbps(speed), "detected", f"{nic} (fastest link)")
+
+
+def _mbps(speed: int) -> int:
+    return speed * 1_000_000 // 8
+
+
+def _loopback(nic: str, stat: LinkStat) -> bool:
+    return nic == "lo" or "loopback" in str(getattr(stat, "flags", ""))
+
+
+def _default_route_nics(proc_root: Path) -> list[str]:
+    """NICs of the IPv4 default routes that are up, lowest metric first."""
+    try:
+        lines = (proc_root / "net" / "route").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    routes: list[tuple[int, str]] = []
+    # Iface Destination Gateway Flags RefCnt Use Metric Mask MTU Window IRTT
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
+            continue
+        try:
+            up, metric = int(fields[3], 16) & _RTF_UP, int(fields[6])
+        except ValueError:
+            continue
+        if up:
+            routes.append((metric, fields[0]))
+    return [nic for _metric, nic in sorted(routes)]
+
+
+def _gpus(config: Config, backend: NvmlBackend | None) -> tuple[tuple[GpuDevice, ...], Source, str]:
+    source: Source = "detected"
+    if config.gpus_file:
+        try:
+            backend = StaticBackend(load_gpus_file(Path(config.gpus_file)))
+        except ValueError as exc:
+            raise ConfigError(f"gpus_file: {exc}") from None
+        source = "configured"
+    try:
+        devices = (backend or PynvmlBackend()).devices()
+    except NvmlUnavailable as exc:
+        log.info("nvml_unavailable", reason=exc.reason, detail="no GPUs in the host inventory")
+        return (), source, exc.reason
+    return tuple(devices), source, ""
+
+
+def host_pool_resources(
+    inventory: HostInventory, oversub: Mapping[str, float]
+) -> dict[str, dict[str, Any]]:
+    """The ``resources`` of the ``host`` pool: ``{name: {capacity, ratio, source}}``.
+
+    Ratios come from ``oversub`` (hypeman's defaults in the config), 1.0 for others.
+    GPUs are one whole-device count for now (``inventory.gpus`` has the devices).
+    """
+    resources = {
+        f.resource: {
+            "capacity": f.capacity,
+            "ratio": oversub.get(f.resource, 1.0),
+            "source": f.source,
+        }
+        for f in inventory.figures
+    }
+    if inventory.gpus:
+        resources["gpu"] = {
+            "capacity": len(inventory.gpus),
+            "ratio": oversub.get("gpu", 1.0),
+            "source": inventory.gpu_source,
+        }
+    return resources
+
+
+def describe(inventory: HostInventory, oversub: Mapping[str, float]) -> dict[str, Any]:
+    """What ``resd detect --json`` prints: each resource's capacity, source, ratio and
+    effective limit (capacity × ratio, rounded down, as the pool computes it), and
+    the GPUs in the form ``gpus_file`` reads."""
+    details = {f.resource: f.detail for f in inventory.figures}
+    details["gpu"] = "gpus_file" if inventory.gpu_source == "configured" else "NVML"
     return {
-        f.resource: {"capacity": f.capacity, "ratio": oversub.get(f.resource, 1.0)} for f in figures
+        "resources": {
+            name: {
+                "capacity": spec["capacity"],
+                "source": spec["source"],
+                "oversub_ratio": spec["ratio"],
+                "effective_limit": int(spec["capacity"] * spec["ratio"]),
+                "detail": details.get(name, ""),
+            }
+            for name, spec in host_pool_resources(inventory, oversub).items()
+        },
+        "gpus": [device_to_json(d) for d in inventory.gpus],
+        "gpu_source": inventory.gpu_source,
+        "gpu_unavailable": inventory.gpu_unavailable,
     }

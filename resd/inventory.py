@@ -17,6 +17,8 @@ class Figure:
     resource: str
     capacity: int
     source: Source
+    #: where the figure came from, for people: "/proc/cpuinfo", "eth0 (default route)", ...
+    detail: str = ""
 
 
 @attrs.frozen
@@ -37,6 +39,8 @@ class HostInventory:
     figures: tuple[Figure, ...]
     gpus: tuple[GpuDevice, ...] = ()
     gpu_source: Source = "detected"
+    #: why NVML listed no GPUs ("" when it answered, or GPUs came from a file)
+    gpu_unavailable: str = ""
 
     def figure(self, resource: str) -> Figure | None:
         return next((f for f in self.figures if f.resource == resource), None)

@@ -112,6 +112,11 @@ class ListActive:
 
 
 @attrs.frozen
+class ShowResources:
+    pool: str
+
+
+@attrs.frozen
 class ExportHistory:
     since: float | None
     tenant: str | None

@@ -29,6 +29,7 @@ from resd_client.protocol import (
     Hello,
     HelloResult,
     History,
+    HostResources,
     ListReservations,
     PoolCreate,
     PoolDelete,
@@ -43,6 +44,7 @@ from resd_client.protocol import (
     ReservationList,
     ReservationRef,
     Reserve,
+    ResourcesOf,
     Status,
     Subscribe,
     TenantAdd,
@@ -252,6 +254,11 @@ async def export(svc: Services, conn: Conn, args: Export) -> History:
     return History(events=await svc.pools.ask(m.ExportHistory(args.since, args.tenant)))
 
 
+async def resources(svc: Services, conn: Conn, args: ResourcesOf) -> HostResources:
+    view: HostResources = await svc.pools.ask(m.ShowResources(args.pool))
+    return view
+
+
 async def subscribe(svc: Services, conn: Conn, args: Subscribe) -> Status:
     await svc.pools.ask(m.Subscribe(conn.outbox))
     return await status(svc, conn, Empty())
@@ -277,4 +284,5 @@ HANDLERS: Final[dict[str, Handler]] = {
     "status": status,
     "export": export,
     "subscribe": subscribe,
+    "resources": resources,
 }

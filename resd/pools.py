@@ -42,12 +42,16 @@ from resd_client.errors import (
     ResdError,
 )
 from resd_client.protocol import (
+    Allocation,
+    GpuStatus,
     HistoryEvent,
+    HostResources,
     PoolCreate,
     PoolInfo,
     PoolSet,
     Renew,
     Reserve,
+    ResourceStatus,
     ResourceUsage,
     to_wire,
 )
@@ -156,6 +160,54 @@ class PoolBook:
                     )
                 )
         return rows
+
+    def resources_view(self, name: str) -> HostResources:
+        """hypeman's GET /resources for one pool: per resource status, GPUs, allocations."""
+        pool = self.pool(name)
+        statuses = {
+            row.name: ResourceStatus(
+                capacity=row.capacity,
+                effective_limit=row.effective,
+                allocated=row.allocated,
+                available=row.available,
+                oversub_ratio=row.ratio,
+                source=row.source,
+                unit=row.unit,
+            )
+            for row in self.usage(pool)
+        }
+        gpus = [
+            GpuStatus(
+                name=m.name,
+                index=m.labels.get("index", m.name),
+                uuid=m.labels.get("uuid", ""),
+                model=m.labels.get("model", ""),
+                numa=m.labels.get("numa", ""),
+                memory_bytes=m.capacity,
+                vram_allocated=m.allocated,
+                whole=m.whole,
+                holders=m.holders,
+            )
+            for m in self.holdings[pool.name].member_usage(GPU)
+        ]
+        known = {"cpu", "memory", "disk", "net", "disk_io", GPU, VRAM}
+        allocations = [
+            Allocation(
+                reservation_id=r.id,
+                name=r.label,
+                tenant=r.tenant,
+                cpu=r.resources.get("cpu", 0),
+                memory_bytes=r.resources.get("memory", 0),
+                disk_bytes=r.resources.get("disk", 0),
+                network_bps=r.resources.get("net", 0),
+                disk_io_bps=r.resources.get("disk_io", 0),
+                gpus=list(r.members.get(GPU, ())),
+                vram_bytes=r.resources.get(VRAM, 0),
+                other={k: v for k, v in r.resources.items() if k not in known},
+            )
+            for r in sorted(self.active_in(pool.name), key=lambda r: r.created_at)
+        ]
+        return HostResources(pool=pool.name, resources=statuses, gpus=gpus, allocations=allocations)
 
     def pool_info(self, pool: Pool) -> PoolInfo:
         return PoolInfo(

@@ -223,3 +223,47 @@ def test_bad_pool_specs_are_refused() -> None:
         )
     with pytest.raises(InvalidError, match="not a resource of its own"):
         from_wire(PoolCreate, {"name": "p", "resources": {"vram": {"capacity": 5}}})
+
+
+def test_resources_view_has_hypemans_shape_and_arithmetic() -> None:
+    book = book_with(
+        host={
+            "resources": {
+                "cpu": {"capacity": 64000, "ratio": 2.0, "source": "detected"},
+                "memory": {"capacity": 256 * GiB},
+                "gpu": gpus(2),
+            }
+        }
+    )
+    take = Reserver(book)
+    r1 = take(
+        pool="host", resources={"cpu": 4000, "memory": 8 * GiB, "vram": 20 * GiB}, label="my-job"
+    )
+    take(pool="host", resources={"cpu": 44000, "gpu": 1})
+    view = book.resources_view("host")
+    cpu = view.resources["cpu"]
+    assert (cpu.capacity, cpu.effective_limit, cpu.allocated, cpu.available, cpu.oversub_ratio) == (
+        64000,
+        128000,
+        48000,
+        80000,
+        2.0,
+    )
+    assert cpu.source == "detected" and view.resources["memory"].source == "configured"
+    for status in view.resources.values():
+        assert status.effective_limit == int(status.capacity * status.oversub_ratio)
+        assert status.available == status.effective_limit - status.allocated
+    assert view.resources["vram"].allocated == 100 * GiB  # one 20G slice + one GPU whole
+    assert {g.name: (g.whole, g.vram_allocated) for g in view.gpus} in (
+        {"0": (False, 20 * GiB), "1": (True, 80 * GiB)},
+        {"0": (True, 80 * GiB), "1": (False, 20 * GiB)},
+    )
+    first = view.allocations[0]
+    assert (first.reservation_id, first.name, first.cpu, first.memory_bytes, first.vram_bytes) == (
+        r1.id,
+        "my-job",
+        4000,
+        8 * GiB,
+        20 * GiB,
+    )
+    assert first.gpus == list(r1.members["gpu"])

@@ -705,6 +705,16 @@ class ListReservations:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ResourcesOf:
+    """hypeman's GET /resources for one pool (the discovered ``host`` by default)."""
+
+    pool: str = "host"
+
+    def check(self) -> None:
+        check_name("pool", self.pool)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Export:
     since: float | None = None
     tenant: str | None = None
@@ -742,6 +752,7 @@ OPS: Final[dict[str, type]] = {
     "status": Empty,
     "export": Export,
     "subscribe": Subscribe,
+    "resources": ResourcesOf,
 }
 
 
@@ -845,6 +856,60 @@ class HistoryEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceStatus:
+    """hypeman's ResourceStatus: effective_limit = capacity × oversub_ratio,
+    available = effective_limit − allocated (internal units, see ``unit``)."""
+
+    capacity: int
+    effective_limit: int
+    allocated: int
+    available: int
+    oversub_ratio: float
+    source: str
+    unit: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuStatus:
+    """One GPU of the pool's ``gpu`` set: its memory and who holds it."""
+
+    name: str
+    index: str
+    uuid: str
+    model: str
+    numa: str
+    memory_bytes: int
+    vram_allocated: int
+    whole: bool
+    holders: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Allocation:
+    """hypeman's AllocationBreakdown, per reservation (cpu in millicores)."""
+
+    reservation_id: str
+    name: str
+    tenant: str
+    cpu: int
+    memory_bytes: int
+    disk_bytes: int
+    network_bps: int
+    disk_io_bps: int
+    gpus: list[str]
+    vram_bytes: int
+    other: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostResources:
+    pool: str
+    resources: dict[str, ResourceStatus]
+    gpus: list[GpuStatus]
+    allocations: list[Allocation]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolList:
     pools: list[PoolInfo]
 
@@ -908,6 +973,7 @@ RESULTS: Final[dict[str, type]] = {
     "status": Status,
     "export": History,
     "subscribe": Status,
+    "resources": HostResources,
 }
 
 
