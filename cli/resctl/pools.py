@@ -20,6 +20,7 @@ from resctl.options import (
     parse_labels,
     parse_ratios,
     parse_resources,
+    split_pair,
 )
 from resctl.render import capacity_summary, pool_detail, pools_table, utilization_table
 from resctl.session import Output, connect, guard
@@ -81,6 +82,24 @@ def _grace(value: str | None) -> float | None:
     return None if value is None else parse_duration(value, "grace")
 
 
+def parse_kinds(ranges: list[str] | None, sets: list[str] | None) -> dict[str, dict[str, object]]:
+    """``--range ports=30000-30999`` and ``--set disks=a,b`` as pool resource specs."""
+    out: dict[str, dict[str, object]] = {}
+    for item in ranges or []:
+        name, span = split_pair(item, "--range", "NAME=LO-HI", "ports=30000-30999")
+        lo, sep, hi = span.partition("-")
+        if not (sep and lo.strip().isdigit() and hi.strip().isdigit()):
+            raise InvalidError(
+                f"--range {item!r}: use NAME=LO-HI, e.g. ports=30000-30999", {"field": "range"}
+            )
+        out[name] = {"kind": "range", "lo": int(lo), "hi": int(hi)}
+    for item in sets or []:
+        name, members = split_pair(item, "--set", "NAME=M1,M2", "disks=nvme0,nvme1")
+        names = [m.strip() for m in members.split(",") if m.strip()]
+        out[name] = {"kind": "set", "members": [{"name": m} for m in names]}
+    return out
+
+
 @app.command("create")
 def create(
     name: PoolNameOpt,
@@ -111,6 +130,22 @@ def create(
     ] = "binpack",
     grace: GraceOpt = None,
     label: LabelOpt = None,
+    range_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--range",
+            metavar="NAME=LO-HI",
+            help="A range resource of integers, e.g. ports=30000-30999 (repeatable).",
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="NAME=M1,M2",
+            help="A set resource of named members, e.g. disks=nvme0,nvme1 (repeatable).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
 ) -> None:
@@ -118,6 +153,10 @@ def create(
     out = Output(json_out)
     with guard(out):
         capacity = parse_resources(cpu=cpu, memory=memory, gpu=gpu, res=res, allow_zero=True)
+        kinds = parse_kinds(range_, set_)
+        clash = sorted(set(kinds) & set(capacity))
+        if clash:
+            raise InvalidError(f"{', '.join(clash)}: given twice", {"field": "resources"})
         ratios = parse_ratios(oversub)
         unknown = sorted(set(ratios) - set(capacity))
         if unknown:
@@ -130,7 +169,10 @@ def create(
             {
                 "name": name,
                 "resources": {
-                    k: {"capacity": v, "ratio": ratios.get(k, 1.0)} for k, v in capacity.items()
+                    **{
+                        k: {"capacity": v, "ratio": ratios.get(k, 1.0)} for k, v in capacity.items()
+                    },
+                    **kinds,
                 },
                 "max_per_tenant": max_per_tenant,
                 "preemption": preemption,
