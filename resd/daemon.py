@@ -286,12 +286,12 @@ class Daemon:
                 "labels": {"source": "discovery"},
             },
         )
-        _, lsn = await pools.ask(m.CreatePool(args))
+        info, lsn = await pools.ask(m.CreatePool(args))
         await journal.wait_durable(lsn)
         log.info(
             "host_pool_created",
-            resources={name: spec["capacity"] for name, spec in resources.items()},
-            sources={name: spec["source"] for name, spec in resources.items()},
+            resources={r.name: r.capacity for r in info.resources},
+            sources={r.name: r.source for r in info.resources},
             gpus=[gpu.uuid for gpu in inventory.gpus],
         )
         return inventory

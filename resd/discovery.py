@@ -39,7 +39,8 @@ from resd.nvml import (
     device_to_json,
     load_gpus_file,
 )
-from resd_client.quantity import render_quantity
+from resd_client.errors import InvalidError
+from resd_client.quantity import parse_quantity, render_quantity
 
 __all__ = ["LinkStat", "describe", "discover", "host_pool_resources"]
 
@@ -84,9 +85,11 @@ def discover(
     net = _net(config, proc_root, links)
     if net is not None:
         figures.append(net)
-    disk_io = check_limit("disk_io_limit", "disk_io", config.disk_io_limit)
-    if disk_io is not None:
-        figures.append(Figure("disk_io", disk_io, "configured", "disk_io_limit"))
+    try:
+        disk_io = parse_quantity("disk_io", config.disk_io_limit)
+    except InvalidError as exc:
+        raise ConfigError(f"disk_io_limit: {exc}") from None
+    figures.append(Figure("disk_io", disk_io, "configured", "disk_io_limit"))
     gpus, gpu_source, unavailable = _gpus(config, backend)
     inventory = HostInventory(tuple(figures), gpus, gpu_source, unavailable)
     log.info(
@@ -209,9 +212,11 @@ def host_pool_resources(
     """The ``resources`` of the ``host`` pool: ``{name: {capacity, ratio, source}}``.
 
     Ratios come from ``oversub`` (hypeman's defaults in the config), 1.0 for others.
-    GPUs are one whole-device count for now (``inventory.gpus`` has the devices).
+    GPUs become the ``gpu`` set: one member per device, named by its index, with its
+    memory as capacity (so ``vram`` slices can be reserved) and its uuid, model,
+    NUMA node, PCI bus id and MIG mode as labels. A set is never oversubscribed.
     """
-    resources = {
+    resources: dict[str, dict[str, Any]] = {
         f.resource: {
             "capacity": f.capacity,
             "ratio": oversub.get(f.resource, 1.0),
@@ -221,11 +226,24 @@ def host_pool_resources(
     }
     if inventory.gpus:
         resources["gpu"] = {
-            "capacity": len(inventory.gpus),
-            "ratio": oversub.get("gpu", 1.0),
+            "kind": "set",
             "source": inventory.gpu_source,
+            "members": [gpu_member(g) for g in inventory.gpus],
         }
     return resources
+
+
+def gpu_member(gpu: GpuDevice) -> dict[str, Any]:
+    """A GPU as a member of the ``gpu`` set (the labels ``resctl run`` turns into env)."""
+    labels = {
+        "index": str(gpu.index),
+        "uuid": gpu.uuid,
+        "model": gpu.name,
+        "numa": "" if gpu.numa_node is None else str(gpu.numa_node),
+        "pci_bus": gpu.pci_bus_id,
+        "mig": "on" if gpu.mig else "off",
+    }
+    return {"name": str(gpu.index), "capacity": gpu.memory_total, "labels": labels}
 
 
 def describe(inventory: HostInventory, oversub: Mapping[str, float]) -> dict[str, Any]:
@@ -234,17 +252,19 @@ def describe(inventory: HostInventory, oversub: Mapping[str, float]) -> dict[str
     the GPUs in the form ``gpus_file`` reads."""
     details = {f.resource: f.detail for f in inventory.figures}
     details["gpu"] = "gpus_file" if inventory.gpu_source == "configured" else "NVML"
+    resources = {}
+    for name, spec in host_pool_resources(inventory, oversub).items():
+        capacity = spec.get("capacity", len(spec.get("members", ())))  # a set counts members
+        ratio = spec.get("ratio", 1.0)
+        resources[name] = {
+            "capacity": capacity,
+            "source": spec["source"],
+            "oversub_ratio": ratio,
+            "effective_limit": int(capacity * ratio),
+            "detail": details.get(name, ""),
+        }
     return {
-        "resources": {
-            name: {
-                "capacity": spec["capacity"],
-                "source": spec["source"],
-                "oversub_ratio": spec["ratio"],
-                "effective_limit": int(spec["capacity"] * spec["ratio"]),
-                "detail": details.get(name, ""),
-            }
-            for name, spec in host_pool_resources(inventory, oversub).items()
-        },
+        "resources": resources,
         "gpus": [device_to_json(d) for d in inventory.gpus],
         "gpu_source": inventory.gpu_source,
         "gpu_unavailable": inventory.gpu_unavailable,

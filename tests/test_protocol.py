@@ -245,6 +245,51 @@ SAMPLES: dict[type, list[Any]] = {
         p.PreemptedEvent(reservation=ENDED, by="bob"),
     ],
     p.StateEvent: [p.StateEvent(pools=[POOL], active=2, at=1_800_000_003.0)],
+    p.HostResources: [
+        p.HostResources(
+            pool="host",
+            resources={
+                "cpu": p.ResourceStatus(
+                    capacity=64000,
+                    effective_limit=128000,
+                    allocated=4000,
+                    available=124000,
+                    oversub_ratio=2.0,
+                    source="detected",
+                    unit="millicores",
+                )
+            },
+            gpus=[
+                p.GpuStatus(
+                    name="0",
+                    index="0",
+                    uuid="GPU-0",
+                    model="H100",
+                    numa="0",
+                    memory_bytes=80 << 30,
+                    vram_allocated=20 << 30,
+                    whole=False,
+                    holders=1,
+                )
+            ],
+            allocations=[
+                p.Allocation(
+                    reservation_id=RESERVATION.id,
+                    name="job",
+                    tenant="alice",
+                    cpu=4000,
+                    memory_bytes=8 << 30,
+                    disk_bytes=0,
+                    network_bps=0,
+                    disk_io_bps=0,
+                    gpus=["0"],
+                    vram_bytes=20 << 30,
+                    other={"licenses": 1},
+                )
+            ],
+        ),
+        p.HostResources(pool="empty", resources={}, gpus=[], allocations=[]),
+    ],
 }
 
 
@@ -339,6 +384,7 @@ ARG_SAMPLES: dict[str, Any] = {
     "status": p.Empty(),
     "export": p.Export(since=1_800_000_000.0, tenant="alice"),
     "subscribe": p.Subscribe(),
+    "resources": p.ResourcesOf(pool="host"),
 }
 
 
