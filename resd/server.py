@@ -82,12 +82,13 @@ def admin_gid_of(group: str) -> int | None:
 
 
 class _Connection:
-    def __init__(self, conn: Conn, stream: trio.SocketStream) -> None:
+    def __init__(self, conn: Conn, stream: trio.SocketStream, max_pending: int) -> None:
         self.conn = conn
         self.stream = stream
         self.greeted = False
         self.read_scope = trio.CancelScope()
-        self.slots: trio.Semaphore | None = None
+        #: requests in flight on this connection; the reader waits when none is free
+        self.slots = trio.Semaphore(max_pending)
 
 
 class Server:
@@ -146,7 +147,11 @@ class Server:
             await stream.aclose()
             return
         outbox, frames = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
-        conn = _Connection(Conn(f"{self.svc.boot_id[:8]}-{next(self._ids)}", peer, outbox), stream)
+        conn = _Connection(
+            Conn(f"{self.svc.boot_id[:8]}-{next(self._ids)}", peer, outbox),
+            stream,
+            self.limits.max_pending,
+        )
         if len(self._connections) >= self.limits.max_connections:
             error = UnavailableError(f"too many connections (limit {self.limits.max_connections})")
             with trio.move_on_after(1):
@@ -156,7 +161,6 @@ class Server:
         self._connections.add(conn)
         if self._idle.is_set():
             self._idle = trio.Event()
-        conn.slots = trio.Semaphore(self.limits.max_pending)
         log.debug("connected", conn=conn.conn.id, uid=peer.uid, pid=peer.pid)
         try:
             async with trio.open_nursery() as nursery:
@@ -258,7 +262,6 @@ class Server:
                 c, reply_error(req.id, InvalidError("hello was already sent on this connection"))
             )
             return
-        assert c.slots is not None
         await c.slots.acquire()  # backpressure: stop reading while max_pending are in flight
         handlers.start_soon(self._handle, c, req)
 
@@ -274,7 +277,6 @@ class Server:
                 req.id, InternalError(f"{req.op} failed: {type(exc).__name__}: {exc}")
             )
         finally:
-            assert c.slots is not None
             c.slots.release()
         await self._send(c, frame)
 
