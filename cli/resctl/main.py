@@ -12,7 +12,7 @@ import time
 
 import typer
 
-from resctl import export, pools, reservations, tenants, watch
+from resctl import export, pools, reservations, run, tenants, watch
 from resctl.options import JsonOpt, SocketOpt
 from resctl.render import status_view
 from resctl.session import Output, connect, guard
@@ -41,6 +41,11 @@ app.command("list")(reservations.list_)
 app.command("resources")(reservations.resources)
 app.command("export")(export.export)
 app.command("watch")(watch.watch)
+app.command(
+    "run",
+    cls=run.RunCommand,
+    context_settings={"allow_interspersed_args": False},
+)(run.run)
 
 
 @app.command("status")

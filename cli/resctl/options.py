@@ -45,6 +45,59 @@ MemoryOpt = Annotated[
     typer.Option("--memory", metavar="QTY", help="Memory: MiB (8192) or a size (8G, 512M, 1T)."),
 ]
 GpuOpt = Annotated[str | None, typer.Option("--gpu", metavar="N", help="Whole GPU devices.")]
+VramOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vram", metavar="QTY", help="A slice of one GPU's memory (20G); not with --gpu."
+    ),
+]
+GpuModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-model",
+        metavar="NAME",
+        help="Only GPUs of this model, as the pool lists it (e.g. 'NVIDIA H100 80GB HBM3').",
+    ),
+]
+NumaOpt = Annotated[
+    str | None, typer.Option("--numa", metavar="N", help="Only GPUs on this NUMA node.")
+]
+MemberOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--member",
+        metavar="NAME=M1,M2",
+        help="Exactly these members of a set (gpu=0,3) or values of a range (ports=30001,30005-30009) (repeatable).",
+    ),
+]
+ContiguousOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--contiguous",
+        metavar="NAME",
+        help="Take the values of this range resource as one unbroken run (repeatable).",
+    ),
+]
+SelectorOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--selector",
+        metavar="K=V",
+        help="Place in any pool with these labels, by its placement policy (repeatable; not with --pool).",
+    ),
+]
+PlacementOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--placement",
+        metavar="binpack|spread|least_used",
+        help="How to choose members for this request (default: the pool's policy).",
+    ),
+]
+ReservePoolOpt = Annotated[
+    str | None,
+    typer.Option("--pool", metavar="POOL", help="Pool to reserve in (default: host)."),
+]
 ResOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -100,9 +153,10 @@ def parse_resources(
     memory: str | None = None,
     gpu: str | None = None,
     res: list[str] | None = None,
+    vram: str | None = None,
     allow_zero: bool = False,
 ) -> dict[str, int]:
-    """Internal-unit amounts from ``--cpu/--memory/--gpu`` and ``--res NAME=QTY`` flags.
+    """Internal-unit amounts from ``--cpu/--memory/--gpu/--vram`` and ``--res NAME=QTY``.
 
     Raises InvalidError for a malformed pair, a bad name or quantity, or a resource
     given twice.
@@ -110,7 +164,7 @@ def parse_resources(
     out: dict[str, int] = {}
     pairs: list[tuple[str, str]] = [
         (name, value)
-        for name, value in (("cpu", cpu), ("memory", memory), ("gpu", gpu))
+        for name, value in (("cpu", cpu), ("memory", memory), ("gpu", gpu), ("vram", vram))
         if value is not None
     ]
     pairs += [split_pair(item, "--res", "NAME=QTY", "vram=20G") for item in res or []]
@@ -124,6 +178,76 @@ def parse_resources(
             )
         out[name] = parse_quantity(name, value, allow_zero=allow_zero)
     return out
+
+
+def parse_members(items: list[str] | None) -> dict[str, list[str]]:
+    """``--member NAME=M1,M2`` flags as ``{name: [M1, M2]}``; a name given again adds
+    to its list. Raises InvalidError for a malformed pair or resource name."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        name, value = split_pair(item, "--member", "NAME=M1,M2", "gpu=0,3")
+        check_resource_name(name)
+        values = [v.strip() for v in value.split(",")]
+        if any(not v for v in values):
+            raise InvalidError(
+                f"--member {name}: {value!r} has an empty member; separate names with commas",
+                {"field": "members", "resource": name},
+            )
+        out.setdefault(name, []).extend(values)
+    return out
+
+
+def parse_constraints(gpu_model: str | None, numa: str | None) -> dict[str, str]:
+    """GPU member constraints from ``--gpu-model`` and ``--numa``."""
+    out: dict[str, str] = {}
+    if gpu_model is not None:
+        if not gpu_model.strip():
+            raise InvalidError("--gpu-model: give a model name", {"field": "gpu-model"})
+        out["model"] = gpu_model.strip()
+    if numa is not None:
+        if not numa.strip().isdigit():
+            raise InvalidError(
+                f"--numa: {numa!r} is not a NUMA node number", {"field": "numa", "value": numa}
+            )
+        out["numa"] = str(int(numa.strip()))
+    return out
+
+
+def reserve_fields(
+    *,
+    pool: str | None,
+    selector: list[str] | None,
+    cpu: str | None,
+    memory: str | None,
+    gpu: str | None,
+    vram: str | None,
+    res: list[str] | None,
+    member: list[str] | None,
+    contiguous: list[str] | None,
+    gpu_model: str | None,
+    numa: str | None,
+    placement: str | None,
+) -> dict[str, Any]:
+    """The ``Reserve`` fields of the resource and placement flags shared by ``reserve``
+    and ``run``. The pool defaults to ``host`` unless a ``--selector`` is given."""
+    labels: dict[str, str] | None = None
+    if selector:
+        labels = dict(split_pair(s, "--selector", "KEY=VALUE", "zone=a") for s in selector)
+        if pool is not None:
+            raise InvalidError("give --pool or --selector, not both", {"field": "selector"})
+    elif pool is None:
+        pool = "host"
+    if placement is not None:
+        require_choice(placement, "--placement", ("binpack", "spread", "least_used"))
+    return {
+        "pool": pool,
+        "selector": labels,
+        "resources": parse_resources(cpu=cpu, memory=memory, gpu=gpu, vram=vram, res=res),
+        "members": parse_members(member) or None,
+        "contiguous": list(contiguous) if contiguous else None,
+        "constraints": parse_constraints(gpu_model, numa) or None,
+        "placement": placement,
+    }
 
 
 def parse_ratios(items: list[str] | None) -> dict[str, float]:

@@ -360,6 +360,16 @@ def reservations_table(
     return table
 
 
+def assigned_text(info: ReservationInfo) -> str:
+    """``gpu:0,3;ports:30000-30009,30020``: assigned members and values, or ``""``."""
+    parts = [f"{name}:{','.join(names)}" for name, names in info.members.items()]
+    parts += [
+        f"{name}:{','.join(str(lo) if lo == hi else f'{lo}-{hi}' for lo, hi in spans)}"
+        for name, spans in info.values.items()
+    ]
+    return ";".join(parts)
+
+
 def reservation_line(info: ReservationInfo, now: float) -> str:
     """One line, id first so that ``awk '{print $1}'`` gets it."""
     parts = [
@@ -369,6 +379,9 @@ def reservation_line(info: ReservationInfo, now: float) -> str:
         f"pool={info.pool}",
         amounts(info.resources),
     ]
+    held = assigned_text(info)
+    if held:
+        parts.append(f"assigned={held}")
     if info.expires_at is not None:
         parts.append(f"ttl={ttl_left(info, now)}")
     if info.label:

@@ -10,16 +10,24 @@ import typer
 from rich.text import Text
 
 from resctl.options import (
+    ContiguousOpt,
     CpuOpt,
+    GpuModelOpt,
     GpuOpt,
     JsonOpt,
+    MemberOpt,
     MemoryOpt,
+    NumaOpt,
+    PlacementOpt,
     ReservationIdOpt,
+    ReservePoolOpt,
     ResOpt,
+    SelectorOpt,
     SocketOpt,
+    VramOpt,
     build,
     parse_duration,
-    parse_resources,
+    reserve_fields,
 )
 from resctl.render import reservation_line, reservations_table, resources_table
 from resctl.session import Output, connect, guard
@@ -51,27 +59,36 @@ TtlOpt = Annotated[
 ]
 
 
+LabelOpt = Annotated[
+    str, typer.Option("--label", metavar="TEXT", help="Free-form note shown in lists.")
+]
+ReclaimableOpt = Annotated[
+    bool,
+    typer.Option("--reclaimable", help="May be taken back first when capacity is needed."),
+]
+
+
 def _ttl(value: str | None) -> float | None:
     return None if value is None else parse_duration(value, "ttl")
 
 
 def reserve(
     tenant: TenantOpt = None,
-    pool: Annotated[
-        str, typer.Option("--pool", metavar="POOL", help="Pool to reserve in.")
-    ] = "host",
+    pool: ReservePoolOpt = None,
     cpu: CpuOpt = None,
     memory: MemoryOpt = None,
     gpu: GpuOpt = None,
+    vram: VramOpt = None,
     res: ResOpt = None,
+    member: MemberOpt = None,
+    contiguous: ContiguousOpt = None,
+    gpu_model: GpuModelOpt = None,
+    numa: NumaOpt = None,
+    selector: SelectorOpt = None,
+    placement: PlacementOpt = None,
     ttl: TtlOpt = None,
-    label: Annotated[
-        str, typer.Option("--label", metavar="TEXT", help="Free-form note shown in lists.")
-    ] = "",
-    reclaimable: Annotated[
-        bool,
-        typer.Option("--reclaimable", help="May be taken back first when capacity is needed."),
-    ] = False,
+    label: LabelOpt = "",
+    reclaimable: ReclaimableOpt = False,
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
 ) -> None:
@@ -81,9 +98,21 @@ def reserve(
         args = build(
             Reserve,
             {
-                "pool": pool,
+                **reserve_fields(
+                    pool=pool,
+                    selector=selector,
+                    cpu=cpu,
+                    memory=memory,
+                    gpu=gpu,
+                    vram=vram,
+                    res=res,
+                    member=member,
+                    contiguous=contiguous,
+                    gpu_model=gpu_model,
+                    numa=numa,
+                    placement=placement,
+                ),
                 "tenant": tenant,
-                "resources": parse_resources(cpu=cpu, memory=memory, gpu=gpu, res=res),
                 "ttl": _ttl(ttl),
                 "binding": "detached",
                 "label": label,

@@ -21,6 +21,8 @@ from types import TracebackType
 from typing import Any
 
 from resd_client import __version__
+from resd_client.env import GpuIds, lease_env
+from resd_client.env import assigned as _assigned
 from resd_client.errors import (
     ConflictError,
     InsufficientError,
@@ -113,7 +115,8 @@ class Lease:
     """A granted reservation. A context manager that releases on exit.
 
     ``ended`` becomes the reason string once the daemon says the reservation is gone
-    (``expired``, ``preempted``) or it was released here.
+    (``expired``, ``preempted``) or it was released here. ``assigned`` and ``env``
+    say what a worker runs on (see ``resd_client.env``).
     """
 
     def __init__(self, client: Client, info: ReservationInfo) -> None:
@@ -123,9 +126,32 @@ class Lease:
         self.preempt_deadline: float | None = None
         self.on_event: Callable[[Any], None] | None = None
 
+    @classmethod
+    def track(cls, client: Client, info: ReservationInfo) -> Lease:
+        """A lease for ``info``, granted by a raw ``client.call("reserve", ...)``,
+        registered so that the daemon's pushes about it reach it."""
+        lease = cls(client, info)
+        client._leases[info.id] = lease
+        return lease
+
     @property
     def id(self) -> str:
         return self.info.id
+
+    @property
+    def assigned(self) -> dict[str, list[str] | list[list[int]]]:
+        """Assigned set members and range values: ``{"gpu": ["0", "3"], "ports": [[30000, 30009]]}``."""
+        return _assigned(self.info)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables for a worker: ``CUDA_VISIBLE_DEVICES`` by GPU index,
+        ``RESD_RESERVATION_ID``, ``RESD_GPUS``, ``RESD_CPU``, ... (``resd_client.env``)."""
+        return lease_env(self.info)
+
+    def environment(self, gpu_ids: GpuIds = "index") -> dict[str, str]:
+        """Like ``env``; ``gpu_ids="uuid"`` gives ``CUDA_VISIBLE_DEVICES`` as GPU UUIDs."""
+        return lease_env(self.info, gpu_ids)
 
     def release(self) -> None:
         """Release now; a lease that is already gone is left alone."""
