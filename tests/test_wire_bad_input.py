@@ -40,6 +40,26 @@ POOL = {
 }
 TENANT = {"name": "t", "priority": 5}
 HOLD = {"pool": "p", "tenant": "t", "resources": {"cpu": 1000}, "ttl": 3600.0, "label": "held"}
+GIB = 1 << 30
+# a pool with a GPU set (members with VRAM and labels) and a range, for members & co.
+GPU_POOL = {
+    "name": "g",
+    "resources": {
+        "cpu": {"capacity": 8000},
+        "gpu": {
+            "kind": "set",
+            "members": [
+                {"name": str(i), "capacity": 80 * GIB, "labels": {"model": "H100", "numa": "0"}}
+                for i in range(2)
+            ],
+        },
+        "ports": {"kind": "range", "lo": 100, "hi": 199},
+    },
+    "labels": {"zone": "a"},
+    "max_per_tenant": 0,
+}
+GPU_HOLD = {"pool": "g", "tenant": "t", "resources": {"vram": 20 * GIB}, "label": "slice"}
+G_RESERVE = {"pool": "g", "tenant": "t", "resources": {"gpu": 1}}
 RESERVE = {"pool": "p", "tenant": "t", "resources": {"cpu": 1000}}
 POOL_CREATE = {"name": "q", "resources": {"cpu": {"capacity": 4000}}}
 UNKNOWN_ID = "r-0123456789ab"
@@ -47,11 +67,14 @@ RID = "$RID"  # replaced by the id of the baseline reservation
 
 
 async def baseline(socket: str) -> tuple[WireClient, str]:
-    """A greeted connection to a daemon holding one pool, one tenant, one reservation."""
+    """A greeted connection to a daemon holding two pools, one tenant and two
+    reservations (the id returned is the one in pool ``p``)."""
     c = await WireClient.connect(socket)
     await c.ok("pool.create", POOL)
+    await c.ok("pool.create", GPU_POOL)
     await c.ok("tenant.add", TENANT)
     held = await c.ok("reserve", HOLD)
+    await c.ok("reserve", GPU_HOLD)
     return c, held["id"]
 
 
@@ -187,6 +210,7 @@ WRONG: dict[str, dict[str, Any]] = {
     "float": {"bool": True, "str": "1", "list": [], "map": {}},
     "bool": {"int": 1, "str": "true", "list": [], "map": {}},
     "literal": {"list": [], "map": {}, "bool": True, "int": 7, "unknown": "bogus"},
+    "list": {"map": {}, "str": "ports", "bool": True, "int": 7, "float": 1.5},
 }
 # field -> (kind, nullable, required)
 RESERVE_FIELDS = {
@@ -197,6 +221,11 @@ RESERVE_FIELDS = {
     "binding": ("literal", False, False),
     "label": ("str", False, False),
     "reclaimable": ("bool", False, False),
+    "members": ("map", False, False),
+    "contiguous": ("list", False, False),
+    "constraints": ("map", False, False),
+    "selector": ("map", False, False),
+    "placement": ("literal", True, False),
 }
 POOL_CREATE_FIELDS = {
     "name": ("str", False, True),
@@ -543,6 +572,232 @@ add(
 )
 add("reserve vram without gpus", "reserve", with_(RESERVE, resources={"vram": 1 << 30}), "vram")
 
+# members, contiguous, constraints, selector, placement (pool g: gpu set 0-1, ports 100-199)
+for _what, _value in {
+    "list of str": {"gpu": "0"},
+    "int member": {"gpu": [0]},
+    "nil member": {"gpu": [None]},
+    "bin member": {"gpu": [b"0"]},
+    "nested list": {"gpu": [["0"]]},
+    "nil list": {"gpu": None},
+}.items():
+    add(f"reserve members {_what}", "reserve", with_(G_RESERVE, members=_value), "args.members")
+for _what, _member in {
+    "empty": "",
+    "space": "0 1",
+    "slash": "gpu/0",
+    "leading dash": "-0",
+    "65 chars": "a" * 65,
+    "non-ascii": "gpü",
+    "trailing newline": "0\n",
+    "nul": "0\x00",
+}.items():
+    add(
+        f"reserve member name {_what}",
+        "reserve",
+        without(with_(G_RESERVE, members={"gpu": [_member]}), "resources"),
+        "members.gpu",
+    )
+add(
+    "reserve members empty list",
+    "reserve",
+    with_(G_RESERVE, members={"gpu": []}),
+    "members.gpu",
+)
+add(
+    "reserve 4097 members",
+    "reserve",
+    with_(G_RESERVE, resources={}, members={"ports": [str(100 + i % 100) for i in range(4097)]}),
+    "members.ports",
+)
+add(
+    "reserve members resource name 'GPU'",
+    "reserve",
+    with_(G_RESERVE, resources={}, members={"GPU": ["0"]}),
+    "resource",
+)
+add(
+    "reserve unknown gpu member",
+    "reserve",
+    with_(G_RESERVE, resources={}, members={"gpu": ["0", "7"]}),
+    "7",
+)
+add(
+    "reserve members of a resource the pool lacks",
+    "reserve",
+    with_(G_RESERVE, resources={}, members={"disks": ["nvme0"]}),
+    "disks",
+)
+add(
+    "reserve members of a scalar",
+    "reserve",
+    with_(G_RESERVE, resources={}, members={"cpu": ["1"]}),
+    "scalar",
+)
+add(
+    "reserve gpu=2 naming one member",
+    "reserve",
+    with_(G_RESERVE, resources={"gpu": 2}, members={"gpu": ["0"]}),
+    "named 1",
+)
+for _what, _values in {
+    "below lo": ["99"],
+    "above hi": ["200"],
+    "span past hi": ["150-250"],
+    "backwards": ["150-140"],
+    "overlapping": ["100-110", "105"],
+    "not a number": ["abc"],
+    "negative": ["-5"],
+}.items():
+    add(
+        f"reserve ports {_what}",
+        "reserve",
+        with_(G_RESERVE, resources={}, members={"ports": _values}),
+        "members.ports",
+    )
+add(
+    "reserve contiguous unrequested",
+    "reserve",
+    with_(G_RESERVE, contiguous=["ports"]),
+    "contiguous",
+)
+add(
+    "reserve contiguous of a set",
+    "reserve",
+    with_(G_RESERVE, contiguous=["gpu"]),
+    "contiguous",
+)
+add(
+    "reserve contiguous of a scalar",
+    "reserve",
+    with_(G_RESERVE, resources={"cpu": 1000}, contiguous=["cpu"]),
+    "contiguous",
+)
+add(
+    "reserve contiguous int",
+    "reserve",
+    with_(G_RESERVE, resources={"ports": 2}, contiguous=[7]),
+    "args.contiguous",
+)
+add(
+    "reserve contiguous bad name",
+    "reserve",
+    with_(G_RESERVE, resources={"ports": 2}, contiguous=["Ports"]),
+    "resource",
+)
+add(
+    "reserve constraints without set resource",
+    "reserve",
+    with_(G_RESERVE, resources={"cpu": 1000}, constraints={"model": "H100"}),
+    "constraints",
+)
+add(
+    "reserve constraint value int",
+    "reserve",
+    with_(G_RESERVE, constraints={"model": 100}),
+    "args.constraints",
+)
+add(
+    "reserve constraint value 257 chars",
+    "reserve",
+    with_(G_RESERVE, constraints={"model": "x" * 257}),
+    "constraints.model",
+)
+add(
+    "reserve 65 constraints",
+    "reserve",
+    with_(G_RESERVE, constraints={f"k{i}": "v" for i in range(65)}),
+    "constraints",
+)
+add(
+    "reserve selector value list",
+    "reserve",
+    without(with_(G_RESERVE, selector={"zone": ["a"]}), "pool"),
+    "args.selector",
+)
+add(
+    "reserve 65 selector labels",
+    "reserve",
+    without(with_(G_RESERVE, selector={f"k{i}": "v" for i in range(65)}), "pool"),
+    "selector",
+)
+add(
+    "reserve selector value 257 chars",
+    "reserve",
+    without(with_(G_RESERVE, selector={"zone": "a" * 257}), "pool"),
+    "selector.zone",
+)
+add(
+    "reserve pool g and selector",
+    "reserve",
+    with_(G_RESERVE, selector={"zone": "a"}),
+    "selector",
+)
+add(
+    "reserve selector matching no pool",
+    "reserve",
+    without(with_(G_RESERVE, selector={"zone": "nowhere"}), "pool"),
+    "nowhere",
+    codes=("not_found",),
+)
+add(
+    "reserve selector, pool lacks the resource",
+    "reserve",
+    without(with_(G_RESERVE, resources={"licenses": 1}, selector={"zone": "a"}), "pool"),
+    "licenses",
+)
+for _what, _name in BAD_NAMES.items():
+    add(
+        f"reserve selector key {_what}",
+        "reserve",
+        without(with_(G_RESERVE, selector={_name: "a"}), "pool"),
+        "selector key",
+    )
+    add(
+        f"reserve constraint key {_what}",
+        "reserve",
+        with_(G_RESERVE, constraints={_name: "H100"}),
+        "constraints key",
+    )
+for _what, _placement in {
+    "unknown": "fullest",
+    "upper case": "BINPACK",
+    "empty": "",
+    "dashed": "least-used",
+}.items():
+    add(
+        f"reserve placement {_what}",
+        "reserve",
+        with_(G_RESERVE, placement=_placement),
+        "args.placement",
+    )
+add(
+    "reserve gpu and vram in a gpu pool",
+    "reserve",
+    with_(G_RESERVE, resources={"gpu": 1, "vram": 20 * GIB}),
+    "vram",
+)
+add(
+    "reserve gpu 0 without members",
+    "reserve",
+    with_(G_RESERVE, resources={"gpu": 0}),
+    "resources.gpu",
+)
+add(
+    "reserve vram negative",
+    "reserve",
+    with_(G_RESERVE, resources={"vram": -(20 * GIB)}),
+    "resources.vram",
+)
+
+# A zero amount beside named members. Reserve.check lets zeros through once any
+# members are named, so the daemon grants ``cpu: 0`` and answers ``ports: 0`` with
+# ``insufficient`` (shortfall -100). Kept out of CASES until that is fixed.
+ZERO_BESIDE_MEMBERS = {
+    "cpu 0 with gpu members": with_(G_RESERVE, resources={"cpu": 0}, members={"gpu": ["1"]}),
+    "ports 0 with gpu members": with_(G_RESERVE, resources={"ports": 0}, members={"gpu": ["1"]}),
+}
+
 
 def deep_envelope(field: str) -> Callable[[int], bytes]:
     def build(i: int) -> bytes:
@@ -664,6 +919,17 @@ async def test_bad_input_is_refused_and_changes_nothing(inproc: InProcess, case:
     assert_unchanged(before, await state(c), case.name)
     fresh = await WireClient.connect(inproc.socket)
     assert_unchanged(before, await state(fresh))
+
+
+@pytest.mark.parametrize("args", ZERO_BESIDE_MEMBERS.values(), ids=ZERO_BESIDE_MEMBERS.keys())
+async def test_zero_amount_beside_members_is_invalid(
+    inproc: InProcess, args: dict[str, Any]
+) -> None:
+    c, _ = await baseline(inproc.socket)
+    before = await state(c)
+    reply = await c.request("reserve", args)
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid", reply
+    assert_unchanged(before, await state(c))
 
 
 async def stream_all_cases(c: WireClient, held: str) -> list[str]:

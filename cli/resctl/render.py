@@ -22,6 +22,9 @@ from rich.text import Text
 
 from resctl.options import group_name, resource_order, user_name
 from resd_client.protocol import (
+    Allocation,
+    GpuStatus,
+    HostResources,
     PoolInfo,
     ReservationInfo,
     ResourceUsage,
@@ -166,12 +169,19 @@ def bar_colour(allocated: int, effective: int, available: int) -> str:
 
 def usage_bar(usage: ResourceUsage, *, plain: bool, width: int = BAR_WIDTH) -> Text:
     """``████░░░░ 40%`` coloured by ``bar_colour``; ``[####....]  40%`` when plain."""
-    pct = percent(usage.allocated, usage.effective)
+    return fill_bar(usage.allocated, usage.effective, usage.available, plain=plain, width=width)
+
+
+def fill_bar(
+    allocated: int, effective: int, available: int, *, plain: bool, width: int = BAR_WIDTH
+) -> Text:
+    """The utilization bar of ``allocated`` out of ``effective`` (see ``usage_bar``)."""
+    pct = percent(allocated, effective)
     filled = min(width, max(0, round(pct * width / 100)))
     label = f" {math.floor(pct):3d}%"
     if plain:
         return Text("[" + "#" * filled + "." * (width - filled) + "]" + label)
-    colour = bar_colour(usage.allocated, usage.effective, usage.available)
+    colour = bar_colour(allocated, effective, available)
     text = Text()
     text.append("█" * filled, style=colour)
     text.append("░" * (width - filled), style="dim")
@@ -232,6 +242,131 @@ def resources_table(pool: PoolInfo, *, plain: bool) -> Table:
             usage_bar(usage, plain=plain),
         )
     return table
+
+
+def host_resources_table(view: HostResources, *, plain: bool) -> Table:
+    """hypeman's per-resource status: capacity, oversub ratio, effective limit, usage, source."""
+    table = make_table(
+        "resource",
+        "capacity",
+        "ratio",
+        "effective",
+        "allocated",
+        "available",
+        "source",
+        "usage",
+        plain=plain,
+    )
+    for name in sorted(view.resources, key=resource_order):
+        s = view.resources[name]
+        table.add_row(
+            name,
+            render_quantity(name, s.capacity),
+            f"{s.oversub_ratio:g}",
+            render_quantity(name, s.effective_limit),
+            render_quantity(name, s.allocated),
+            render_quantity(name, s.available),
+            s.source,
+            fill_bar(s.allocated, s.effective_limit, s.available, plain=plain),
+        )
+    return table
+
+
+def gpu_holders(view: HostResources) -> dict[str, list[Allocation]]:
+    """GPU name → the allocations on it (whole or a VRAM slice), oldest first."""
+    held: dict[str, list[Allocation]] = {}
+    for a in view.allocations:
+        for gpu in a.gpus:
+            held.setdefault(gpu, []).append(a)
+    return held
+
+
+def _holder(a: Allocation) -> str:
+    if a.vram_bytes:
+        return f"{a.reservation_id} ({a.tenant}, {render_quantity('vram', a.vram_bytes)})"
+    return f"{a.reservation_id} ({a.tenant})"
+
+
+def _gpu_bar(g: GpuStatus, *, plain: bool) -> Text:
+    if g.memory_bytes > 0:
+        return fill_bar(
+            g.vram_allocated, g.memory_bytes, g.memory_bytes - g.vram_allocated, plain=plain
+        )
+    busy = 1 if g.whole or g.holders else 0
+    return fill_bar(busy, 1, 1 - busy, plain=plain)
+
+
+def gpus_table(view: HostResources, *, plain: bool) -> Table:
+    """One row per GPU: model, NUMA node, memory, VRAM in use, and who holds it."""
+    held = gpu_holders(view)
+    table = make_table(
+        "gpu", "model", "numa", "memory", "allocated", "usage", "held", "holders", plain=plain
+    )
+    for g in view.gpus:
+        mine = held.get(g.name, [])
+        state = "whole" if g.whole else "free"
+        if not g.whole and g.holders:
+            state = f"{g.holders} slice" + ("s" if g.holders > 1 else "")
+        table.add_row(
+            g.name,
+            g.model or "-",
+            g.numa or "-",
+            render_quantity("vram", g.memory_bytes) if g.memory_bytes else "-",
+            render_quantity("vram", g.vram_allocated) if g.memory_bytes else "-",
+            _gpu_bar(g, plain=plain),
+            state,
+            ", ".join(_holder(a) for a in mine) or "-",
+        )
+    return table
+
+
+def allocation_amounts(a: Allocation) -> dict[str, int]:
+    """An allocation's non-zero amounts by resource name (``gpu`` = whole GPUs held)."""
+    whole = 0 if a.vram_bytes else len(a.gpus)
+    named = {
+        "cpu": a.cpu,
+        "memory": a.memory_bytes,
+        "gpu": whole,
+        "vram": a.vram_bytes,
+        "disk": a.disk_bytes,
+        "net": a.network_bps,
+        "disk_io": a.disk_io_bps,
+        **a.other,
+    }
+    return {name: amount for name, amount in named.items() if amount}
+
+
+def allocations_table(view: HostResources, *, plain: bool) -> Table:
+    """hypeman's allocation breakdown: one row per active reservation."""
+    table = make_table("id", "tenant", "label", "resources", "gpus", plain=plain)
+    for a in view.allocations:
+        table.add_row(
+            a.reservation_id,
+            a.tenant,
+            a.name or "-",
+            amounts(allocation_amounts(a)),
+            ",".join(a.gpus) or "-",
+        )
+    return table
+
+
+def host_resources_view(view: HostResources, *, plain: bool) -> Group:
+    """``resctl resources``: the pool's resources, then its GPUs, then its allocations."""
+    heading = "" if plain else "bold"
+    parts: list[RenderableType] = [
+        Text(f"pool {view.pool}", style=heading),
+        host_resources_table(view, plain=plain),
+    ]
+    if view.gpus:
+        parts += [Text(""), Text(f"GPUs ({len(view.gpus)})", style=heading)]
+        parts.append(gpus_table(view, plain=plain))
+    parts.append(Text(""))
+    if view.allocations:
+        parts.append(Text(f"allocations ({len(view.allocations)})", style=heading))
+        parts.append(allocations_table(view, plain=plain))
+    else:
+        parts.append(Text("no allocations"))
+    return Group(*parts)
 
 
 def pools_table(pools: Sequence[PoolInfo], *, plain: bool) -> Table:

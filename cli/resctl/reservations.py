@@ -7,7 +7,6 @@ import time
 from typing import Annotated
 
 import typer
-from rich.text import Text
 
 from resctl.options import (
     ContiguousOpt,
@@ -29,14 +28,11 @@ from resctl.options import (
     parse_duration,
     reserve_fields,
 )
-from resctl.render import reservation_line, reservations_table, resources_table
+from resctl.render import host_resources_view, reservation_line, reservations_table
 from resctl.session import Output, connect, guard
 from resd_client.protocol import (
-    Empty,
+    HostResources,
     ListReservations,
-    PoolInfo,
-    PoolList,
-    PoolName,
     Preempt,
     Preempted,
     Renew,
@@ -44,6 +40,7 @@ from resd_client.protocol import (
     ReservationList,
     ReservationRef,
     Reserve,
+    ResourcesOf,
 )
 
 TenantOpt = Annotated[
@@ -216,44 +213,21 @@ def list_(
             out.line("no active reservations")
 
 
+ResourcesPoolOpt = Annotated[
+    str | None,
+    typer.Option("--pool", metavar="POOL", help="The pool to show (default: host)."),
+]
+
+
 def resources(
-    pool: PoolFilterOpt = None, json_out: JsonOpt = False, socket: SocketOpt = None
+    pool: ResourcesPoolOpt = None, json_out: JsonOpt = False, socket: SocketOpt = None
 ) -> None:
-    """Per pool: capacity, ratio, effective limit, allocated, available, and allocations."""
+    """hypeman's GET /resources for one pool: per resource capacity, effective limit,
+    allocated and available, then its GPUs and allocations."""
     out = Output(json_out)
     with guard(out):
-        name_args = None if pool is None else build(PoolName, {"name": pool})
+        args = build(ResourcesOf, {"pool": pool})
         with connect(socket) as client:
-            pools: list[PoolInfo]
-            if name_args is None:
-                listed: PoolList = client.call("pool.list", Empty())
-                pools = listed.pools
-            else:
-                pools = [client.call("pool.show", name_args)]
-            held: ReservationList = client.call("list", ListReservations(pool=pool))
-        now = time.time()
-        if out.json:
-            out.emit(
-                {
-                    "pools": [
-                        {
-                            "pool": p,
-                            "allocations": [r for r in held.reservations if r.pool == p.name],
-                        }
-                        for p in pools
-                    ]
-                }
-            )
-            return
-        for i, p in enumerate(pools):
-            if i:
-                out.line("")
-            out.show(Text(f"pool {p.name}", style="" if out.plain else "bold"))
-            out.show(resources_table(p, plain=out.plain))
-            mine = [r for r in held.reservations if r.pool == p.name]
-            if mine:
-                out.show(reservations_table(mine, now, plain=out.plain))
-            else:
-                out.line("no allocations")
-        if not pools:
-            out.line("no pools")
+            view: HostResources = client.call("resources", args)
+        out.emit(view)
+        out.show(host_resources_view(view, plain=out.plain))
