@@ -103,6 +103,8 @@ def parse_values(texts: Iterable[str]) -> list[Interval]:
     out: list[Interval] = []
     for text in texts:
         lo_text, sep, hi_text = text.strip().partition("-")
+        if not lo_text.isdigit() or (sep and not hi_text.isdigit()):
+            raise ValueError(f"{text!r} is not a value like 30001 or a range like 30005-30009")
         lo = int(lo_text)
         hi = int(hi_text) if sep else lo
         if lo > hi:

@@ -44,10 +44,13 @@ MAX_GRACE: Final = 86400.0
 MAX_PRIORITY: Final = 10
 MIN_PRIORITY: Final = 1
 
-Binding = Literal["detached", "session"]
+Binding = Literal["detached", "session", "pid"]
 Preemption = Literal["off", "lower_priority"]
 Placement = Literal["binpack", "spread", "least_used"]
-ReservationState = Literal["active", "terminating", "released", "expired", "preempted"]
+ReservationState = Literal[
+    "pending", "active", "terminating", "released", "expired", "preempted", "cancelled"
+]
+MAX_WAIT: Final = 30 * 86400.0
 
 
 # --------------------------------------------------------------------------- framing
@@ -316,12 +319,15 @@ def check_label(value: str) -> None:
         raise InvalidError(f"label is longer than {MAX_LABEL} characters", {"field": "label"})
 
 
-def check_labels(labels: dict[str, str]) -> None:
+def check_labels(labels: dict[str, str], what: str = "labels") -> None:
     if len(labels) > 64:
-        raise InvalidError("at most 64 labels", {"field": "labels"})
+        raise InvalidError(f"{what}: at most 64 labels", {"field": what})
     for k, v in labels.items():
-        check_name("label key", k)
-        check_label(v)
+        check_name(f"{what} key", k)
+        if len(v) > MAX_LABEL:
+            raise InvalidError(
+                f"{what}.{k}: longer than {MAX_LABEL} characters", {"field": f"{what}.{k}"}
+            )
 
 
 def check_ratio(name: str, ratio: float) -> None:
@@ -344,6 +350,21 @@ def check_max_per_tenant(value: int) -> None:
         raise InvalidError(
             f"max_per_tenant must be 0 (unlimited) or a positive count, got {value}",
             {"field": "max_per_tenant", "value": value},
+        )
+
+
+def check_wait(what: str, value: float | None) -> None:
+    if value is not None and not 0 <= value <= MAX_WAIT:
+        raise InvalidError(
+            f"{what} {value:g} is not valid: use 0 to {MAX_WAIT:g} seconds",
+            {"field": what, "value": value},
+        )
+
+
+def check_pid(value: int | None) -> None:
+    if value is not None and not 1 <= value < 2**22:
+        raise InvalidError(
+            f"pid {value} is not a valid process id", {"field": "pid", "value": value}
         )
 
 
@@ -611,13 +632,37 @@ class Reserve:
     constraints: dict[str, str] = field(default_factory=dict)
     selector: dict[str, str] = field(default_factory=dict)
     placement: Placement | None = None
+    wait: bool = False
+    timeout: float | None = None
+    deadline: float | None = None
+    pid: int | None = None
 
     def check(self) -> None:
         if self.pool is not None:
             check_name("pool", self.pool)
         if self.tenant is not None:
             check_name("tenant", self.tenant)
-        check_amounts(self.resources, allow_zero=bool(self.members))
+        # A resource named in ``members`` may leave its count at 0 (the names say it);
+        # every other amount must be positive.
+        counted = {k: v for k, v in self.resources.items() if k not in self.members}
+        if counted or not self.members:
+            check_amounts(counted, allow_zero=False)
+        check_amounts(
+            {k: v for k, v in self.resources.items() if k in self.members}, allow_zero=True
+        )
+        check_wait("timeout", self.timeout)
+        if self.timeout is not None and not self.wait:
+            raise InvalidError(
+                "timeout: only a waiting request (wait) has one", {"field": "timeout"}
+            )
+        if self.deadline is not None and not 0 < self.deadline < 2**33:
+            raise InvalidError(
+                "deadline: give a Unix time in seconds",
+                {"field": "deadline", "value": self.deadline},
+            )
+        check_pid(self.pid)
+        if self.pid is not None and self.binding != "pid":
+            raise InvalidError("pid: only a pid binding names a process", {"field": "pid"})
         if not self.resources and not self.members:
             raise InvalidError(
                 "resources: ask for at least one resource (e.g. cpu, memory, gpu)",
@@ -639,8 +684,8 @@ class Reserve:
                 "ask for whole GPUs (gpu) or a slice of one (vram), not both",
                 {"field": "resources"},
             )
-        check_labels(self.constraints)
-        check_labels(self.selector)
+        check_labels(self.constraints, "constraints")
+        check_labels(self.selector, "selector")
         if self.pool is not None and self.selector:
             raise InvalidError("give a pool or a label selector, not both", {"field": "selector"})
         check_ttl(self.ttl)
@@ -694,14 +739,30 @@ class Preempt:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ListReservations:
+    """Active reservations, or with ``pending`` the queued requests in queue order."""
+
     pool: str | None = None
     tenant: str | None = None
+    pending: bool = False
 
     def check(self) -> None:
         if self.pool is not None:
             check_name("pool", self.pool)
         if self.tenant is not None:
             check_name("tenant", self.tenant)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """Dry run of ``request`` at ``priority`` (default: its tenant's): would it fit,
+    wait, or evict whom? Changes nothing."""
+
+    request: Reserve
+    priority: int | None = None
+
+    def check(self) -> None:
+        if self.priority is not None:
+            check_priority(self.priority)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -753,6 +814,8 @@ OPS: Final[dict[str, type]] = {
     "export": Export,
     "subscribe": Subscribe,
     "resources": ResourcesOf,
+    "why": ReservationRef,
+    "plan": Plan,
 }
 
 
@@ -841,6 +904,11 @@ class ReservationInfo:
     members: dict[str, list[str]] = field(default_factory=dict)
     values: dict[str, list[list[int]]] = field(default_factory=dict)
     devices: list[dict[str, str]] = field(default_factory=list)
+    priority: int = 0
+    pid: int | None = None
+    #: for a ``pending`` request: its place in the queue (1 = head) and why it waits
+    position: int = 0
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -952,6 +1020,35 @@ class Preempted:
     reservations: list[ReservationInfo]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaitInfo:
+    """Why a request waits: ``reason`` is ``resources`` (``details.resources`` has the
+    per-resource shortfall, or ``details.held_for`` the waiter ahead that needs the
+    same resources), ``conflict``, ``preemption_pending`` (``details.victims``) or
+    ``none`` (it is not waiting; ``state`` says what it is)."""
+
+    id: str
+    state: str
+    position: int
+    queued: int
+    reason: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanResult:
+    """``fits``: granted at once; ``wait``: would queue; ``preempt``: would evict
+    ``victims`` (after ``grace`` seconds); ``never``: cannot fit even so."""
+
+    outcome: Literal["fits", "wait", "preempt", "never"]
+    pool: str
+    message: str
+    victims: list[ReservationInfo] = field(default_factory=list)
+    grace: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 #: op name → result type; the client decodes replies through this.
 RESULTS: Final[dict[str, type]] = {
     "hello": HelloResult,
@@ -974,6 +1071,8 @@ RESULTS: Final[dict[str, type]] = {
     "export": History,
     "subscribe": Status,
     "resources": HostResources,
+    "why": WaitInfo,
+    "plan": PlanResult,
 }
 
 
@@ -993,6 +1092,32 @@ class PreemptedEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class GrantedEvent:
+    """A waiting request was granted; ``reservation`` is now active."""
+
+    reservation: ReservationInfo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeniedEvent:
+    """A waiting request left the queue ungranted (timeout, pool gone, cancelled);
+    ``error`` is a wire error map (code, message, details)."""
+
+    reservation_id: str
+    error: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReclaimEvent:
+    """A reclaimable lease is asked to give its resources back by ``deadline``;
+    releasing in time ends it as ``released``, not ``preempted``."""
+
+    reservation: ReservationInfo
+    by: str
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StateEvent:
     """Pools after a change; pushed to ``subscribe``rs, coalesced per actor turn."""
 
@@ -1003,6 +1128,9 @@ class StateEvent:
 
 #: event name → push type.
 EVENTS: Final[dict[str, type]] = {
+    "granted": GrantedEvent,
+    "denied": DeniedEvent,
+    "reclaim": ReclaimEvent,
     "expired": ExpiredEvent,
     "preempted": PreemptedEvent,
     "state": StateEvent,
