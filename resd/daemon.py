@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from resd import messages as m
+from resd.announcer import Announcer
 from resd.config import Config
 from resd.discovery import discover, host_pool_resources
 from resd.inventory import HostInventory
@@ -34,6 +35,7 @@ from resd.journal import Journal
 from resd.ops import Services
 from resd.pool_actor import PoolActor
 from resd.pools import PoolBook
+from resd.procwatch import ProcessWatcher
 from resd.records import decode
 from resd.registry import TenantRegistry
 from resd.sdnotify import activated_socket, notify
@@ -184,6 +186,7 @@ class Daemon:
         journal = Journal(cfg.state_path, cfg.fsync)  # type: ignore[arg-type]
         pool_book, tenant_book, fresh = self._recover(journal)
         reaper, arbiter = Reaper(self.wall), Arbiter(self.wall)
+        announcer, watcher = Announcer(journal), ProcessWatcher()
         pools = PoolActor(
             pool_book,
             journal,
@@ -192,8 +195,10 @@ class Daemon:
             arbiter,
             snapshot_every=cfg.snapshot_every,
             snapshot_due=lambda: self._snapshot_wanted.set(),
+            announcer=announcer,
+            watcher=watcher,
         )
-        reaper.pool_actor = arbiter.pool_actor = pools
+        reaper.pool_actor = arbiter.pool_actor = watcher.pool_actor = pools
         tenants = TenantRegistry(tenant_book, journal, self.wall)
         self.journal, self.pools, self.tenants = journal, pools, tenants
         started_at = self.wall()
@@ -221,7 +226,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 journal_scope, journal_done = trio.CancelScope(), trio.Event()
                 await nursery.start(self._run_journal, journal, journal_scope, journal_done)
-                for actor in (reaper, arbiter, pools, tenants):
+                for actor in (reaper, arbiter, pools, tenants, announcer, watcher):
                     await nursery.start(actor.run)
                 lsn = pools.recover_effects()
                 if lsn:

@@ -53,6 +53,8 @@ class DoReserve:
     peer: Peer
     session: str
     outbox: Outbox | None = attrs.field(eq=False, default=None)
+    #: ``pid`` binding: the process and its start time, checked by the caller
+    pid: tuple[int, float] | None = None
 
 
 @attrs.frozen
@@ -94,6 +96,29 @@ class PreemptTenant:
 
 
 @attrs.frozen
+class ProcessExited:
+    """From the process watcher: ``id``'s bound process ``pid`` (started at
+    ``start``) is gone."""
+
+    id: str
+    pid: int
+    start: float
+
+
+@attrs.frozen
+class WhyWaiting:
+    id: str
+
+
+@attrs.frozen
+class PlanRequest:
+    """Dry run of ``args`` for ``tenant`` (whose priority may be overridden)."""
+
+    args: Reserve
+    tenant: Tenant
+
+
+@attrs.frozen
 class FinishGrace:
     """From the arbiter: ``id``'s grace period is over."""
 
@@ -109,6 +134,7 @@ class SessionClosed:
 class ListActive:
     pool: str | None = None
     tenant: str | None = None
+    pending: bool = False
 
 
 @attrs.frozen
@@ -157,6 +183,14 @@ class Resolve:
 
 
 @attrs.frozen
+class PeekTenant:
+    """Like ``Resolve`` but never creates the caller's tenant (dry runs)."""
+
+    name: str | None
+    peer: Peer
+
+
+@attrs.frozen
 class AddTenant:
     args: TenantAdd
     peer: Peer
@@ -197,4 +231,21 @@ class Schedule:
 
 @attrs.frozen
 class Cancel:
+    id: str
+
+
+# ------------------------------------------------------- to the process watcher
+
+
+@attrs.frozen
+class Watch:
+    """Tell the pool actor when process ``pid`` started at ``start`` exits."""
+
+    id: str
+    pid: int
+    start: float
+
+
+@attrs.frozen
+class Unwatch:
     id: str

@@ -17,10 +17,11 @@ import attrs
 from resd import messages as m
 from resd.journal import Journal
 from resd.pool_actor import PoolActor
+from resd.procwatch import process_start, process_uid
 from resd.records import Tenant
 from resd.registry import TenantRegistry
 from resd.tenants import Peer, TenantBook
-from resd_client.errors import ConflictError, ForbiddenError, InvalidError
+from resd_client.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
 from resd_client.protocol import (
     PROTOCOL_VERSION,
     Done,
@@ -31,6 +32,8 @@ from resd_client.protocol import (
     History,
     HostResources,
     ListReservations,
+    Plan,
+    PlanResult,
     PoolCreate,
     PoolDelete,
     PoolInfo,
@@ -53,6 +56,7 @@ from resd_client.protocol import (
     TenantName,
     TenantRemove,
     TenantSet,
+    WaitInfo,
 )
 
 
@@ -177,12 +181,42 @@ async def tenant_remove(svc: Services, conn: Conn, args: TenantRemove) -> Done:
     return Done(removed=active)
 
 
+def _bound_process(peer: Peer, pid: int | None) -> tuple[int, float]:
+    """The process a ``pid`` binding follows (default: the caller) and its start time.
+    Only its owner (or an admin) may bind a lease to it."""
+    pid = peer.pid if pid is None else pid
+    start = process_start(pid) if pid > 0 else None
+    if start is None:
+        raise NotFoundError(f"process {pid} does not exist", {"field": "pid", "pid": pid})
+    if not peer.admin and process_uid(pid) != peer.uid:
+        raise ForbiddenError(
+            f"process {pid} belongs to another user; bind leases only to your own processes",
+            {"field": "pid", "pid": pid},
+        )
+    return pid, start
+
+
 async def reserve(svc: Services, conn: Conn, args: Reserve) -> ReservationInfo:
     await svc.pools.ask(m.CheckReserve(args))
+    pid = _bound_process(conn.peer, args.pid) if args.binding == "pid" else None
     tenant, tenant_lsn = await svc.tenants.ask(m.Resolve(args.tenant, conn.peer))
-    info, lsn = await svc.pools.ask(m.DoReserve(args, tenant, conn.peer, conn.id, conn.outbox))
+    info, lsn = await svc.pools.ask(m.DoReserve(args, tenant, conn.peer, conn.id, conn.outbox, pid))
     await _durable(svc, tenant_lsn, lsn)
     result: ReservationInfo = info
+    return result
+
+
+async def why(svc: Services, conn: Conn, args: ReservationRef) -> WaitInfo:
+    info: WaitInfo = await svc.pools.ask(m.WhyWaiting(args.id))
+    return info
+
+
+async def plan(svc: Services, conn: Conn, args: Plan) -> PlanResult:
+    await svc.pools.ask(m.CheckReserve(args.request))
+    tenant: Tenant = await svc.tenants.ask(m.PeekTenant(args.request.tenant, conn.peer))
+    if args.priority is not None:
+        tenant = attrs.evolve(tenant, priority=args.priority)
+    result: PlanResult = await svc.pools.ask(m.PlanRequest(args.request, tenant))
     return result
 
 
@@ -233,7 +267,9 @@ async def preempt(svc: Services, conn: Conn, args: Preempt) -> Preempted:
 
 
 async def list_reservations(svc: Services, conn: Conn, args: ListReservations) -> ReservationList:
-    return ReservationList(reservations=await svc.pools.ask(m.ListActive(args.pool, args.tenant)))
+    return ReservationList(
+        reservations=await svc.pools.ask(m.ListActive(args.pool, args.tenant, args.pending))
+    )
 
 
 async def status(svc: Services, conn: Conn, args: Empty) -> Status:
@@ -285,4 +321,6 @@ HANDLERS: Final[dict[str, Handler]] = {
     "export": export,
     "subscribe": subscribe,
     "resources": resources,
+    "why": why,
+    "plan": plan,
 }

@@ -1,14 +1,25 @@
-"""The pool actor: sole owner of the pool book, and of who to tell about it.
+"""The pool actor: sole owner of the pool book and the wait queue, and of who to
+tell about them.
 
 Every mutation is one synchronous step: decide events with the book, apply them,
 append them to the journal, then derive the side effects (timers for the reaper
-and arbiter, pushes to holders, a fresh ``state`` for subscribers). The reply
-carries the journal sequence number the caller must await before answering its
-client, so acknowledgement follows durability while the actor moves on.
+and arbiter, process watches, pushes to holders, a fresh ``state`` for
+subscribers). The reply carries the journal sequence number the caller must await
+before answering its client, so acknowledgement follows durability while the
+actor moves on; pushes wait for durability in the announcer.
+
+Waiting (SPEC §4): a request that does not fit and may wait joins the queue. After
+any batch that freed something a waiter touches, one pass walks the queue in rank
+order: each waiter is granted if it fits; if not, what it needs is held back from
+every waiter ranked below it (so a stream of small requests cannot starve a large
+one), and in a pool with ``preemption = lower_priority`` the arbiter's choice of
+victims is evicted for it. A waiter that conflicts only with its own tenant's
+holdings (``max_per_tenant``) holds nothing back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,7 +27,9 @@ from typing import Any
 import structlog
 import trio
 
+from resd import preemption
 from resd.actor import Actor
+from resd.announcer import Announcer, send_now
 from resd.journal import Journal
 from resd.messages import (
     Cancel,
@@ -34,7 +47,9 @@ from resd.messages import (
     ListActive,
     ListPools,
     Outbox,
+    PlanRequest,
     PreemptTenant,
+    ProcessExited,
     ReleaseTenant,
     Schedule,
     SessionClosed,
@@ -44,6 +59,9 @@ from resd.messages import (
     Subscribe,
     TakeSnapshot,
     Unsubscribe,
+    Unwatch,
+    Watch,
+    WhyWaiting,
 )
 from resd.pools import PoolBook, denial_error
 from resd.records import (
@@ -56,14 +74,27 @@ from resd.records import (
     Terminating,
     encode,
 )
+from resd.waiting import Waiter, WaitQueue, touched
+from resd_client.errors import (
+    ConflictError,
+    ErrorCode,
+    InsufficientError,
+    ResdError,
+    TimeoutError_,
+)
 from resd_client.protocol import (
+    DeniedEvent,
     Done,
     ExpiredEvent,
+    GrantedEvent,
     HistoryEvent,
+    PlanResult,
     PoolInfo,
     PreemptedEvent,
+    ReclaimEvent,
     ReservationInfo,
     StateEvent,
+    WaitInfo,
     encode_frame,
     push,
 )
@@ -89,6 +120,8 @@ class PoolActor(Actor):
         new_id: Callable[[], str] = new_reservation_id,
         snapshot_every: int = 100_000,
         snapshot_due: Callable[[], None] = lambda: None,
+        announcer: Announcer | None = None,
+        watcher: Any = None,
     ) -> None:
         super().__init__()
         self.book = book
@@ -99,9 +132,17 @@ class PoolActor(Actor):
         self.new_id = new_id
         self.snapshot_every = snapshot_every
         self.snapshot_due = snapshot_due
+        self.announcer = announcer
+        #: tells the process watcher (``Watch``/``Unwatch``); None: pid bindings are
+        #: recorded but not watched (unit tests)
+        self.watcher = watcher
         self.holders: dict[str, Outbox] = {}
         self.subscribers: set[Outbox] = set()
+        self.queue = WaitQueue()
         self._dirty = False
+        self._queue_dirty = False
+        #: the waiter whose own reserve call is being answered (gets a reply, no push)
+        self._replying: str | None = None
         self.handlers = {
             CreatePool: self._create_pool,
             SetPool: self._set_pool,
@@ -110,13 +151,18 @@ class PoolActor(Actor):
             ListPools: lambda m: self.book.pool_infos(),
             CheckReserve: lambda m: [p.name for p in self.book.check_request(m.args)],
             DoReserve: self._reserve,
-            GetReservation: lambda m: self.book.reservation(m.id).info(),
+            GetReservation: self._get,
             DoRelease: self._release,
             DoRenew: self._renew,
             Expire: lambda m: self._commit(self.book.expire(m.id, m.expires_at, self.wall())),
             PreemptTenant: self._preempt,
             FinishGrace: lambda m: self._commit(self.book.finish_grace(m.id, self.wall())),
             SessionClosed: self._session_closed,
+            ProcessExited: lambda m: self._commit(
+                self.book.process_exited(m.id, m.pid, m.start, self.wall())
+            ),
+            WhyWaiting: self._why,
+            PlanRequest: self._plan,
             ListActive: self._list,
             ExportHistory: self._export,
             ShowResources: lambda m: self.book.resources_view(m.pool),
@@ -140,6 +186,8 @@ class PoolActor(Actor):
                 self.reaper.tell(Schedule(r.id, r.expires_at))
             if r.state == "terminating" and r.deadline is not None:
                 self.arbiter.tell(Schedule(r.id, r.deadline))
+            if r.pid is not None and r.pid_start is not None and self.watcher is not None:
+                self.watcher.tell(Watch(r.id, r.pid, r.pid_start))
         return lsn
 
     # ------------------------------------------------------------- mutations
@@ -152,10 +200,16 @@ class PoolActor(Actor):
         self.book.apply(events)
         lsn = self.journal.append(DOMAIN, [encode(e) for e in events])
         for event in events:
-            self._effects(event, gone)
+            self._effects(event, gone, lsn)
+        if self.queue and any(
+            not isinstance(e, Ended | Reserved | Renewed | Terminating | Denied)
+            or (isinstance(e, Ended) and self.queue.pools[gone[e.id].pool])
+            for e in events
+        ):
+            self._queue_dirty = True
         return lsn
 
-    def _effects(self, event: PoolEvent, gone: dict[str, Reservation]) -> None:
+    def _effects(self, event: PoolEvent, gone: dict[str, Reservation], lsn: int) -> None:
         match event:
             case Reserved(reservation=r):
                 log.info(
@@ -167,20 +221,30 @@ class PoolActor(Actor):
                 )
                 if r.expires_at is not None:
                     self.reaper.tell(Schedule(r.id, r.expires_at))
+                if r.pid is not None and r.pid_start is not None and self.watcher is not None:
+                    self.watcher.tell(Watch(r.id, r.pid, r.pid_start))
                 self._dirty = True
             case Renewed(id=rid, expires_at=expires_at):
                 log.info("renewed", reservation=rid, expires_at=expires_at)
                 self.reaper.tell(Schedule(rid, expires_at))
-            case Terminating(id=rid, deadline=deadline, by=by):
-                log.info("preempting", reservation=rid, by=by, deadline=deadline)
+            case Terminating(id=rid, deadline=deadline, by=by, reclaim=reclaim):
+                log.info("preempting", reservation=rid, by=by, deadline=deadline, reclaim=reclaim)
                 self.arbiter.tell(Schedule(rid, deadline))
-                r = self.book.reservations[rid]
-                self._notify(rid, PreemptedEvent(reservation=r.info(), by=by, deadline=deadline))
+                info = self.book.reservations[rid].info()
+                self._notify(
+                    rid,
+                    ReclaimEvent(reservation=info, by=by, deadline=deadline)
+                    if reclaim
+                    else PreemptedEvent(reservation=info, by=by, deadline=deadline),
+                    lsn,
+                )
                 self._dirty = True
             case Ended(id=rid, state=state, at=at, reason=reason):
                 log.info(state, reservation=rid, reason=reason)
                 self.reaper.tell(Cancel(rid))
                 self.arbiter.tell(Cancel(rid))
+                if gone[rid].pid is not None and self.watcher is not None:
+                    self.watcher.tell(Unwatch(rid))
                 outbox = self.holders.pop(rid, None)
                 if outbox is not None and state in ("expired", "preempted"):
                     info = gone[rid].info(state=state, ended_at=at)
@@ -189,26 +253,43 @@ class PoolActor(Actor):
                         if state == "expired"
                         else PreemptedEvent(reservation=info, by=reason, deadline=None)
                     )
-                    self._send(outbox, note)
+                    self._push(outbox, note, lsn)
                 self._dirty = True
             case Denied():
                 pass
             case _:
                 self._dirty = True
 
-    def _notify(self, rid: str, event: Any) -> None:
+    def _notify(self, rid: str, event: Any, lsn: int) -> None:
         outbox = self.holders.get(rid)
         if outbox is not None:
-            self._send(outbox, event)
+            self._push(outbox, event, lsn)
 
-    @staticmethod
-    def _send(outbox: Outbox, event: Any) -> None:
-        try:
-            outbox.send_nowait(encode_frame(push(event)))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # a client that does not read its pushes loses them, not the daemon
+    def _push(self, outbox: Outbox, event: Any, lsn: int) -> None:
+        frame = encode_frame(push(event))
+        if self.announcer is None:
+            send_now(outbox, frame)
+        else:
+            self.announcer.push(outbox, frame, lsn)
+
+    def next_deadline(self) -> float:
+        return self.queue.timeouts.earliest()
+
+    def on_deadline(self) -> None:
+        for rid, _ in self.queue.timeouts.pop_due(trio.current_time()):
+            w = self.queue.waiters.get(rid)
+            if w is not None and w.args.timeout is not None:
+                self._end_waiter(
+                    w,
+                    TimeoutError_(
+                        f"{rid} gave up after waiting {w.args.timeout:g}s: {w.message}",
+                        {"id": rid, "timeout": w.args.timeout, "reason": w.reason, **w.details},
+                    ),
+                )
 
     def after_batch(self) -> None:
+        while self._queue_dirty:
+            self._schedule()
         if self.journal.entries_since_snapshot >= self.snapshot_every:
             self.snapshot_due()
         if self._dirty and self.subscribers:
@@ -239,25 +320,159 @@ class PoolActor(Actor):
         return Done(removed=len(events) - 1), lsn
 
     def _reserve(self, msg: DoReserve) -> tuple[ReservationInfo, int]:
-        events = self.book.reserve(
-            msg.args,
-            msg.tenant,
+        args, now = msg.args, self.wall()
+        pools = [p.name for p in self.book.check_request(args)]
+        w = Waiter(
+            id=self.new_id(),
+            args=args,
+            tenant=msg.tenant,
             uid=msg.peer.uid,
             session=msg.session,
-            now=self.wall(),
-            rid=self.new_id(),
+            outbox=msg.outbox,
+            pools=tuple(pools),
+            keys=touched(pools, args),
+            arrived=now,
+            seq=self.queue.next_seq(),
+            pid=msg.pid,
         )
+        if not self.queue.touches(w.keys):
+            # Nobody waits for what this request needs: decide it directly.
+            events = self._decide(w, now)
+            if isinstance(events[0], Reserved):
+                return self._granted_now(w, events)
+            w.waits_for(*_reason(denial_error(events[0])))
+            if not args.wait and not self._preemptible(w):
+                self._commit(events)
+                raise denial_error(events[0])
+        self.queue.add(w, None if args.timeout is None else trio.current_time() + args.timeout)
+        self._replying = w.id
+        try:
+            self._schedule()
+        finally:
+            self._replying = None
+        r = self.book.reservations.get(w.id)
+        if r is not None:
+            return r.info(), self.journal.last_lsn
+        if not args.wait:
+            self.queue.remove(w.id)
+            self._queue_dirty = True
+            error = self._error_of(w)
+            self._commit([self.book.denied(args, pools[0], w.tenant, now, error)])
+            raise error
+        log.info("queued", reservation=w.id, tenant=w.tenant.name, position=w.position)
+        return w.info(), 0
+
+    def _granted_now(self, w: Waiter, events: list[PoolEvent]) -> tuple[ReservationInfo, int]:
         lsn = self._commit(events)
-        match events:
-            case [Denied() as denied]:
-                raise denial_error(denied)
-            case [Reserved(reservation=r)]:
-                if msg.outbox is not None:
-                    self.holders[r.id] = msg.outbox
-                return r.info(), lsn
-        raise AssertionError(events)  # pragma: no cover
+        if w.outbox is not None:
+            self.holders[w.id] = w.outbox
+        return self.book.reservations[w.id].info(), lsn
+
+    def _decide(self, w: Waiter, now: float) -> list[PoolEvent]:
+        return self.book.reserve(
+            w.args, w.tenant, uid=w.uid, session=w.session, now=now, rid=w.id, pid=w.pid
+        )
+
+    @staticmethod
+    def _error_of(w: Waiter) -> ResdError:
+        if w.reason == "conflict":
+            return ConflictError(w.message, w.details)
+        return InsufficientError(w.message, w.details)
+
+    def _preemptible(self, w: Waiter) -> bool:
+        """May ``w`` evict now? Only in a preempting pool, and a request that will not
+        wait only where there is no grace to wait out."""
+        return any(
+            self.book.pools[p].preemption == "lower_priority"
+            and (w.args.wait or self.book.pools[p].grace == 0)
+            for p in w.pools
+        )
+
+    # ------------------------------------------------------------------ queue
+
+    def _schedule(self) -> None:
+        """One pass over the queue in rank order (see the module docstring)."""
+        self._queue_dirty = False
+        if not self.queue:
+            return
+        now = self.wall()
+        blocked: dict[tuple[str, str], str] = {}
+        for position, w in enumerate(self.queue.ordered(self.book.tenant_live), 1):
+            w.position = position
+            head = next((blocked[k] for k in w.keys if k in blocked), None)
+            if head is not None:
+                w.waits_for(
+                    "resources",
+                    f"held back for {head}, ahead in the queue, which needs the same resources",
+                    {"held_for": head},
+                )
+                continue
+            try:
+                events = self._decide(w, now)
+            except ResdError as exc:  # its pool was deleted or changed under it
+                self._end_waiter(w, exc)
+                continue
+            if isinstance(events[0], Reserved):
+                self._grant(w, events)
+                continue
+            w.waits_for(*_reason(denial_error(events[0])))
+            if w.reason == "conflict":
+                continue  # waits for its own tenant's release: holds nothing back
+            if self._preempt_for(w, now):
+                continue
+            for k in w.keys:
+                blocked.setdefault(k, w.id)
+
+    def _grant(self, w: Waiter, events: list[PoolEvent]) -> None:
+        self.queue.remove(w.id)
+        info, lsn = self._granted_now(w, events)
+        log.info("granted", reservation=w.id, waited=round(self.wall() - w.arrived, 3))
+        if w.outbox is not None and w.id != self._replying:
+            self._push(w.outbox, GrantedEvent(reservation=info), lsn)
+
+    def _preempt_for(self, w: Waiter, now: float) -> bool:
+        """Evict the arbiter's choice of victims for ``w``; True if ``w`` got granted."""
+        if not self._preemptible(w):
+            return False
+        plan = preemption.plan(self.book, w.args, w.tenant, now)
+        if plan.outcome == "preempt" and (w.args.wait or plan.grace == 0):
+            self._commit([self.book.evict(v, w.tenant.name, now) for v in plan.victims])
+            if plan.grace == 0:
+                events = self._decide(w, now)
+                if isinstance(events[0], Reserved):
+                    self._grant(w, events)
+                    return True
+        elif plan.outcome != "wait" or not plan.victims:
+            return False
+        ids = [v.id for v in plan.victims]
+        w.waits_for(
+            "preemption_pending",
+            f"waiting for {', '.join(ids)} to give back their resources (grace ends by"
+            f" {max(v.deadline or now + plan.grace for v in plan.victims):.3f})",
+            {"victims": ids, "pool": plan.pool},
+        )
+        return False
+
+    def _end_waiter(self, w: Waiter, error: ResdError) -> int:
+        """Take ``w`` out of the queue ungranted: tell it why, and record the denial."""
+        self.queue.remove(w.id)
+        self._queue_dirty = True
+        log.info("wait_ended", reservation=w.id, code=str(error.code), reason=error.message)
+        lsn = self._commit([self.book.denied(w.args, w.pools[0], w.tenant, self.wall(), error)])
+        if w.outbox is not None:
+            self._push(w.outbox, DeniedEvent(reservation_id=w.id, error=error.to_wire()), lsn)
+        return lsn
+
+    def _get(self, msg: GetReservation) -> ReservationInfo:
+        w = self.queue.waiters.get(msg.id)
+        return w.info() if w is not None else self.book.reservation(msg.id).info()
 
     def _release(self, msg: DoRelease) -> tuple[ReservationInfo, int]:
+        w = self.queue.waiters.get(msg.id)
+        if w is not None:
+            info = w.info()
+            lsn = self._end_waiter(w, ConflictError(f"request {w.id} was cancelled", {"id": w.id}))
+            return dataclasses.replace(info, state="cancelled"), lsn
         info = self.book.reservation(msg.id).info(state="released")
         lsn = self._commit(self.book.release(msg.id, self.wall()))
         return info, lsn
@@ -280,6 +495,9 @@ class PoolActor(Actor):
         return victims, lsn
 
     def _session_closed(self, msg: SessionClosed) -> int:
+        for w in self.queue.of_session(msg.session):
+            w.outbox = None
+            self._end_waiter(w, ConflictError("the connection closed while waiting", {"id": w.id}))
         for rid in [rid for rid, r in self.book.reservations.items() if r.session == msg.session]:
             self.holders.pop(rid, None)
         return self._commit(self.book.end_sessions(msg.session, self.wall(), "session closed"))
@@ -294,6 +512,13 @@ class PoolActor(Actor):
         )
 
     def _list(self, msg: ListActive) -> list[ReservationInfo]:
+        if msg.pending:
+            return [
+                dataclasses.replace(w.info(), position=position)
+                for position, w in enumerate(self.queue.ordered(self.book.tenant_live), 1)
+                if (msg.pool is None or msg.pool in w.pools)
+                and (msg.tenant is None or w.tenant.name == msg.tenant)
+            ]
         return [
             r.info()
             for r in sorted(self.book.reservations.values(), key=lambda r: r.created_at)
@@ -309,6 +534,69 @@ class PoolActor(Actor):
             and (msg.tenant is None or h.tenant == msg.tenant)
         ]
 
+    def _why(self, msg: WhyWaiting) -> WaitInfo:
+        w = self.queue.waiters.get(msg.id)
+        if w is None:
+            r = self.book.reservation(msg.id)
+            return WaitInfo(
+                id=r.id,
+                state=r.state,
+                position=0,
+                queued=len(self.queue),
+                reason="none",
+                message=f"{r.id} is {r.state}, not waiting",
+            )
+        order = self.queue.ordered(self.book.tenant_live)
+        return WaitInfo(
+            id=w.id,
+            state="pending",
+            position=order.index(w) + 1,
+            queued=len(order),
+            reason=w.reason,
+            message=w.message,
+            details=dict(w.details),
+        )
+
+    def _plan(self, msg: PlanRequest) -> PlanResult:
+        plan = preemption.plan(self.book, msg.args, msg.tenant, self.wall())
+        victims = [v.info() for v in plan.victims]
+        ids = ", ".join(v.id for v in plan.victims)
+        match plan.outcome:
+            case "fits":
+                text = f"fits in pool {plan.pool!r} now; nothing would be evicted"
+            case "preempt":
+                text = (
+                    f"would evict {len(victims)} lower-priority reservation(s) in pool"
+                    f" {plan.pool!r} ({ids}), after a grace of {plan.grace:g}s"
+                )
+            case "wait" if victims:
+                text = (
+                    f"would wait for {ids}, already being preempted, to give back their resources"
+                )
+            case "wait":
+                text = (
+                    f"does not fit in pool {plan.pool!r} now and its preemption is off;"
+                    " it would wait for releases"
+                )
+            case _:
+                text = (
+                    f"even evicting every lower-priority reservation in pool {plan.pool!r}"
+                    " would not make room; it would wait for releases"
+                )
+        return PlanResult(
+            outcome=plan.outcome,  # type: ignore[arg-type]
+            pool=plan.pool,
+            message=text,
+            victims=victims,
+            grace=plan.grace,
+        )
+
     def _subscribe(self, msg: Subscribe) -> list[PoolInfo]:
         self.subscribers.add(msg.outbox)
         return self.book.pool_infos()
+
+
+def _reason(error: ResdError) -> tuple[str, str, dict[str, Any]]:
+    """A waiter's reason from the refusal its request just got."""
+    kind = "conflict" if error.code == ErrorCode.CONFLICT else "resources"
+    return kind, error.message, dict(error.details)

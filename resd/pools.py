@@ -8,8 +8,9 @@ The pool actor is the book's one owner.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
+import contextlib
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -74,6 +75,8 @@ class PoolBook:
     _held: dict[tuple[str, str], set[str]] = attrs.Factory(dict)
     #: pool → who holds which set members and range values.
     holdings: dict[str, PoolHoldings] = attrs.Factory(dict)
+    #: tenant → live reservations, for fair-share ranking of waiters.
+    tenant_live: Counter[str] = attrs.Factory(Counter)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -352,7 +355,16 @@ class PoolBook:
         return pools
 
     def reserve(
-        self, args: Reserve, tenant: Tenant, *, uid: int, session: str, now: float, rid: str
+        self,
+        args: Reserve,
+        tenant: Tenant,
+        *,
+        uid: int,
+        session: str,
+        now: float,
+        rid: str,
+        pools: list[Pool] | None = None,
+        pid: tuple[int, float] | None = None,
     ) -> list[PoolEvent]:
         """Events of granting ``args``; raises InvalidError/NotFoundError for bad input.
 
@@ -363,17 +375,19 @@ class PoolBook:
         """
         if rid in self.reservations:  # pragma: no cover - ids are random 48-bit
             raise ExistsError(f"reservation id {rid} collides", {"id": rid})
-        pools = self.check_request(args)
+        pools = self.check_request(args) if pools is None else pools
         granted: list[tuple[float, Reservation]] = []
         refusals: list[ResdError] = []
         for pool in pools:
-            outcome = self._try(pool, args, tenant, uid=uid, session=session, now=now, rid=rid)
+            outcome = self._try(
+                pool, args, tenant, uid=uid, session=session, now=now, rid=rid, pid=pid
+            )
             if isinstance(outcome, ResdError):
                 refusals.append(outcome)
             else:
                 granted.append((self._fill(pool, outcome), outcome))
         if not granted:
-            return [self._deny(args, pools[0].name, tenant, now, refusals[0])]
+            return [self.denied(args, pools[0].name, tenant, now, refusals[0])]
         policy = args.placement or pools[0].placement
         best = (
             max(granted, key=lambda g: g[0])
@@ -392,6 +406,7 @@ class PoolBook:
         session: str,
         now: float,
         rid: str,
+        pid: tuple[int, float] | None,
     ) -> Reservation | ResdError:
         held = self.held(pool.name, tenant.name)
         if pool.max_per_tenant and len(held) >= pool.max_per_tenant:
@@ -442,6 +457,9 @@ class PoolBook:
             members=placement.members,
             values=placement.values,
             devices=placement.devices,
+            priority=tenant.priority,
+            pid=None if pid is None else pid[0],
+            pid_start=None if pid is None else pid[1],
         )
 
     def _fill(self, pool: Pool, r: Reservation) -> float:
@@ -459,7 +477,7 @@ class PoolBook:
         return fill
 
     @staticmethod
-    def _deny(args: Reserve, pool: str, tenant: Tenant, now: float, error: ResdError) -> Denied:
+    def denied(args: Reserve, pool: str, tenant: Tenant, now: float, error: ResdError) -> Denied:
         return Denied(
             tenant=tenant.name,
             pool=pool,
@@ -503,18 +521,42 @@ class PoolBook:
         for r in self.of_tenant(target, pool):
             if r.state != "active":
                 continue
-            grace = self.pools[r.pool].grace
-            if grace > 0:
-                events.append(Terminating(r.id, now + grace, by, now))
-            else:
-                events.append(Ended(r.id, "preempted", now, f"preempted by {by}"))
+            events.append(self.evict(r, by, now))
         return events
+
+    def evict(self, r: Reservation, by: str, now: float) -> PoolEvent:
+        """The event of preempting ``r``: at once, or at the end of its pool's grace
+        (asking a reclaimable lease to give its resources back meanwhile)."""
+        grace = self.pools[r.pool].grace
+        if grace > 0:
+            return Terminating(r.id, now + grace, by, now, reclaim=r.reclaimable)
+        return Ended(r.id, "preempted", now, f"preempted by {by}")
 
     def finish_grace(self, rid: str, now: float) -> list[PoolEvent]:
         r = self.reservations.get(rid)
         if r is None or r.state != "terminating":
             return []
         return [Ended(rid, "preempted", now, "grace ended")]
+
+    def process_exited(self, rid: str, pid: int, start: float, now: float) -> list[PoolEvent]:
+        """Events of a bound process's exit; none when the reservation is gone or
+        bound to another process (a stale report)."""
+        r = self.reservations.get(rid)
+        if r is None or r.pid != pid or r.pid_start != start:
+            return []
+        return [Ended(rid, "released", now, f"process {pid} exited")]
+
+    @contextlib.contextmanager
+    def without(self, rids: Iterable[str]) -> Iterator[None]:
+        """Decide as if ``rids`` had ended (dry runs of preemption); restored after."""
+        gone = [self.reservations[rid] for rid in rids]
+        for r in gone:
+            self._unhold(r)
+        try:
+            yield
+        finally:
+            for r in gone:
+                self._hold(r)
 
     def end_sessions(self, session: str | None, now: float, reason: str) -> list[PoolEvent]:
         """Release session-bound reservations of one connection (or of all, on restart)."""
@@ -537,22 +579,17 @@ class PoolBook:
                 self._hold(r)
                 self._record(r.created_at, "reserved", r, r.label)
             case Ended(id=rid, state=state, at=at, reason=reason):
-                r = self.reservations.pop(rid)
-                used = self.allocated[r.pool]
-                for name, amount in self._scalars(r):
-                    used[name] -= amount
-                self.holdings[r.pool].unhold(r)
-                ids = self._held[(r.pool, r.tenant)]
-                ids.discard(rid)
-                if not ids:
-                    del self._held[(r.pool, r.tenant)]
+                r = self.reservations[rid]
+                self._unhold(r)
                 self._record(at, state, r, reason)
             case Renewed(id=rid, ttl=ttl, expires_at=expires_at, at=at):
                 r = attrs.evolve(self.reservations[rid], ttl=ttl, expires_at=expires_at)
                 self.reservations[rid] = r
                 self._record(at, "renewed", r, f"expires at {expires_at:.3f}")
-            case Terminating(id=rid, deadline=deadline, by=by, at=at):
-                r = attrs.evolve(self.reservations[rid], state="terminating", deadline=deadline)
+            case Terminating(id=rid, deadline=deadline, by=by, at=at, reclaim=reclaim):
+                r = attrs.evolve(
+                    self.reservations[rid], state="terminating", deadline=deadline, reclaim=reclaim
+                )
                 self.reservations[rid] = r
                 self._record(at, "preempting", r, f"by {by}; grace until {deadline:.3f}")
             case Denied():
@@ -593,6 +630,21 @@ class PoolBook:
             used[name] = used.get(name, 0) + amount
         self.holdings[r.pool].hold(r)
         self._held.setdefault((r.pool, r.tenant), set()).add(r.id)
+        self.tenant_live[r.tenant] += 1
+
+    def _unhold(self, r: Reservation) -> None:
+        del self.reservations[r.id]
+        used = self.allocated[r.pool]
+        for name, amount in self._scalars(r):
+            used[name] -= amount
+        self.holdings[r.pool].unhold(r)
+        ids = self._held[(r.pool, r.tenant)]
+        ids.discard(r.id)
+        if not ids:
+            del self._held[(r.pool, r.tenant)]
+        self.tenant_live[r.tenant] -= 1
+        if not self.tenant_live[r.tenant]:
+            del self.tenant_live[r.tenant]
 
     def _record(self, at: float, kind: str, r: Reservation, detail: str) -> None:
         self._push(
@@ -639,6 +691,7 @@ class PoolBook:
         return book
 
 
-def denial_error(event: Denied) -> ResdError:
+def denial_error(event: PoolEvent) -> ResdError:
     """The error a ``Denied`` event stands for, to raise to the requester."""
+    assert isinstance(event, Denied), event
     return ERRORS[ErrorCode(event.code)](event.reason, dict(event.details))

@@ -114,6 +114,14 @@ class Reservation:
     members: dict[str, tuple[str, ...]] = attrs.Factory(dict)
     values: dict[str, tuple[tuple[int, int], ...]] = attrs.Factory(dict)
     devices: tuple[dict[str, str], ...] = ()
+    #: the tenant's priority when the reservation was made (what preemption compares,
+    #: as Kubernetes resolves a pod's priority once, at creation)
+    priority: int = 1
+    #: ``pid`` binding: the process and its start time (pid reuse cannot keep it alive)
+    pid: int | None = None
+    pid_start: float | None = None
+    #: a terminating reservation that was asked to reclaim (may still release in time)
+    reclaim: bool = False
 
     def info(self, *, state: str | None = None, ended_at: float | None = None) -> ReservationInfo:
         return ReservationInfo(
@@ -133,6 +141,8 @@ class Reservation:
             members={k: list(v) for k, v in self.members.items()},
             values={k: [list(i) for i in v] for k, v in self.values.items()},
             devices=[dict(d) for d in self.devices],
+            priority=self.priority,
+            pid=self.pid,
         )
 
 
@@ -180,12 +190,14 @@ class Renewed:
 
 @attrs.frozen
 class Terminating:
-    """A preempted reservation keeps its resources until ``deadline`` (its grace)."""
+    """A preempted reservation keeps its resources until ``deadline`` (its grace);
+    ``reclaim``: it is reclaimable and is asked to release by then."""
 
     id: str
     deadline: float
     by: str
     at: float
+    reclaim: bool = False
 
 
 @attrs.frozen

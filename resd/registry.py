@@ -10,6 +10,7 @@ from resd.messages import (
     AddTenant,
     GetTenant,
     ListTenants,
+    PeekTenant,
     RemoveTenant,
     Resolve,
     SetTenant,
@@ -31,6 +32,7 @@ class TenantRegistry(Actor):
         self.wall = wall
         self.handlers = {
             Resolve: self._resolve,
+            PeekTenant: lambda m: self.book.resolve(m.name, m.peer, self.wall())[0],
             AddTenant: lambda m: self._saved(self.book.add(m.args, m.peer, self.wall())),
             SetTenant: lambda m: self._saved(self.book.set(m.args, m.peer)),
             RemoveTenant: lambda m: self._commit(self.book.remove(m.name, m.peer, self.wall())),

@@ -240,6 +240,31 @@ SAMPLES: dict[type, list[Any]] = {
     p.Status: [STATUS],
     p.History: [p.History(events=[HISTORY_EVENT]), p.History(events=[])],
     p.ExpiredEvent: [p.ExpiredEvent(reservation=ENDED)],
+    p.GrantedEvent: [p.GrantedEvent(reservation=RESERVATION)],
+    p.DeniedEvent: [
+        p.DeniedEvent(
+            reservation_id="r-0123456789ab",
+            error={"code": "timeout", "message": "gave up", "details": {"timeout": 1.5}},
+        )
+    ],
+    p.ReclaimEvent: [p.ReclaimEvent(reservation=RESERVATION, by="bob", deadline=1_800_000_030.0)],
+    p.WaitInfo: [
+        p.WaitInfo(
+            id="r-0123456789ab",
+            state="pending",
+            position=2,
+            queued=5,
+            reason="resources",
+            message="held back",
+            details={"held_for": "r-aaaaaaaaaaaa"},
+        )
+    ],
+    p.PlanResult: [
+        p.PlanResult(outcome="fits", pool="gpu", message="fits"),
+        p.PlanResult(
+            outcome="preempt", pool="gpu", message="evict", victims=[RESERVATION], grace=30.0
+        ),
+    ],
     p.PreemptedEvent: [
         p.PreemptedEvent(reservation=RESERVATION, by="bob", deadline=1_800_000_030.0),
         p.PreemptedEvent(reservation=ENDED, by="bob"),
@@ -385,6 +410,8 @@ ARG_SAMPLES: dict[str, Any] = {
     "export": p.Export(since=1_800_000_000.0, tenant="alice"),
     "subscribe": p.Subscribe(),
     "resources": p.ResourcesOf(pool="host"),
+    "why": p.ReservationRef(id="r-0123456789ab"),
+    "plan": p.Plan(request=p.Reserve(pool="gpu-box", resources={"gpu": 2}), priority=9),
 }
 
 

@@ -1,0 +1,52 @@
+"""Pushes to clients, sent only once what they announce is durable.
+
+A ``granted`` push is an acknowledgement like a reply: the client will act on it,
+so it must not reach the client before the grant's journal record is on disk. The
+pool actor cannot await, so it hands each push here with the journal sequence
+number it depends on; one task sends them in order as the journal catches up.
+Since sequence numbers only grow, pushes to a connection keep their order, and a
+group commit releases a whole batch at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import structlog
+import trio
+
+from resd.journal import Journal
+from resd.messages import Outbox
+
+log = structlog.get_logger("resd.announcer")
+
+
+def send_now(outbox: Outbox, frame: bytes) -> None:
+    try:
+        outbox.send_nowait(frame)
+    except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        pass  # a client that does not read its pushes loses them, not the daemon
+
+
+class Announcer:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._send, self._recv = trio.open_memory_channel[tuple[int, Outbox, bytes]](math.inf)
+
+    def push(self, outbox: Outbox, frame: bytes, lsn: int) -> None:
+        """Send ``frame`` to ``outbox`` once journal entry ``lsn`` (0: none) is durable."""
+        try:
+            self._send.send_nowait((lsn, outbox, frame))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for lsn, outbox, frame in self._recv:
+            if lsn:
+                try:
+                    await self.journal.wait_durable(lsn)
+                except Exception as exc:  # the journal failed: the daemon is stopping
+                    log.warning("push_dropped", error=str(exc))
+                    continue
+            send_now(outbox, frame)

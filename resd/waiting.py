@@ -1,0 +1,132 @@
+"""Queued requests (SPEC §4 "Waiting"): who waits, in what order, for what.
+
+A waiter is a request that did not fit and asked to wait. Waiters are not
+journaled: each belongs to a live connection, which a restart ends anyway. The
+queue is ranked by priority (highest first), then deadline (earliest first, none
+last), then fair share (the tenant's live reservations ÷ its weight), then
+arrival. It also indexes which (pool, resource) pairs waiters touch, so that a
+request or a release that concerns none of them skips the queue entirely.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from resd.actor import TimerHeap
+from resd.holdings import GPU, VRAM
+from resd.messages import Outbox
+from resd.records import Tenant
+from resd_client.protocol import ReservationInfo, Reserve
+
+Key = tuple[str, str]
+
+
+def touched(pools: Iterable[str], args: Reserve) -> frozenset[Key]:
+    """The (pool, resource) pairs a request competes for; a VRAM slice competes for
+    the GPU set it is cut from."""
+    names = {GPU if n == VRAM else n for n in (*args.resources, *args.members)}
+    return frozenset((p, n) for p in pools for n in names)
+
+
+@attrs.define(eq=False)
+class Waiter:
+    id: str
+    args: Reserve
+    tenant: Tenant
+    uid: int
+    session: str
+    outbox: Outbox | None
+    pools: tuple[str, ...]
+    keys: frozenset[Key]
+    arrived: float
+    seq: int
+    pid: tuple[int, float] | None = None
+    position: int = 0
+    reason: str = "resources"
+    message: str = "waiting for resources"
+    details: dict[str, Any] = attrs.Factory(dict)
+
+    def rank(self, live: Mapping[str, int]) -> tuple[int, float, float, int]:
+        fair = live.get(self.tenant.name, 0) / self.tenant.weight if self.tenant.weight else 0.0
+        deadline = math.inf if self.args.deadline is None else self.args.deadline
+        return (-self.tenant.priority, deadline, fair, self.seq)
+
+    def waits_for(self, reason: str, message: str, details: dict[str, Any]) -> None:
+        self.reason, self.message, self.details = reason, message, details
+
+    def info(self) -> ReservationInfo:
+        a = self.args
+        return ReservationInfo(
+            id=self.id,
+            tenant=self.tenant.name,
+            pool=self.pools[0] if len(self.pools) == 1 else ",".join(self.pools),
+            resources=dict(a.resources),
+            label=a.label,
+            created_at=self.arrived,
+            ttl=a.ttl,
+            expires_at=None,
+            binding=a.binding,
+            reclaimable=a.reclaimable,
+            state="pending",
+            uid=self.uid,
+            members={k: list(v) for k, v in a.members.items()},
+            priority=self.tenant.priority,
+            pid=None if self.pid is None else self.pid[0],
+            position=self.position,
+            reason=self.reason,
+        )
+
+
+@attrs.define(eq=False)
+class WaitQueue:
+    waiters: dict[str, Waiter] = attrs.Factory(dict)
+    #: (pool, resource) → how many waiters touch it
+    keys: Counter[Key] = attrs.Factory(Counter)
+    #: pool → how many waiters may go there
+    pools: Counter[str] = attrs.Factory(Counter)
+    #: waiter id → trio time its timeout passes
+    timeouts: TimerHeap = attrs.Factory(TimerHeap)
+    _seq: itertools.count[int] = attrs.Factory(itertools.count)
+
+    def __len__(self) -> int:
+        return len(self.waiters)
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def add(self, w: Waiter, timeout_at: float | None) -> None:
+        self.waiters[w.id] = w
+        self.keys.update(w.keys)
+        self.pools.update(w.pools)
+        if timeout_at is not None:
+            self.timeouts.add(w.id, timeout_at)
+
+    def remove(self, rid: str) -> Waiter | None:
+        w = self.waiters.pop(rid, None)
+        if w is not None:
+            _drop(self.keys, w.keys)
+            _drop(self.pools, w.pools)
+            self.timeouts.discard(rid)
+        return w
+
+    def touches(self, keys: Iterable[Key]) -> bool:
+        return any(k in self.keys for k in keys)
+
+    def ordered(self, live: Mapping[str, int]) -> list[Waiter]:
+        return sorted(self.waiters.values(), key=lambda w: w.rank(live))
+
+    def of_session(self, session: str) -> list[Waiter]:
+        return [w for w in self.waiters.values() if w.session == session]
+
+
+def _drop(counter: Counter[Any], items: Iterable[Any]) -> None:
+    for item in items:
+        counter[item] -= 1
+        if counter[item] <= 0:
+            del counter[item]
