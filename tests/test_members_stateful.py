@@ -1,9 +1,11 @@
 """Hypothesis stateful test of set and range placement against a plain model.
 
-After every step, across reserve / release / expire / preempt: no GPU or disk is
-held by two reservations, no GPU is both whole and sliced, no GPU's slices exceed
-its memory, no port is assigned twice, and the free ports plus the held ones are
-exactly the range.
+After every step, across reserve / release / expire / preempt / automatic
+preemption: no GPU or disk is held by two reservations, no GPU is both whole and
+sliced, no GPU's slices exceed its memory, no port is assigned twice, and the free
+ports plus the held ones are exactly the range. The arbiter's dry runs leave the
+book exactly as they found it, and its victims are all of lower priority and
+make room.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from resd import preemption
 from resd.pools import PoolBook
-from resd.records import Denied, Reserved, Tenant
+from resd.records import Denied, Ended, Reserved, Tenant
 from resd_client.protocol import PoolCreate, Reserve, from_wire
 
 GiB = 1 << 30
@@ -44,6 +47,14 @@ requests = st.one_of(
     st.builds(lambda n: {"resources": {"disks": n}}, st.integers(1, 2)),
 )
 
+#: requests large enough to need evictions often
+big_requests = st.one_of(
+    st.builds(lambda n: {"resources": {"gpu": n}}, st.integers(2, 5)),
+    st.builds(lambda g: {"resources": {"vram": g * GiB}}, st.integers(40, 80)),
+    st.builds(lambda n: {"resources": {"ports": n}}, st.integers(300, 1000)),
+    st.builds(lambda n: {"resources": {"disks": n}}, st.integers(2, 4)),
+)
+
 
 class MembersMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
@@ -54,6 +65,7 @@ class MembersMachine(RuleBasedStateMachine):
             "name": "p",
             "max_per_tenant": 0,
             "grace": 0.0,
+            "preemption": "lower_priority",
             "resources": {
                 "gpu": {
                     "kind": "set",
@@ -108,6 +120,38 @@ class MembersMachine(RuleBasedStateMachine):
         self.book.apply(self.book.preempt(victim.name, "p", "boss", 3.0))
         self.live = {rid: r for rid, r in self.live.items() if r.tenant != victim.name}
 
+    def _state(self) -> tuple[Any, ...]:
+        snap = self.book.snapshot()
+        pool = self.book.pools["p"]
+        return (
+            sorted(snap["reservations"], key=lambda r: r["id"]),
+            self.book.usage(pool),
+            dict(self.book.allocated["p"]),
+            dict(self.book.tenant_live),
+        )
+
+    @rule(req=big_requests, tenant=st.sampled_from(TENANTS))
+    def preempt_for(self, req: dict[str, Any], tenant: Tenant) -> None:
+        """What the arbiter does for a waiter of ``tenant`` in a grace-0 pool."""
+        args = from_wire(Reserve, {"pool": "p", **req})
+        before = self._state()
+        plan = preemption.plan(self.book, args, tenant, 4.0)
+        assert self._state() == before, "a dry run changed the book"
+        event(f"plan: {plan.outcome}")
+        if plan.outcome != "preempt":
+            return
+        assert plan.victims and all(v.priority < tenant.priority for v in plan.victims)
+        evictions = [self.book.evict(v, tenant.name, 4.0) for v in plan.victims]
+        assert all(isinstance(e, Ended) for e in evictions)
+        self.book.apply(evictions)
+        for v in plan.victims:
+            del self.live[v.id]
+        rid = f"r-{next(self.ids):08x}"
+        events = self.book.reserve(args, tenant, uid=0, session="", now=4.0, rid=rid)
+        assert isinstance(events[0], Reserved), "the victims did not make room"
+        self.book.apply(events)
+        self.live[rid] = events[0].reservation
+
     @invariant()
     def members_never_double_booked(self) -> None:
         assert set(self.book.reservations) == set(self.live)
@@ -142,5 +186,5 @@ class MembersMachine(RuleBasedStateMachine):
         assert cursor == PORTS[1] + 1
 
 
-MembersMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
+MembersMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestMembers = MembersMachine.TestCase
