@@ -62,7 +62,7 @@ def test_typed_errors_carry_code_and_details(resd_proc: Proc) -> None:
     with Client(resd_proc.socket) as client:
         make_pool(client, max_per_tenant=1)
         with pytest.raises(InsufficientError) as short:
-            client.reserve("p", cpu=5)
+            client.reserve("p", cpu=5, wait=False)
         assert short.value.code == ErrorCode.INSUFFICIENT
         assert short.value.details["resources"]["cpu"] == {
             "requested": 5000,
@@ -71,7 +71,7 @@ def test_typed_errors_carry_code_and_details(resd_proc: Proc) -> None:
         }
         lease = client.reserve("p", cpu=1)
         with pytest.raises(ConflictError) as conflict:
-            client.reserve("p", cpu=1)
+            client.reserve("p", cpu=1, wait=False)
         assert conflict.value.details["existing"] == [lease.id]
         assert client.try_reserve("p", cpu=1) is None
         with pytest.raises(NotFoundError):

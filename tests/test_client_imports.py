@@ -63,7 +63,7 @@ with Client(sys.argv[1], name="imports-test") as client:
     out["lease"] = {"id": lease.id, "resources": lease.info.resources, "binding": lease.info.binding}
     out["listed"] = [r.id for r in client.list(pool="w")]
     try:
-        client.reserve("w", cpu=8)
+        client.reserve("w", cpu=8, wait=False)
     except InsufficientError as exc:
         out["insufficient"] = exc.details
     lease.release()

@@ -115,7 +115,7 @@ LOAD_CLIENT = textwrap.dedent(
                 else:
                     try:
                         lease = c.reserve(pool, cpu="1", tenant=tenant, binding="detached",
-                                          label=tenant)
+                                          label=tenant, wait=False)
                     except InsufficientError:
                         note("I")
                         continue
@@ -247,7 +247,7 @@ def check_after_restart(proc: Proc, pool: str, logs: list[LoadLog], cores: int) 
             lease.release()
         else:
             with pytest.raises(InsufficientError):
-                c.reserve(pool, cpu="1", tenant="t0", binding="detached")
+                c.reserve(pool, cpu="1", tenant="t0", binding="detached", wait=False)
             victim = next(iter(listed))
             c.release(victim)
             c.reserve(pool, cpu="1", tenant="t0", binding="detached").release()
@@ -327,9 +327,9 @@ def populate(c: Client) -> None:
     a.renew(5000)
     gone.release()
     with pytest.raises(InsufficientError):
-        c.reserve("b", cpu="100", tenant="bob", binding="detached")
+        c.reserve("b", cpu="100", tenant="bob", binding="detached", wait=False)
     with pytest.raises(Exception, match="already holds"):
-        c.reserve("gpu-a", cpu="1", tenant="alice", binding="detached")
+        c.reserve("gpu-a", cpu="1", tenant="alice", binding="detached", wait=False)
     c.call("tenant.set", from_wire(TenantSet, {"name": "bob", "priority": 3}))
     c.call("pool.set", from_wire(PoolSet, {"name": "b", "max_per_tenant": 0, "labels": {"k": "v"}}))
 

@@ -1,4 +1,11 @@
-"""Python client of resd; imports with only the standard library and msgpack."""
+"""Python client of resd; imports with only the standard library and msgpack.
+
+``Client`` and ``Lease`` are the synchronous client (``resd_client._sync``).
+``TrioClient`` (``resd_client.trio.Client``) and ``AsyncioClient``
+(``resd_client.asyncio.Client``) are the async clients; they are imported on first
+use, so that ``import resd_client`` never imports trio or asyncio's client. The
+errors and their codes are those of ``resd_client.errors``.
+"""
 
 from importlib import metadata as _metadata
 
@@ -6,6 +13,8 @@ try:
     __version__ = _metadata.version("resd")
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
+
+from typing import TYPE_CHECKING, Any
 
 from resd_client._sync import Client, Lease
 from resd_client.errors import (
@@ -25,7 +34,27 @@ from resd_client.errors import (
     UnsupportedVersionError,
 )
 
+if TYPE_CHECKING:
+    from resd_client.asyncio import AsyncioClient
+    from resd_client.trio import TrioClient
+
+_LAZY = {"TrioClient": "resd_client.trio", "AsyncioClient": "resd_client.asyncio"}
+
+
+def __getattr__(name: str) -> Any:
+    """``TrioClient`` and ``AsyncioClient``, imported when first asked for."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resd_client' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "AsyncioClient",
     "Client",
     "ConflictError",
     "ErrorCode",
@@ -40,6 +69,7 @@ __all__ = [
     "QuotaExceededError",
     "ResdError",
     "TimeoutError_",
+    "TrioClient",
     "UnavailableError",
     "UnsupportedVersionError",
     "__version__",

@@ -1,16 +1,20 @@
 """The synchronous client: one Unix socket, a reader thread, leases.
 
 Requests may be issued from several threads; replies are matched by id. The reader
-thread also receives pushes (``expired``, ``preempted``, ``state``) and hands them
-to the lease they concern or to ``events()``. Failures of the socket become
+thread feeds what it reads to the connection's ``Session`` (``_core``), which
+completes calls and applies pushes (``granted``, ``reclaim``, ``expired``,
+``preempted``, ``state``) to the leases they concern; every push is also queued for
+``events()``. Lease callbacks (``on_event``, ``on_reclaim``) run on a separate
+callback thread, one at a time in push order, so a callback may call the client
+(``lease.release()``) without stalling the reader; their exceptions are logged
+(logger ``resd_client``) and ignored. Failures of the socket become
 ``UnavailableError``; error replies become the typed exceptions of ``errors``.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-import errno
-import itertools
 import os
 import queue
 import socket
@@ -18,52 +22,41 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, Unpack, cast
 
 from resd_client import __version__
-from resd_client.env import GpuIds, lease_env
-from resd_client.env import assigned as _assigned
-from resd_client.errors import (
-    ConflictError,
-    InsufficientError,
-    ResdError,
-    UnavailableError,
-    error_from_wire,
+from resd_client import _core as flows
+from resd_client._core import (
+    Flow,
+    LeaseState,
+    Need,
+    Reply,
+    ReserveOptions,
+    Runner,
+    Send,
+    Session,
+    notify,
+    reserve_args,
+    resources_from,
 )
+from resd_client.errors import UnavailableError
 from resd_client.paths import socket_candidates
 from resd_client.protocol import (
     PROTOCOL_VERSION,
-    RESULTS,
     BadFrame,
-    Empty,
-    ExpiredEvent,
-    FrameDecoder,
     FrameTooLarge,
     Hello,
     HelloResult,
-    ListReservations,
-    PreemptedEvent,
-    Renew,
+    PlanResult,
     ReservationInfo,
-    ReservationRef,
     Reserve,
     StateEvent,
     Status,
-    Subscribe,
-    decode_event,
-    encode_frame,
-    from_wire,
-    request,
+    WaitInfo,
 )
-from resd_client.quantity import parse_quantity
 
-
-class _Pending:
-    __slots__ = ("event", "frame")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.frame: dict[str, Any] | None = None
+T = TypeVar("T")
+OnReclaim = Callable[["Lease"], object]
 
 
 def connect_socket(
@@ -74,7 +67,6 @@ def connect_socket(
     Raises UnavailableError saying where it looked when none is listening.
     """
     tried: list[str] = []
-    refused = True
     for candidate in socket_candidates(path):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -83,7 +75,6 @@ def connect_socket(
         except OSError as exc:
             sock.close()
             tried.append(f"{candidate} ({exc.strerror or exc})")
-            refused = refused and exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK)
             continue
         sock.settimeout(None)
         return sock, candidate
@@ -95,88 +86,31 @@ def connect_socket(
     )
 
 
-def resources_from(
-    cpu: object = None,
-    memory: object = None,
-    gpu: object = None,
-    resources: dict[str, object] | None = None,
-) -> dict[str, int]:
-    """Internal-unit amounts from human quantities (``memory="8G"``, ``cpu=1.5``)."""
-    out: dict[str, int] = {}
-    for name, value in (("cpu", cpu), ("memory", memory), ("gpu", gpu)):
-        if value is not None:
-            out[name] = parse_quantity(name, value)
-    for name, value in (resources or {}).items():
-        out[name] = parse_quantity(name, value)
-    return out
+class Lease(LeaseState):
+    """A reservation held through a sync ``Client``; a context manager that releases
+    on exit. State, ``ended``, ``reclaim_requested``, ``assigned`` and ``env``: see
+    ``resd_client._core.LeaseState``."""
 
-
-class Lease:
-    """A granted reservation. A context manager that releases on exit.
-
-    ``ended`` becomes the reason string once the daemon says the reservation is gone
-    (``expired``, ``preempted``) or it was released here. ``assigned`` and ``env``
-    say what a worker runs on (see ``resd_client.env``).
-    """
-
-    def __init__(self, client: Client, info: ReservationInfo) -> None:
+    def __init__(
+        self, client: Client, info: ReservationInfo, on_reclaim: OnReclaim | None = None
+    ) -> None:
+        super().__init__(info, threading.Event(), on_reclaim)
         self.client = client
-        self.info = info
-        self.ended: str | None = None
-        self.preempt_deadline: float | None = None
-        self.on_event: Callable[[Any], None] | None = None
 
     @classmethod
     def track(cls, client: Client, info: ReservationInfo) -> Lease:
         """A lease for ``info``, granted by a raw ``client.call("reserve", ...)``,
         registered so that the daemon's pushes about it reach it."""
-        lease = cls(client, info)
-        client._leases[info.id] = lease
-        return lease
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    @property
-    def assigned(self) -> dict[str, list[str] | list[list[int]]]:
-        """Assigned set members and range values: ``{"gpu": ["0", "3"], "ports": [[30000, 30009]]}``."""
-        return _assigned(self.info)
-
-    @property
-    def env(self) -> dict[str, str]:
-        """Environment variables for a worker: ``CUDA_VISIBLE_DEVICES`` by GPU index,
-        ``RESD_RESERVATION_ID``, ``RESD_GPUS``, ``RESD_CPU``, ... (``resd_client.env``)."""
-        return lease_env(self.info)
-
-    def environment(self, gpu_ids: GpuIds = "index") -> dict[str, str]:
-        """Like ``env``; ``gpu_ids="uuid"`` gives ``CUDA_VISIBLE_DEVICES`` as GPU UUIDs."""
-        return lease_env(self.info, gpu_ids)
+        with client._lock:
+            return client.session.track(cls(client, info))
 
     def release(self) -> None:
         """Release now; a lease that is already gone is left alone."""
-        if self.ended is not None:
-            return
-        try:
-            self.info = self.client.release(self.id)
-        except ResdError as exc:
-            if exc.code != "not_found":
-                raise
-        self.ended = self.ended or "released"
+        self.client._run(flows.release_lease(self.client, self))
 
     def renew(self, ttl: float | None = None) -> None:
-        self.info = self.client.renew(self.id, ttl)
-
-    def _event(self, event: Any) -> None:
-        if isinstance(event, ExpiredEvent):
-            self.ended = "expired"
-        elif isinstance(event, PreemptedEvent):
-            self.preempt_deadline = event.deadline
-            if event.reservation.state == "preempted":
-                self.ended = "preempted"
-        self.info = event.reservation
-        if self.on_event is not None:
-            self.on_event(event)
+        """Extend the TTL: expires ``ttl`` (default: its own ttl) seconds from now."""
+        self.info = self.client._run(flows.renew(self.client, self.id, ttl))
 
     def __enter__(self) -> Lease:
         return self
@@ -185,12 +119,10 @@ class Lease:
         if not self.client.closed:
             self.release()
 
-    def __repr__(self) -> str:
-        return f"Lease({self.id}, pool={self.info.pool}, resources={self.info.resources})"
-
 
 class Client:
-    """Synchronous resd client. ``Client()`` finds the daemon like ``resctl`` does."""
+    """Synchronous resd client. ``Client()`` finds the daemon like ``resctl`` does;
+    ``timeout`` bounds each reply (not a wait for resources)."""
 
     def __init__(
         self,
@@ -201,103 +133,119 @@ class Client:
     ) -> None:
         self.timeout = timeout
         self._sock, self.socket_path = connect_socket(socket_path)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
-        self._leases: dict[str, Lease] = {}
-        self._events: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()  # guards the session
         self._send_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self.closed = False
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._callbacks: queue.SimpleQueue[tuple[LeaseState, Any] | None] | None = None
+        self.session = Session(
+            on_push=self._events.put, on_lease=self._on_lease, on_close=self._on_close
+        )
         self._reader = threading.Thread(
             target=self._read_loop, name="resd-client-reader", daemon=True
         )
         self._reader.start()
-        self.hello: HelloResult = self.call(
-            "hello", Hello(version=PROTOCOL_VERSION, client=f"{name}/{__version__}")
-        )
+        try:
+            self.hello: HelloResult = self.call(
+                "hello", Hello(version=PROTOCOL_VERSION, client=f"{name}/{__version__}")
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed is not None
 
     # ----------------------------------------------------------------- plumbing
 
     def call(self, op: str, args: Any) -> Any:
         """Send one request and wait for its typed result; raises ResdError subclasses."""
-        frame = self.call_raw(op, args)
-        if frame.get("ok"):
-            return from_wire(RESULTS[op], frame.get("result"), "result")
-        raise error_from_wire(frame.get("error"))
+        return self._run(flows.call(self, op, args))
 
     def call_raw(self, op: str, args: Any) -> dict[str, Any]:
-        rid = next(self._ids)
-        pending = _Pending()
-        with self._state_lock:
-            if self.closed:
-                raise UnavailableError("the connection to resd is closed")
-            self._pending[rid] = pending
-        data = encode_frame(request(rid, op, args))
-        try:
-            with self._send_lock:
-                self._sock.sendall(data)
-        except OSError as exc:
-            self._fail(f"sending to resd failed: {exc}")
-        if not pending.event.wait(self.timeout):
-            with self._state_lock:
-                self._pending.pop(rid, None)
-            raise UnavailableError(f"resd did not answer {op} within {self.timeout:g}s")
-        assert pending.frame is not None
-        return pending.frame
+        """Send one request and wait for its reply frame, as it came."""
+        frame: dict[str, Any] = self._run(flows.call(self, op, args, raw=True))
+        return frame
+
+    def _run(self, flow: Flow[T]) -> T:
+        runner = Runner(flow)
+        while True:
+            with self._lock:
+                need = runner.next()
+            if need is None:
+                return runner.result
+            try:
+                runner.done(self._perform(need))
+            except BaseException as exc:  # KeyboardInterrupt too: the flow cleans up
+                runner.failed(exc)
+
+    def _perform(self, need: Need) -> Any:
+        if isinstance(need, Send):
+            try:
+                with self._send_lock:
+                    self._sock.sendall(need.data)
+            except OSError as exc:
+                self._close_session(f"sending to resd failed: {exc}")
+            return None
+        if isinstance(need, Reply):
+            if not cast(threading.Event, need.call.done).wait(self.timeout):
+                with self._lock:
+                    raise self.session.abandon(need.call, self.timeout)
+            return need.outcome()
+        return cast(threading.Event, need.lease._settled).wait(need.timeout)
+
+    def _new_flag(self) -> threading.Event:
+        return threading.Event()
+
+    def _new_lease(self, info: ReservationInfo, on_reclaim: OnReclaim | None) -> Lease:
+        return Lease(self, info, on_reclaim)
 
     def _read_loop(self) -> None:
-        decoder = FrameDecoder(max_frame=64 << 20)
         reason = "resd closed the connection"
         try:
-            while True:
-                data = self._sock.recv(1 << 16)
-                if not data:
-                    break
-                decoder.feed(data)
-                for frame in decoder.frames():
-                    self._dispatch(frame)
+            while data := self._sock.recv(1 << 16):
+                with self._lock:
+                    self.session.receive(data)
         except (OSError, FrameTooLarge, BadFrame) as exc:
             reason = f"connection to resd failed: {exc}"
-        self._fail(reason)
+        self._close_session(reason)
 
-    def _dispatch(self, frame: dict[str, Any]) -> None:
-        if "event" in frame:
-            try:
-                event = decode_event(frame)
-            except ResdError:
-                return
-            reservation = getattr(event, "reservation", None)
-            lease = self._leases.get(reservation.id) if reservation is not None else None
-            if lease is not None:
-                lease._event(event)
-            self._events.put(event)
-            return
-        rid = frame.get("id")
-        with self._state_lock:
-            pending = self._pending.pop(rid, None) if isinstance(rid, int) else None
-        if pending is not None:
-            pending.frame = frame
-            pending.event.set()
+    def _close_session(self, reason: str) -> None:
+        with self._lock:
+            self.session.close(reason)
 
-    def _fail(self, reason: str) -> None:
-        with self._state_lock:
-            if self.closed and not self._pending:
-                return
-            self.closed = True
-            pending, self._pending = self._pending, {}
-        for p in pending.values():
-            p.frame = {"ok": False, "error": UnavailableError(reason).to_wire()}
-            p.event.set()
+    def _on_close(self) -> None:
         self._events.put(None)
+        if self._callbacks is not None:
+            self._callbacks.put(None)
+
+    def _on_lease(self, lease: LeaseState, event: Any) -> None:
+        if lease.on_event is None and lease.on_reclaim is None:
+            return
+        if self._callbacks is None:
+            self._callbacks = queue.SimpleQueue()
+            threading.Thread(
+                target=self._call_back,
+                args=(self._callbacks,),
+                name="resd-client-callbacks",
+                daemon=True,
+            ).start()
+        self._callbacks.put((lease, event))
+
+    @staticmethod
+    def _call_back(inbox: queue.SimpleQueue[tuple[LeaseState, Any] | None]) -> None:
+        while (item := inbox.get()) is not None:
+            notify(*item)
 
     def close(self) -> None:
-        """Close the connection; the daemon releases this client's session leases."""
-        if not self.closed:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+        """Close the connection; the daemon releases this client's session leases
+        and cancels its waiting requests."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=5)
         self._sock.close()
-        self._reader.join(timeout=5)
-        self._fail("client closed")
+        self._close_session("client closed")
 
     def __enter__(self) -> Client:
         return self
@@ -314,79 +262,88 @@ class Client:
 
     def reserve(
         self,
-        pool: str = "host",
+        pool: str | None = None,
         *,
-        cpu: object = None,
-        memory: object = None,
-        gpu: object = None,
-        resources: dict[str, object] | None = None,
-        tenant: str | None = None,
-        ttl: float | None = None,
-        binding: str = "session",
-        label: str = "",
-        reclaimable: bool = False,
+        wait: bool = True,
+        on_reclaim: OnReclaim | None = None,
+        **options: Unpack[ReserveOptions],
     ) -> Lease:
-        """Reserve now or raise (InsufficientError, ConflictError, ...).
+        """Reserve, waiting (by default) until it is granted; returns the ``Lease``.
 
-        The default ``session`` binding releases the lease when this client's
-        connection closes, e.g. when the worker process dies.
+        ``pool`` None lets the daemon choose (a ``selector``'s match, else ``host``).
+        Options: ``ReserveOptions``; the ``session`` binding ends the lease with this
+        connection. With ``wait=False`` it reserves now or raises. Raises
+        InsufficientError, ConflictError, ..., TimeoutError_ when ``timeout`` passed;
+        a KeyboardInterrupt while waiting cancels the request at the daemon first.
+        ``on_reclaim(lease)`` runs (on the callback thread) when the daemon asks a
+        ``reclaimable`` lease to give its resources back.
         """
-        args = Reserve(
-            pool=pool,
-            resources=resources_from(cpu, memory, gpu, resources),
-            tenant=tenant,
-            ttl=ttl,
-            binding=binding,  # type: ignore[arg-type]
-            label=label,
-            reclaimable=reclaimable,
-        )
-        info: ReservationInfo = self.call("reserve", args)
-        lease = Lease(self, info)
-        self._leases[info.id] = lease
-        return lease
+        return self.request(reserve_args(pool, wait=wait, **options), on_reclaim)
 
-    def try_reserve(self, pool: str = "host", **kwargs: Any) -> Lease | None:
-        """Like ``reserve`` but returns None when it does not fit or conflicts."""
-        try:
-            return self.reserve(pool, **kwargs)
-        except (InsufficientError, ConflictError):
-            return None
+    def try_reserve(
+        self,
+        pool: str | None = None,
+        *,
+        on_reclaim: OnReclaim | None = None,
+        **options: Unpack[ReserveOptions],
+    ) -> Lease | None:
+        """Reserve now without waiting; None when it does not fit or conflicts."""
+        args = reserve_args(pool, wait=False, **options)
+        return self._run(flows.try_reserve(flows.reserve(self, args, on_reclaim)))
+
+    def request(self, args: Reserve, on_reclaim: OnReclaim | None = None) -> Lease:
+        """``reserve`` with prebuilt arguments (internal units; ``args.wait`` decides)."""
+        return self._run(flows.reserve(self, args, on_reclaim))
 
     def release(self, reservation_id: str) -> ReservationInfo:
-        info: ReservationInfo = self.call("release", ReservationRef(id=reservation_id))
-        lease = self._leases.pop(reservation_id, None)
-        if lease is not None:
-            lease.ended = "released"
-        return info
+        """Release a reservation, or cancel a waiting request (state ``cancelled``)."""
+        return self._run(flows.release(self, reservation_id))
 
     def renew(self, reservation_id: str, ttl: float | None = None) -> ReservationInfo:
-        info: ReservationInfo = self.call("renew", Renew(id=reservation_id, ttl=ttl))
-        return info
+        return self._run(flows.renew(self, reservation_id, ttl))
 
     def status(self) -> Status:
-        status: Status = self.call("status", Empty())
-        return status
-
-    def list(self, pool: str | None = None, tenant: str | None = None) -> list[ReservationInfo]:
-        result = self.call("list", ListReservations(pool=pool, tenant=tenant))
-        reservations: list[ReservationInfo] = result.reservations
-        return reservations
+        return self._run(flows.status(self))
 
     def subscribe(self) -> Status:
         """Ask for ``state`` pushes; read them with ``events()``."""
-        status: Status = self.call("subscribe", Subscribe())
-        return status
+        return self._run(flows.subscribe(self))
+
+    def why(self, reservation_id: str) -> WaitInfo:
+        """Why a request waits: its queue position and what it waits for."""
+        return self._run(flows.why(self, reservation_id))
+
+    def plan(
+        self,
+        pool: str | None = None,
+        *,
+        request: Reserve | None = None,
+        priority: int | None = None,
+        wait: bool = True,
+        **options: Unpack[ReserveOptions],
+    ) -> PlanResult:
+        """Would this request fit, wait, or preempt whom? Changes nothing. Give reserve
+        arguments or a prebuilt ``request``; ``priority`` overrides the tenant's."""
+        return self._run(flows.plan(self, pool, request, priority, wait, dict(options)))
 
     def events(self, timeout: float | None = None) -> Iterator[Any]:
-        """Pushed events as they arrive; ends when the connection closes."""
+        """Pushed events as they arrive; ends when the connection closes, or when none
+        came for ``timeout`` seconds."""
         while True:
             try:
                 event = self._events.get(timeout=timeout)
             except queue.Empty:
                 return
             if event is None:
+                self._events.put(None)  # for the next reader
                 return
             yield event
+
+    def list(
+        self, pool: str | None = None, tenant: str | None = None, *, pending: bool = False
+    ) -> builtins.list[ReservationInfo]:
+        """Active reservations, or with ``pending`` the waiting requests in queue order."""
+        return self._run(flows.listing(self, pool, tenant, pending))
 
 
 __all__ = ["Client", "Lease", "StateEvent", "connect_socket", "resources_from"]

@@ -1,0 +1,384 @@
+"""The async clients' common body: the API over a ``_core.Session``, written once
+for trio (``resd_client.trio``) and asyncio (``resd_client.asyncio``).
+
+``AsyncClient`` owns the session, one background reader task, the ``events()``
+buffer and the API. Each backend supplies only what differs: a byte stream over the
+connected socket (whose failures it raises as OSError), events and locks, a timed
+wait, a shield from cancellation, and how the reader task is started and stopped.
+Nothing here imports trio or asyncio.
+
+Lease callbacks (``on_event``, ``on_reclaim``) are plain callables that run in the
+reader task, between its reads: they must not block; exceptions in them are logged
+(logger ``resd_client``) and ignored. A wait for resources that is cancelled is
+cancelled at the daemon too (shielded), so nothing stays queued.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import collections
+import functools
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Protocol, Self, TypeVar, Unpack, cast
+
+from resd_client import __version__
+from resd_client import _core as flows
+from resd_client._core import (
+    Flow,
+    LeaseState,
+    Need,
+    Reply,
+    ReserveOptions,
+    Runner,
+    Send,
+    Session,
+    notify,
+    reserve_args,
+)
+from resd_client._sync import connect_socket
+from resd_client.errors import UnavailableError
+from resd_client.protocol import (
+    PROTOCOL_VERSION,
+    BadFrame,
+    FrameTooLarge,
+    Hello,
+    HelloResult,
+    PlanResult,
+    ReservationInfo,
+    Reserve,
+    Status,
+    WaitInfo,
+)
+
+T = TypeVar("T")
+OnReclaim = Callable[["Lease"], object]
+log = logging.getLogger("resd_client")
+
+#: pushes kept for ``events()`` when nobody reads them (the oldest are dropped)
+MAX_QUEUED_EVENTS: Final = 4096
+
+
+class AsyncFlag(Protocol):
+    """``trio.Event`` or ``asyncio.Event``."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+class Stream(Protocol):
+    """A connected byte stream; raises OSError when the connection fails."""
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_some(self, max_bytes: int) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Lease(LeaseState):
+    """A reservation held through an async client; ``async with lease:`` releases it
+    on exit (shielded from cancellation). State, ``ended``, ``reclaim_requested``,
+    ``assigned`` and ``env``: see ``resd_client._core.LeaseState``."""
+
+    def __init__(
+        self, client: AsyncClient, info: ReservationInfo, on_reclaim: OnReclaim | None = None
+    ) -> None:
+        super().__init__(info, client._new_flag(), on_reclaim)
+        self.client = client
+
+    async def release(self) -> None:
+        """Release now; a lease that is already gone is left alone."""
+        await self.client._run(flows.release_lease(self.client, self))
+
+    async def renew(self, ttl: float | None = None) -> None:
+        """Extend the TTL: expires ``ttl`` (default: its own ttl) seconds from now."""
+        self.info = await self.client._run(flows.renew(self.client, self.id, ttl))
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.client.closed:
+            await self.client._run(flows.release_lease(self.client, self), shielded=True)
+
+
+class LeaseRequest:
+    """What ``client.reserve(...)`` returns: ``await`` it for the ``Lease``, or use it
+    as ``async with client.reserve(...) as lease:`` to release on exit."""
+
+    def __init__(self, client: AsyncClient, args: Reserve, on_reclaim: OnReclaim | None) -> None:
+        self._client = client
+        self._args = args
+        self._on_reclaim = on_reclaim
+        self._lease: Lease | None = None
+
+    def __await__(self) -> Generator[Any, None, Lease]:
+        return self._client.request(self._args, self._on_reclaim).__await__()
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self
+        return self._lease
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._lease is not None:
+            await self._lease.__aexit__(*exc)
+
+
+class _Events:
+    """The async iterator of ``AsyncClient.events`` (a plain object, not an async
+    generator: leaving the loop early needs no ``aclose``)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> Any:
+        client = self._client
+        while not client._queued:
+            if client.closed:
+                raise StopAsyncIteration
+            if client._arrived.is_set():  # a fresh flag, shared by all who wait
+                client._arrived = client._new_flag()
+            await client._arrived.wait()
+        return client._queued.popleft()
+
+
+class AsyncClient(abc.ABC):
+    """The API of the async clients (see the module doc); ``timeout`` bounds each
+    reply (not a wait for resources). Use a backend's ``Client``."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        name: str = "resd_client",
+        timeout: float = 30.0,
+    ) -> None:
+        self.timeout = timeout
+        self.name = name
+        self._where = socket_path
+        self.socket_path: Path | None = None
+        self.hello: HelloResult | None = None
+        self._stream: Stream | None = None
+        self._send_lock = self._new_lock()
+        self._queued: collections.deque[Any] = collections.deque(maxlen=MAX_QUEUED_EVENTS)
+        self._arrived = self._new_flag()
+        self.session = Session(on_push=self._on_push, on_lease=notify, on_close=self._on_close)
+
+    # ---------------------------------------------------------------- backend
+
+    @abc.abstractmethod
+    def _new_flag(self) -> AsyncFlag: ...
+
+    @abc.abstractmethod
+    def _new_lock(self) -> AbstractAsyncContextManager[Any]: ...
+
+    @abc.abstractmethod
+    async def _wait(self, flag: AsyncFlag, limit: float | None) -> bool:
+        """Whether ``flag`` was set within ``limit`` seconds (None: no limit)."""
+
+    @abc.abstractmethod
+    async def _shielded(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """``await fn()`` to its end even if this task is cancelled meanwhile (the
+        cancellation is delivered afterwards)."""
+
+    @abc.abstractmethod
+    async def _begin(self, sock: socket.socket) -> Stream:
+        """Wrap the connected ``sock`` and start ``_read_loop`` on it in the background."""
+
+    @abc.abstractmethod
+    async def _end(self) -> None:
+        """Stop the reader task (the stream is closed already)."""
+
+    # ---------------------------------------------------------------- plumbing
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed is not None
+
+    async def open(self) -> None:
+        """Connect and say hello; raises UnavailableError when no daemon listens."""
+        sock, self.socket_path = connect_socket(self._where)
+        self._stream = await self._begin(sock)
+        try:
+            self.hello = await self.call(
+                "hello", Hello(version=PROTOCOL_VERSION, client=f"{self.name}/{__version__}")
+            )
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the connection; the daemon releases this client's session leases
+        and cancels its waiting requests."""
+        self.session.close("client closed")
+        if self._stream is not None:
+            await self._shielded(self._stream.aclose)
+        await self._end()
+
+    aclose = close
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def call(self, op: str, args: Any) -> Any:
+        """Send one request and wait for its typed result; raises ResdError subclasses."""
+        return await self._run(flows.call(self, op, args))
+
+    async def call_raw(self, op: str, args: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply frame, as it came."""
+        frame: dict[str, Any] = await self._run(flows.call(self, op, args, raw=True))
+        return frame
+
+    async def _run(self, flow: Flow[T], *, shielded: bool = False) -> T:
+        runner = Runner(flow)
+        while (need := runner.next()) is not None:
+            try:
+                if shielded or runner.cleaning or isinstance(need, Send):
+                    value = await self._shielded(functools.partial(self._perform, need))
+                else:
+                    value = await self._perform(need)
+                runner.done(value)
+            except BaseException as exc:  # cancellation too: the flow cleans up
+                runner.failed(exc)
+        return runner.result
+
+    async def _perform(self, need: Need) -> Any:
+        if isinstance(need, Send):
+            if self._stream is None:
+                raise UnavailableError("not connected: use 'async with Client(...)'")
+            try:
+                async with self._send_lock:
+                    await self._stream.send_all(need.data)
+            except OSError as exc:
+                self.session.close(f"sending to resd failed: {exc}")
+            return None
+        if isinstance(need, Reply):
+            if not await self._wait(cast(AsyncFlag, need.call.done), self.timeout):
+                raise self.session.abandon(need.call, self.timeout)
+            return need.outcome()
+        return await self._wait(cast(AsyncFlag, need.lease._settled), need.timeout)
+
+    def _new_lease(self, info: ReservationInfo, on_reclaim: OnReclaim | None) -> Lease:
+        return Lease(self, info, on_reclaim)
+
+    async def _read_loop(self, stream: Stream) -> None:
+        """The reader task: feeds the session until the connection ends; never raises
+        (a failure closes the session, which fails what waits)."""
+        reason = "resd closed the connection"
+        try:
+            while data := await stream.receive_some(1 << 16):
+                self.session.receive(data)
+        except (OSError, FrameTooLarge, BadFrame) as exc:
+            reason = f"connection to resd failed: {exc}"
+        except Exception as exc:  # a bug here must not cancel the caller's block
+            log.exception("resd client reader failed")
+            reason = f"the client's reader failed: {exc!r}"
+        finally:
+            self.session.close(reason)
+
+    def _on_push(self, event: Any) -> None:
+        self._queued.append(event)
+        self._arrived.set()
+
+    def _on_close(self) -> None:
+        self._arrived.set()
+
+    # ---------------------------------------------------------------- the API
+
+    def reserve(
+        self,
+        pool: str | None = None,
+        *,
+        wait: bool = True,
+        on_reclaim: OnReclaim | None = None,
+        **options: Unpack[ReserveOptions],
+    ) -> LeaseRequest:
+        """Reserve, waiting (by default) until granted: ``lease = await
+        client.reserve(...)`` or ``async with client.reserve(...) as lease:``.
+
+        As the sync ``Client.reserve``; a cancelled wait is cancelled at the daemon
+        (shielded) before the cancellation goes on. ``on_reclaim(lease)`` runs in the
+        reader task. Bad arguments raise InvalidError here, before any await.
+        """
+        return LeaseRequest(self, reserve_args(pool, wait=wait, **options), on_reclaim)
+
+    async def try_reserve(
+        self,
+        pool: str | None = None,
+        *,
+        on_reclaim: OnReclaim | None = None,
+        **options: Unpack[ReserveOptions],
+    ) -> Lease | None:
+        """Reserve now without waiting; None when it does not fit or conflicts."""
+        args = reserve_args(pool, wait=False, **options)
+        return await self._run(flows.try_reserve(flows.reserve(self, args, on_reclaim)))
+
+    async def request(self, args: Reserve, on_reclaim: OnReclaim | None = None) -> Lease:
+        """``reserve`` with prebuilt arguments (internal units; ``args.wait`` decides)."""
+        return await self._run(flows.reserve(self, args, on_reclaim))
+
+    async def release(self, reservation_id: str) -> ReservationInfo:
+        """Release a reservation, or cancel a waiting request (state ``cancelled``)."""
+        return await self._run(flows.release(self, reservation_id))
+
+    async def renew(self, reservation_id: str, ttl: float | None = None) -> ReservationInfo:
+        return await self._run(flows.renew(self, reservation_id, ttl))
+
+    async def status(self) -> Status:
+        return await self._run(flows.status(self))
+
+    async def subscribe(self) -> Status:
+        """Ask for ``state`` pushes; read them with ``events()``."""
+        return await self._run(flows.subscribe(self))
+
+    async def why(self, reservation_id: str) -> WaitInfo:
+        """Why a request waits: its queue position and what it waits for."""
+        return await self._run(flows.why(self, reservation_id))
+
+    async def plan(
+        self,
+        pool: str | None = None,
+        *,
+        request: Reserve | None = None,
+        priority: int | None = None,
+        wait: bool = True,
+        **options: Unpack[ReserveOptions],
+    ) -> PlanResult:
+        """Would this request fit, wait, or preempt whom? Changes nothing."""
+        return await self._run(flows.plan(self, pool, request, priority, wait, dict(options)))
+
+    def events(self) -> AsyncIterator[Any]:
+        """Pushed events as they arrive (at most ``MAX_QUEUED_EVENTS`` kept unread):
+        ``async for event in client.events():``; ends when the connection closes."""
+        return _Events(self)
+
+    async def list(
+        self, pool: str | None = None, tenant: str | None = None, *, pending: bool = False
+    ) -> builtins.list[ReservationInfo]:
+        """Active reservations, or with ``pending`` the waiting requests in queue order."""
+        return await self._run(flows.listing(self, pool, tenant, pending))
+
+
+__all__ = ["AsyncClient", "Lease", "LeaseRequest"]
