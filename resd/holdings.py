@@ -148,7 +148,7 @@ class PoolHoldings:
             if name == VRAM:
                 chosen, available = self._slice(args.resources[VRAM], args.constraints, policy)
                 if chosen is None:
-                    short[VRAM] = _short(args.resources[VRAM], available)
+                    short[VRAM] = shortfall(args.resources[VRAM], available)
                 else:
                     members[GPU] = (chosen,)
                     devices = (self._labels(GPU, chosen),)
@@ -160,7 +160,7 @@ class PoolHoldings:
                     len(set(args.members[name])) if name in args.members else args.resources[name]
                 )
                 if picked is None:
-                    short[name] = _short(wanted, available)
+                    short[name] = shortfall(wanted, available)
                 else:
                     members[name] = picked
                     counts[name] = len(picked)
@@ -174,7 +174,7 @@ class PoolHoldings:
                     else args.resources[name]
                 )
                 if taken is None:
-                    short[name] = _short(wanted, available)
+                    short[name] = shortfall(wanted, available)
                 else:
                     values[name] = tuple(taken)
                     counts[name] = count(taken)
@@ -332,7 +332,7 @@ def _resource(pool: Pool, name: str) -> Capacity:
     return cap
 
 
-def _short(requested: int, available: int) -> dict[str, int]:
+def shortfall(requested: int, available: int) -> dict[str, int]:
     return {
         "requested": requested,
         "available": max(available, 0),

@@ -344,6 +344,10 @@ class PoolActor(Actor):
             if not args.wait and not self._preemptible(w):
                 self._commit(events)
                 raise denial_error(events[0])
+        impossible = self.book.never_fits(args)
+        if impossible is not None:  # waiting would be forever
+            self._commit([self.book.denied(args, pools[0], w.tenant, now, impossible)])
+            raise impossible
         self.queue.add(w, None if args.timeout is None else trio.current_time() + args.timeout)
         self._replying = w.id
         try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from resd.holdings import GPU, VRAM, PoolHoldings, members_of
+from resd.holdings import GPU, VRAM, PoolHoldings, members_of, shortfall
 from resd.records import (
     Capacity,
     Denied,
@@ -422,11 +422,7 @@ class PoolBook:
                 continue
             available = self.available(pool, name)
             if amount > available:
-                short[name] = {
-                    "requested": amount,
-                    "available": max(available, 0),
-                    "shortfall": amount - max(available, 0),
-                }
+                short[name] = shortfall(amount, available)
         placement, missing = self.holdings[pool.name].place(
             pool, args, args.placement or pool.placement
         )
@@ -460,6 +456,35 @@ class PoolBook:
             priority=tenant.priority,
             pid=None if pid is None else pid[0],
             pid_start=None if pid is None else pid[1],
+        )
+
+    def never_fits(self, args: Reserve, pools: list[Pool] | None = None) -> ResdError | None:
+        """The refusal of a request that would not fit any of its pools even if they
+        were empty (waiting for it would be forever); None when it could fit."""
+        pools = self.check_request(args) if pools is None else pools
+        shorts = []
+        for pool in pools:
+            short = {
+                name: shortfall(amount, pool.resources[name].effective)
+                for name, amount in args.resources.items()
+                if name != VRAM
+                and pool.resources[name].kind == "scalar"
+                and amount > pool.resources[name].effective
+            }
+            _, missing = PoolHoldings.of(pool).place(pool, args, args.placement or pool.placement)
+            short.update(missing)
+            if not short:
+                return None
+            shorts.append((pool.name, short))
+        name, short = shorts[0]
+        text = "; ".join(
+            f"{n}: requested {render_quantity(n, s['requested'])},"
+            f" the pool has {render_quantity(n, s['available'])} in all"
+            for n, s in short.items()
+        )
+        return InsufficientError(
+            f"pool {name!r} can never fit the request, even empty: {text}",
+            {"pool": name, "resources": short, "never": True},
         )
 
     def _fill(self, pool: Pool, r: Reservation) -> float:

@@ -52,6 +52,8 @@ def plan(book: PoolBook, args: Reserve, tenant: Tenant, now: float) -> Plan:
     for pool in pools:
         if _fits(book, args, tenant, pool, now):
             return Plan("fits", pool.name)
+    if book.never_fits(args, pools) is not None:
+        return Plan("never", pools[0].name)
     best: Plan | None = None
     for pool in pools:
         if pool.preemption != "lower_priority":

@@ -243,3 +243,14 @@ def daemons(short_tmp: Path) -> Iterator[Daemons]:
         yield d
     finally:
         d.cleanup()
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    """``resctl run`` processes started in the background; killed if a test fails."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=10)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,17 +81,6 @@ def run(proc: Proc, *args: str, timeout: float = 30) -> subprocess.CompletedProc
         text=True,
         timeout=timeout,
     )
-
-
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[str]]]:
-    """``resctl run`` processes started in the background; killed if a test fails."""
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.communicate(timeout=10)
 
 
 def start(procs: list[subprocess.Popen[str]], proc: Proc, *args: str) -> subprocess.Popen[str]:

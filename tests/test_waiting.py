@@ -188,3 +188,15 @@ async def test_timeout_needs_wait_and_is_bounded(inproc: InProcess) -> None:
         reply = await c.request("reserve", bad)
         assert reply["error"]["code"] == "invalid", bad
     assert (await c.ok("list"))["reservations"] == []
+
+
+async def test_a_request_that_could_never_fit_is_refused_at_once(inproc: InProcess) -> None:
+    c = await WireClient.connect(inproc.socket)
+    await pool(c)
+    reply = await c.request("reserve", ask("low", 9000, wait=True))
+    assert reply["error"]["code"] == "insufficient"
+    assert "never" in reply["error"]["message"] and reply["error"]["details"]["never"] is True
+    assert reply["error"]["details"]["resources"]["cpu"]["available"] == 8000
+    assert await pending(c) == []
+    plan = await c.ok("plan", {"request": ask("high", 9000)})
+    assert plan["outcome"] == "never"

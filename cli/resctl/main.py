@@ -12,7 +12,7 @@ import time
 
 import typer
 
-from resctl import export, pools, reservations, run, tenants, watch
+from resctl import export, pools, reservations, run, tenants, waiting, watch
 from resctl.options import JsonOpt, SocketOpt
 from resctl.render import status_view
 from resctl.session import Output, connect, guard
@@ -39,6 +39,8 @@ app.command("renew")(reservations.renew)
 app.command("preempt")(reservations.preempt)
 app.command("list")(reservations.list_)
 app.command("resources")(reservations.resources)
+app.command("why")(waiting.why)
+app.command("plan")(waiting.plan)
 app.command("export")(export.export)
 app.command("watch")(watch.watch)
 app.command(

@@ -108,6 +108,39 @@ ResOpt = Annotated[
 ]
 PoolNameOpt = Annotated[str, typer.Option("--name", metavar="POOL", help="Pool name.")]
 TenantNameOpt = Annotated[str, typer.Option("--name", metavar="TENANT", help="Tenant name.")]
+NoWaitOpt = Annotated[
+    bool,
+    typer.Option("--no-wait", help="Fail at once when it does not fit instead of waiting."),
+]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait", help="Wait in the queue until it fits (the daemon says when; Ctrl-C cancels)."
+    ),
+]
+WaitTimeoutOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--timeout", metavar="SECONDS", help="Give up waiting after this long (30, 5m); exit 9."
+    ),
+]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--deadline",
+        metavar="WHEN",
+        help="When this must start by: ranks it before equal-priority waiters with later"
+        " deadlines. A duration from now (30m) or a time (2026-11-23T18:00).",
+    ),
+]
+PidOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--pid",
+        metavar="PID",
+        help="Release when this process exits (a pid binding; pid reuse cannot keep it).",
+    ),
+]
 ReservationIdOpt = Annotated[str, typer.Option("--id", metavar="ID", help="Reservation id (r-…).")]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Also release the active reservations it holds.")
@@ -326,12 +359,9 @@ def _parse_units(raw: str, text: str, what: str) -> float:
     return total
 
 
-def parse_since(text: str, now: float) -> float:
-    """Unix seconds from an ISO-8601 time, unix seconds, or a duration ago (``2h``).
-
-    Naive ISO times are local time. Raises InvalidError when ``text`` is none of
-    these, or when the result is negative or in the future.
-    """
+def _parse_time(text: str, now: float, flag: str, direction: int) -> float:
+    """Unix seconds from an ISO-8601 time (naive: local), unix seconds, or a
+    duration counted from ``now`` (``direction`` -1: ago, +1: from now)."""
     raw = text.strip()
     result: float
     try:
@@ -341,21 +371,33 @@ def parse_since(text: str, now: float) -> float:
             when = datetime.fromisoformat(raw)
         except ValueError:
             try:
-                result = now - _parse_units(raw.lower(), text, "--since")
+                result = now + direction * _parse_units(raw.lower(), text, flag)
             except InvalidError:
+                relative = "ago" if direction < 0 else "from now"
                 raise InvalidError(
-                    f"--since: {text!r} is not a time; use an ISO-8601 time "
-                    "(2026-01-31T12:00:00), unix seconds (1767225600) or a duration ago "
+                    f"{flag}: {text!r} is not a time; use an ISO-8601 time "
+                    f"(2026-01-31T12:00:00), unix seconds (1767225600) or a duration {relative} "
                     "(90s, 10m, 2h, 1d)",
-                    {"field": "since", "value": text},
+                    {"field": flag.lstrip("-"), "value": text},
                 ) from None
         else:
             result = (when if when.tzinfo else when.astimezone()).timestamp()
     if not math.isfinite(result) or result < 0:
-        raise InvalidError(f"--since: {text!r} is before 1970", {"field": "since"})
+        raise InvalidError(f"{flag}: {text!r} is before 1970", {"field": flag.lstrip("-")})
+    return result
+
+
+def parse_since(text: str, now: float) -> float:
+    """``--since``: a time, unix seconds, or a duration ago (``2h``); not in the future."""
+    result = _parse_time(text, now, "--since", -1)
     if result > now + 1:
         raise InvalidError(f"--since: {text!r} is in the future", {"field": "since"})
     return result
+
+
+def parse_deadline(text: str, now: float) -> float:
+    """``--deadline``: a time, unix seconds, or a duration from now (``30m``)."""
+    return _parse_time(text, now, "--deadline", +1)
 
 
 # ---------------------------------------------------------------- identities

@@ -29,6 +29,7 @@ from resd_client.protocol import (
     ReservationInfo,
     ResourceUsage,
     TenantInfo,
+    WaitInfo,
     to_wire,
 )
 from resd_client.quantity import render_quantity
@@ -580,3 +581,39 @@ def insufficient_lines(details: dict[str, Any]) -> list[str]:
         if parts:
             out.append(f"  {name}: " + ", ".join(parts))
     return out
+
+
+def pending_table(waiters: Sequence[ReservationInfo], now: float, *, plain: bool) -> Table:
+    """Queued requests in queue order: position, what they ask, why they wait."""
+    table = make_table(
+        "#", "id", "tenant", "priority", "pool", "resources", "reason", "waiting", plain=plain
+    )
+    for w in waiters:
+        table.add_row(
+            str(w.position),
+            w.id,
+            w.tenant,
+            str(w.priority),
+            w.pool,
+            amounts(w.resources),
+            w.reason,
+            duration(max(0.0, now - w.created_at)),
+        )
+    return table
+
+
+def wait_lines(info: WaitInfo) -> list[str]:
+    """``why``: the position, the reason, and the per-resource shortfall if any."""
+    if info.state != "pending":
+        return [info.message]
+    lines = [
+        f"{info.id} is waiting: position {info.position} of {info.queued}",
+        f"reason: {info.reason} — {info.message}",
+    ]
+    lines += insufficient_lines(info.details)
+    return lines
+
+
+def waiting_line(info: ReservationInfo) -> str:
+    """Said on stderr while a request waits: its id, place and reason."""
+    return f"waiting as {info.id} (position {info.position}: {info.reason}); Ctrl-C cancels"

@@ -4,19 +4,21 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from resctl.options import (
     ContiguousOpt,
     CpuOpt,
+    DeadlineOpt,
     GpuModelOpt,
     GpuOpt,
     JsonOpt,
     MemberOpt,
     MemoryOpt,
     NumaOpt,
+    PidOpt,
     PlacementOpt,
     ReservationIdOpt,
     ReservePoolOpt,
@@ -24,12 +26,22 @@ from resctl.options import (
     SelectorOpt,
     SocketOpt,
     VramOpt,
+    WaitOpt,
+    WaitTimeoutOpt,
     build,
+    parse_deadline,
     parse_duration,
     reserve_fields,
 )
-from resctl.render import host_resources_view, reservation_line, reservations_table
+from resctl.render import (
+    host_resources_view,
+    pending_table,
+    reservation_line,
+    reservations_table,
+    waiting_line,
+)
 from resctl.session import Output, connect, guard
+from resd_client.errors import InvalidError
 from resd_client.protocol import (
     HostResources,
     ListReservations,
@@ -86,10 +98,16 @@ def reserve(
     ttl: TtlOpt = None,
     label: LabelOpt = "",
     reclaimable: ReclaimableOpt = False,
+    wait: WaitOpt = False,
+    timeout: WaitTimeoutOpt = None,
+    deadline: DeadlineOpt = None,
+    pid: PidOpt = None,
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
 ) -> None:
-    """Reserve resources until released, expired or preempted; prints the id first."""
+    """Reserve resources until released, expired or preempted; prints the id first.
+
+    With --wait it queues when it does not fit and returns once granted."""
     out = Output(json_out)
     with guard(out):
         args = build(
@@ -111,15 +129,28 @@ def reserve(
                 ),
                 "tenant": tenant,
                 "ttl": _ttl(ttl),
-                "binding": "detached",
+                "binding": "detached" if pid is None else "pid",
+                "pid": pid,
                 "label": label,
                 "reclaimable": reclaimable,
+                **wait_fields(wait, timeout, deadline),
             },
         )
         with connect(socket) as client:
-            info: ReservationInfo = client.call("reserve", args)
+            info = client.request(args, on_pending=lambda w: out.warn(waiting_line(w))).info
         out.emit(info)
         out.line(reservation_line(info, time.time()))
+
+
+def wait_fields(wait: bool, timeout: str | None, deadline: str | None) -> dict[str, Any]:
+    """The ``Reserve`` fields of ``--wait``/``--no-wait``, ``--timeout``, ``--deadline``."""
+    if timeout is not None and not wait:
+        raise InvalidError("--timeout: only a waiting request has one", {"field": "timeout"})
+    return {
+        "wait": wait,
+        "timeout": None if timeout is None else parse_duration(timeout, "timeout"),
+        "deadline": None if deadline is None else parse_deadline(deadline, time.time()),
+    }
 
 
 def unreserve(
@@ -197,20 +228,25 @@ def list_(
     tenant: Annotated[
         str | None, typer.Option("--tenant", metavar="TENANT", help="Only this tenant.")
     ] = None,
+    pending: Annotated[
+        bool,
+        typer.Option("--pending", help="List queued requests instead, in queue order."),
+    ] = False,
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
 ) -> None:
-    """List active reservations."""
+    """List active reservations (or, with --pending, the requests waiting for room)."""
     out = Output(json_out)
     with guard(out):
-        args = build(ListReservations, {"pool": pool, "tenant": tenant})
+        args = build(ListReservations, {"pool": pool, "tenant": tenant, "pending": pending})
         with connect(socket) as client:
             result: ReservationList = client.call("list", args)
         out.emit(result)
+        table = pending_table if pending else reservations_table
         if result.reservations:
-            out.show(reservations_table(result.reservations, time.time(), plain=out.plain))
+            out.show(table(result.reservations, time.time(), plain=out.plain))
         else:
-            out.line("no active reservations")
+            out.line("no waiting requests" if pending else "no active reservations")
 
 
 ResourcesPoolOpt = Annotated[

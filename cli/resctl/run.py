@@ -50,11 +50,13 @@ from typer.core import TyperCommand
 from resctl.options import (
     ContiguousOpt,
     CpuOpt,
+    DeadlineOpt,
     GpuModelOpt,
     GpuOpt,
     JsonOpt,
     MemberOpt,
     MemoryOpt,
+    NoWaitOpt,
     NumaOpt,
     PlacementOpt,
     ReservePoolOpt,
@@ -62,12 +64,13 @@ from resctl.options import (
     SelectorOpt,
     SocketOpt,
     VramOpt,
+    WaitTimeoutOpt,
     build,
     require_choice,
     reserve_fields,
 )
-from resctl.render import json_text, reservation_line
-from resctl.reservations import LabelOpt, ReclaimableOpt, TenantOpt, TtlOpt, _ttl
+from resctl.render import json_text, reservation_line, waiting_line
+from resctl.reservations import LabelOpt, ReclaimableOpt, TenantOpt, TtlOpt, _ttl, wait_fields
 from resctl.session import CLIENT_NAME, Output, guard
 from resd_client import Client, Lease
 from resd_client.env import GPU_IDS, GpuIds
@@ -83,6 +86,7 @@ from resd_client.protocol import (
     PoolInfo,
     PoolName,
     PreemptedEvent,
+    ReclaimEvent,
     ReservationInfo,
     Reserve,
 )
@@ -446,6 +450,17 @@ class Supervisor:
                 TimeoutError_(f"reservation {info.id} expired (ttl {info.ttl or 0:g}s)"),
                 now + self.kill_after,
             )
+        elif isinstance(event, ReclaimEvent):
+            # CMD ending in time lets resctl release: given back, nobody killed.
+            left = max(0.0, event.deadline - time.time())
+            self._end(
+                pgid,
+                PreemptedError(
+                    f"reservation {info.id} is reclaimed by {event.by}; it must be given back"
+                    f" within {left:.3g}s"
+                ),
+                now + left,
+            )
         elif isinstance(event, PreemptedEvent):
             if info.state == "terminating" and event.deadline is not None:
                 left = max(0.0, event.deadline - time.time())
@@ -644,6 +659,9 @@ def run(
     ttl: TtlOpt = None,
     label: LabelOpt = "",
     reclaimable: ReclaimableOpt = False,
+    no_wait: NoWaitOpt = False,
+    timeout: WaitTimeoutOpt = None,
+    deadline: DeadlineOpt = None,
     gpu_ids: Annotated[
         str,
         typer.Option(
@@ -696,12 +714,15 @@ def run(
                 "binding": "session",
                 "label": label,
                 "reclaimable": reclaimable,
+                **wait_fields(not no_wait, timeout, deadline),
             },
         )
         client = Client(socket, name=CLIENT_NAME)
         try:
-            info: ReservationInfo = client.call("reserve", args)
-            lease = Lease.track(client, info)
+            lease = client.request(
+                args, on_pending=lambda w: out.warn(waiting_line(w)) if not quiet else None
+            )
+            info: ReservationInfo = lease.info
             if not quiet:
                 text = (
                     json_text(info, compact=True)

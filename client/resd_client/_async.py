@@ -335,9 +335,14 @@ class AsyncClient(abc.ABC):
         args = reserve_args(pool, wait=False, **options)
         return await self._run(flows.try_reserve(flows.reserve(self, args, on_reclaim)))
 
-    async def request(self, args: Reserve, on_reclaim: OnReclaim | None = None) -> Lease:
+    async def request(
+        self,
+        args: Reserve,
+        on_reclaim: OnReclaim | None = None,
+        on_pending: Callable[[ReservationInfo], object] | None = None,
+    ) -> Lease:
         """``reserve`` with prebuilt arguments (internal units; ``args.wait`` decides)."""
-        return await self._run(flows.reserve(self, args, on_reclaim))
+        return await self._run(flows.reserve(self, args, on_reclaim, on_pending))
 
     async def release(self, reservation_id: str) -> ReservationInfo:
         """Release a reservation, or cancel a waiting request (state ``cancelled``)."""

@@ -566,9 +566,13 @@ def ask(host: Host[LeaseState], op: str, args: Any, result: type[T]) -> Flow[T]:
 
 
 def reserve(
-    host: Host[L], args: Reserve, on_reclaim: Callable[[Any], object] | None = None
+    host: Host[L],
+    args: Reserve,
+    on_reclaim: Callable[[Any], object] | None = None,
+    on_pending: Callable[[ReservationInfo], object] | None = None,
 ) -> Flow[L]:
-    """Reserve; with ``args.wait``, wait until granted or denied.
+    """Reserve; with ``args.wait``, wait until granted or denied. ``on_pending(info)``
+    runs once if the request is queued (``info`` has its position and reason).
 
     Raises the daemon's refusal (InsufficientError, ConflictError, ...), and for a
     wait that ended ungranted its error (TimeoutError_ when ``timeout`` passed). An
@@ -587,6 +591,8 @@ def reserve(
     lease = host.session.track(host._new_lease(info, on_reclaim))
     if lease.pending:
         try:
+            if on_pending is not None:
+                on_pending(info)
             settled = yield Await(lease, wait_limit(args, host.timeout))
             if not settled:
                 raise TimeoutError_(

@@ -291,9 +291,14 @@ class Client:
         args = reserve_args(pool, wait=False, **options)
         return self._run(flows.try_reserve(flows.reserve(self, args, on_reclaim)))
 
-    def request(self, args: Reserve, on_reclaim: OnReclaim | None = None) -> Lease:
+    def request(
+        self,
+        args: Reserve,
+        on_reclaim: OnReclaim | None = None,
+        on_pending: Callable[[ReservationInfo], object] | None = None,
+    ) -> Lease:
         """``reserve`` with prebuilt arguments (internal units; ``args.wait`` decides)."""
-        return self._run(flows.reserve(self, args, on_reclaim))
+        return self._run(flows.reserve(self, args, on_reclaim, on_pending))
 
     def release(self, reservation_id: str) -> ReservationInfo:
         """Release a reservation, or cancel a waiting request (state ``cancelled``)."""
