@@ -107,6 +107,42 @@ def new_reservation_id() -> str:
     return "r-" + secrets.token_hex(6)
 
 
+class Holders:
+    """Whom to push news of a reservation to: the connection that made it, while it
+    is open. Indexed both ways so a closing connection forgets all its entries and
+    an ending reservation its one, whatever the binding."""
+
+    def __init__(self) -> None:
+        self._outbox: dict[str, tuple[str, Outbox]] = {}
+        self._of_connection: dict[str, set[str]] = {}
+
+    def add(self, rid: str, connection: str, outbox: Outbox) -> None:
+        self._outbox[rid] = (connection, outbox)
+        self._of_connection.setdefault(connection, set()).add(rid)
+
+    def get(self, rid: str) -> Outbox | None:
+        entry = self._outbox.get(rid)
+        return None if entry is None else entry[1]
+
+    def drop(self, rid: str) -> Outbox | None:
+        entry = self._outbox.pop(rid, None)
+        if entry is None:
+            return None
+        connection, outbox = entry
+        mine = self._of_connection[connection]
+        mine.discard(rid)
+        if not mine:
+            del self._of_connection[connection]
+        return outbox
+
+    def drop_connection(self, connection: str) -> None:
+        for rid in self._of_connection.pop(connection, ()):
+            del self._outbox[rid]
+
+    def __len__(self) -> int:
+        return len(self._outbox)
+
+
 class PoolActor(Actor):
     name = "pool-actor"
 
@@ -136,7 +172,7 @@ class PoolActor(Actor):
         #: tells the process watcher (``Watch``/``Unwatch``); None: pid bindings are
         #: recorded but not watched (unit tests)
         self.watcher = watcher
-        self.holders: dict[str, Outbox] = {}
+        self.holders = Holders()
         self.subscribers: set[Outbox] = set()
         self.queue = WaitQueue()
         self._dirty = False
@@ -203,7 +239,7 @@ class PoolActor(Actor):
             self._effects(event, gone, lsn)
         if self.queue and any(
             not isinstance(e, Ended | Reserved | Renewed | Terminating | Denied)
-            or (isinstance(e, Ended) and self.queue.pools[gone[e.id].pool])
+            or (isinstance(e, Ended) and self.queue.concerns(gone[e.id]))
             for e in events
         ):
             self._queue_dirty = True
@@ -245,7 +281,7 @@ class PoolActor(Actor):
                 self.arbiter.tell(Cancel(rid))
                 if gone[rid].pid is not None and self.watcher is not None:
                     self.watcher.tell(Unwatch(rid))
-                outbox = self.holders.pop(rid, None)
+                outbox = self.holders.drop(rid)
                 if outbox is not None and state in ("expired", "preempted"):
                     info = gone[rid].info(state=state, ended_at=at)
                     note: Any = (
@@ -369,7 +405,7 @@ class PoolActor(Actor):
     def _granted_now(self, w: Waiter, events: list[PoolEvent]) -> tuple[ReservationInfo, int]:
         lsn = self._commit(events)
         if w.outbox is not None:
-            self.holders[w.id] = w.outbox
+            self.holders.add(w.id, w.session, w.outbox)
         return self.book.reservations[w.id].info(), lsn
 
     def _decide(self, w: Waiter, now: float) -> list[PoolEvent]:
@@ -502,8 +538,7 @@ class PoolActor(Actor):
         for w in self.queue.of_session(msg.session):
             w.outbox = None
             self._end_waiter(w, ConflictError("the connection closed while waiting", {"id": w.id}))
-        for rid in [rid for rid, r in self.book.reservations.items() if r.session == msg.session]:
-            self.holders.pop(rid, None)
+        self.holders.drop_connection(msg.session)
         return self._commit(self.book.end_sessions(msg.session, self.wall(), "session closed"))
 
     def _release_tenant(self, msg: ReleaseTenant) -> int:

@@ -77,6 +77,8 @@ class PoolBook:
     holdings: dict[str, PoolHoldings] = attrs.Factory(dict)
     #: tenant → live reservations, for fair-share ranking of waiters.
     tenant_live: Counter[str] = attrs.Factory(Counter)
+    #: connection id → its session-bound reservations (released when it closes)
+    by_session: dict[str, set[str]] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -585,11 +587,11 @@ class PoolBook:
 
     def end_sessions(self, session: str | None, now: float, reason: str) -> list[PoolEvent]:
         """Release session-bound reservations of one connection (or of all, on restart)."""
-        return [
-            Ended(r.id, "released", now, reason)
-            for r in self.reservations.values()
-            if r.binding == "session" and (session is None or r.session == session)
-        ]
+        if session is None:
+            ids = [rid for held in self.by_session.values() for rid in held]
+        else:
+            ids = list(self.by_session.get(session, ()))
+        return [Ended(rid, "released", now, reason) for rid in ids]
 
     # ------------------------------------------------------------------ apply
 
@@ -656,6 +658,8 @@ class PoolBook:
         self.holdings[r.pool].hold(r)
         self._held.setdefault((r.pool, r.tenant), set()).add(r.id)
         self.tenant_live[r.tenant] += 1
+        if r.binding == "session":
+            self.by_session.setdefault(r.session, set()).add(r.id)
 
     def _unhold(self, r: Reservation) -> None:
         del self.reservations[r.id]
@@ -670,6 +674,11 @@ class PoolBook:
         self.tenant_live[r.tenant] -= 1
         if not self.tenant_live[r.tenant]:
             del self.tenant_live[r.tenant]
+        if r.binding == "session":
+            mine = self.by_session[r.session]
+            mine.discard(r.id)
+            if not mine:
+                del self.by_session[r.session]
 
     def _record(self, at: float, kind: str, r: Reservation, detail: str) -> None:
         self._push(

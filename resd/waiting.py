@@ -21,7 +21,7 @@ import attrs
 from resd.actor import TimerHeap
 from resd.holdings import GPU, VRAM
 from resd.messages import Outbox
-from resd.records import Tenant
+from resd.records import Reservation, Tenant
 from resd_client.protocol import ReservationInfo, Reserve
 
 Key = tuple[str, str]
@@ -90,6 +90,9 @@ class WaitQueue:
     keys: Counter[Key] = attrs.Factory(Counter)
     #: pool → how many waiters may go there
     pools: Counter[str] = attrs.Factory(Counter)
+    #: (pool, tenant) → how many of the tenant's waiters may go there (a waiter held
+    #: up by ``max_per_tenant`` waits for its own tenant's release)
+    tenants: Counter[Key] = attrs.Factory(Counter)
     #: waiter id → trio time its timeout passes
     timeouts: TimerHeap = attrs.Factory(TimerHeap)
     _seq: itertools.count[int] = attrs.Factory(itertools.count)
@@ -104,6 +107,7 @@ class WaitQueue:
         self.waiters[w.id] = w
         self.keys.update(w.keys)
         self.pools.update(w.pools)
+        self.tenants.update((p, w.tenant.name) for p in w.pools)
         if timeout_at is not None:
             self.timeouts.add(w.id, timeout_at)
 
@@ -112,11 +116,21 @@ class WaitQueue:
         if w is not None:
             _drop(self.keys, w.keys)
             _drop(self.pools, w.pools)
+            _drop(self.tenants, [(p, w.tenant.name) for p in w.pools])
             self.timeouts.discard(rid)
         return w
 
     def touches(self, keys: Iterable[Key]) -> bool:
         return any(k in self.keys for k in keys)
+
+    def concerns(self, r: Reservation) -> bool:
+        """Could ``r`` ending let a waiter go? Only if it frees something a waiter
+        touches, or it was held by the tenant of a waiter in its pool."""
+        if (r.pool, r.tenant) in self.tenants:
+            return True
+        return any(
+            (r.pool, GPU if n == VRAM else n) in self.keys for n in (*r.resources, *r.members)
+        )
 
     def ordered(self, live: Mapping[str, int]) -> list[Waiter]:
         return sorted(self.waiters.values(), key=lambda w: w.rank(live))

@@ -200,3 +200,44 @@ async def test_a_request_that_could_never_fit_is_refused_at_once(inproc: InProce
     assert await pending(c) == []
     plan = await c.ok("plan", {"request": ask("high", 9000)})
     assert plan["outcome"] == "never"
+
+
+async def test_a_conflict_waiter_is_woken_by_a_release_of_other_resources(
+    inproc: InProcess,
+) -> None:
+    c = await WireClient.connect(inproc.socket)
+    await pool(c)
+    await c.ok("pool.set", {"name": "p", "max_per_tenant": 1})
+    mine = await c.ok("reserve", {**ask("low"), "resources": {"memory": 1 << 30}})
+    again = await c.ok("reserve", ask("low", 1000, wait=True))
+    assert again["state"] == "pending"
+    await c.ok("release", {"id": mine["id"]})
+    granted = await c.push()
+    assert granted["event"] == "granted" and granted["reservation"]["id"] == again["id"]
+
+
+async def test_closed_connections_leave_no_bookkeeping_behind(inproc: InProcess) -> None:
+    c = await WireClient.connect(inproc.socket)
+    await pool(c)
+    actor = inproc.daemon.pools
+    assert actor is not None
+    held = await c.ok("reserve", ask("low", 4000))
+    others = []
+    for _ in range(3):
+        w = await WireClient.connect(inproc.socket)
+        # detached: outlives the connection
+        await w.ok("reserve", {**ask("mid"), "resources": {"memory": 1 << 30}})
+        queued = await w.ok("reserve", ask("mid", 8000, wait=True))
+        assert queued["state"] == "pending"
+        others.append(w)
+    assert len(actor.holders) == 4 and len(actor.queue) == 3
+    for w in others:
+        await w.aclose()
+    for _ in range(100):
+        if not actor.queue:
+            break
+        await trio.sleep(0.01)
+    assert len(actor.queue) == 0 and len(actor.holders) == 1
+    assert not actor.queue.keys and not actor.queue.pools and not actor.queue.tenants
+    await c.ok("release", {"id": held["id"]})
+    assert len(actor.holders) == 0
