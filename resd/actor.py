@@ -74,8 +74,12 @@ class Actor:
         task_status.started()
         while True:
             envelope: _Envelope | None = None
-            with trio.move_on_at(self.next_deadline()):
+            deadline = self.next_deadline()
+            if deadline == math.inf:  # the common case: no cancel scope to set up
                 envelope = await self._inbox.receive()
+            else:
+                with trio.move_on_at(deadline):
+                    envelope = await self._inbox.receive()
             if envelope is None:
                 self.on_deadline()
                 self.after_batch()

@@ -1,7 +1,10 @@
 """structlog setup: JSON lines when stderr is not a TTY, readable console otherwise.
 
 Context such as the reservation id is passed as keyword arguments on each line by
-the actors that own it, so every line about a reservation carries its id.
+the actors that own it, so every line about a reservation carries its id. Routine
+lines (each reserve and release) are at debug level: the history (``export``) has
+every change, and at info the hot path pays nothing for logging. Loggers are
+cached on first use, so ``configure`` must run before the daemon logs anything.
 """
 
 from __future__ import annotations
@@ -29,5 +32,5 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )

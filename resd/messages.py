@@ -66,18 +66,27 @@ class CheckReserve:
 
 
 @attrs.frozen
-class GetReservation:
-    id: str
-
-
-@attrs.frozen
 class DoRelease:
+    """Release (or cancel, if it waits) ``id``. ``uid``: the caller, who must have
+    made it, unless None (an admin, or a caller already checked against its
+    tenant's owners); otherwise the actor answers ``OwnerCheck``."""
+
     id: str
+    uid: int | None = None
 
 
 @attrs.frozen
 class DoRenew:
     args: Renew
+    uid: int | None = None
+
+
+@attrs.frozen
+class OwnerCheck:
+    """Answer to DoRelease/DoRenew: the caller did not make the reservation; it may
+    still act if it may act as ``tenant`` (the registry knows)."""
+
+    tenant: str
 
 
 @attrs.frozen
@@ -184,7 +193,9 @@ class Resolve:
 
 @attrs.frozen
 class PeekTenant:
-    """Like ``Resolve`` but never creates the caller's tenant (dry runs)."""
+    """Like ``Resolve`` but never creates the caller's tenant: answers
+    ``(tenant, made)``, ``made`` true when the tenant does not exist yet and
+    ``tenant`` is what ``Resolve`` would create."""
 
     name: str | None
     peer: Peer

@@ -197,9 +197,12 @@ def _bound_process(peer: Peer, pid: int | None) -> tuple[int, float]:
 
 
 async def reserve(svc: Services, conn: Conn, args: Reserve) -> ReservationInfo:
-    await svc.pools.ask(m.CheckReserve(args))
     pid = _bound_process(conn.peer, args.pid) if args.binding == "pid" else None
-    tenant, tenant_lsn = await svc.tenants.ask(m.Resolve(args.tenant, conn.peer))
+    tenant, made = await svc.tenants.ask(m.PeekTenant(args.tenant, conn.peer))
+    tenant_lsn = 0
+    if made:  # the caller's own tenant, new: a bad request must not create it
+        await svc.pools.ask(m.CheckReserve(args))
+        tenant, tenant_lsn = await svc.tenants.ask(m.Resolve(args.tenant, conn.peer))
     info, lsn = await svc.pools.ask(m.DoReserve(args, tenant, conn.peer, conn.id, conn.outbox, pid))
     await _durable(svc, tenant_lsn, lsn)
     result: ReservationInfo = info
@@ -213,35 +216,40 @@ async def why(svc: Services, conn: Conn, args: ReservationRef) -> WaitInfo:
 
 async def plan(svc: Services, conn: Conn, args: Plan) -> PlanResult:
     await svc.pools.ask(m.CheckReserve(args.request))
-    tenant: Tenant = await svc.tenants.ask(m.PeekTenant(args.request.tenant, conn.peer))
+    tenant: Tenant
+    tenant, _ = await svc.tenants.ask(m.PeekTenant(args.request.tenant, conn.peer))
     if args.priority is not None:
         tenant = attrs.evolve(tenant, priority=args.priority)
     result: PlanResult = await svc.pools.ask(m.PlanRequest(args.request, tenant))
     return result
 
 
-async def _check_holder(svc: Services, conn: Conn, rid: str) -> None:
-    """The caller must have made the reservation, be an admin, or act as its tenant."""
-    info: ReservationInfo = await svc.pools.ask(m.GetReservation(rid))
-    if conn.peer.admin or info.uid == conn.peer.uid:
-        return
-    tenant: Tenant = await svc.tenants.ask(m.GetTenant(info.tenant))
-    if not TenantBook.may_act_as(conn.peer, tenant):
-        raise ForbiddenError(
-            f"uid {conn.peer.uid} may not act on reservation {rid} of tenant {info.tenant!r}",
-            {"id": rid, "tenant": info.tenant},
-        )
+async def _as_holder(svc: Services, conn: Conn, rid: str, make: Callable[[int | None], Any]) -> Any:
+    """Ask the pool actor for ``make(uid)``: the caller must have made reservation
+    ``rid``, be an admin, or may act as its tenant (asked of the registry only then)."""
+    outcome = await svc.pools.ask(make(None if conn.peer.admin else conn.peer.uid))
+    if isinstance(outcome, m.OwnerCheck):
+        tenant: Tenant = await svc.tenants.ask(m.GetTenant(outcome.tenant))
+        if not TenantBook.may_act_as(conn.peer, tenant):
+            raise ForbiddenError(
+                f"uid {conn.peer.uid} may not act on reservation {rid} of tenant {tenant.name!r}",
+                {"id": rid, "tenant": tenant.name},
+            )
+        outcome = await svc.pools.ask(make(None))
+    result, lsn = outcome
+    await _durable(svc, lsn)
+    return result
 
 
 async def release(svc: Services, conn: Conn, args: ReservationRef) -> ReservationInfo:
-    await _check_holder(svc, conn, args.id)
-    info: ReservationInfo = await _mutate(svc, m.DoRelease(args.id))
+    info: ReservationInfo = await _as_holder(
+        svc, conn, args.id, lambda uid: m.DoRelease(args.id, uid)
+    )
     return info
 
 
 async def renew(svc: Services, conn: Conn, args: Renew) -> ReservationInfo:
-    await _check_holder(svc, conn, args.id)
-    info: ReservationInfo = await _mutate(svc, m.DoRenew(args))
+    info: ReservationInfo = await _as_holder(svc, conn, args.id, lambda uid: m.DoRenew(args, uid))
     return info
 
 

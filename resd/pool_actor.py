@@ -43,10 +43,10 @@ from resd.messages import (
     Expire,
     ExportHistory,
     FinishGrace,
-    GetReservation,
     ListActive,
     ListPools,
     Outbox,
+    OwnerCheck,
     PlanRequest,
     PreemptTenant,
     ProcessExited,
@@ -187,7 +187,6 @@ class PoolActor(Actor):
             ListPools: lambda m: self.book.pool_infos(),
             CheckReserve: lambda m: [p.name for p in self.book.check_request(m.args)],
             DoReserve: self._reserve,
-            GetReservation: self._get,
             DoRelease: self._release,
             DoRenew: self._renew,
             Expire: lambda m: self._commit(self.book.expire(m.id, m.expires_at, self.wall())),
@@ -248,7 +247,7 @@ class PoolActor(Actor):
     def _effects(self, event: PoolEvent, gone: dict[str, Reservation], lsn: int) -> None:
         match event:
             case Reserved(reservation=r):
-                log.info(
+                log.debug(
                     "reserved",
                     reservation=r.id,
                     tenant=r.tenant,
@@ -261,7 +260,7 @@ class PoolActor(Actor):
                     self.watcher.tell(Watch(r.id, r.pid, r.pid_start))
                 self._dirty = True
             case Renewed(id=rid, expires_at=expires_at):
-                log.info("renewed", reservation=rid, expires_at=expires_at)
+                log.debug("renewed", reservation=rid, expires_at=expires_at)
                 self.reaper.tell(Schedule(rid, expires_at))
             case Terminating(id=rid, deadline=deadline, by=by, reclaim=reclaim):
                 log.info("preempting", reservation=rid, by=by, deadline=deadline, reclaim=reclaim)
@@ -276,7 +275,10 @@ class PoolActor(Actor):
                 )
                 self._dirty = True
             case Ended(id=rid, state=state, at=at, reason=reason):
-                log.info(state, reservation=rid, reason=reason)
+                # Releases are the hot path (history has them all); the rest is news.
+                (log.debug if state == "released" else log.info)(
+                    state, reservation=rid, reason=reason
+                )
                 self.reaper.tell(Cancel(rid))
                 self.arbiter.tell(Cancel(rid))
                 if gone[rid].pid is not None and self.watcher is not None:
@@ -503,11 +505,20 @@ class PoolActor(Actor):
             self._push(w.outbox, DeniedEvent(reservation_id=w.id, error=error.to_wire()), lsn)
         return lsn
 
-    def _get(self, msg: GetReservation) -> ReservationInfo:
-        w = self.queue.waiters.get(msg.id)
-        return w.info() if w is not None else self.book.reservation(msg.id).info()
+    def _owner_check(self, rid: str, uid: int | None) -> OwnerCheck | None:
+        """Whether the caller (``uid``) must be checked against the tenant's owners."""
+        w = self.queue.waiters.get(rid)
+        made_by, tenant = (
+            (w.uid, w.tenant.name) if w is not None else (self.book.reservation(rid).uid, "")
+        )
+        if uid is None or uid == made_by:
+            return None
+        return OwnerCheck(tenant or self.book.reservations[rid].tenant)
 
-    def _release(self, msg: DoRelease) -> tuple[ReservationInfo, int]:
+    def _release(self, msg: DoRelease) -> tuple[ReservationInfo, int] | OwnerCheck:
+        check = self._owner_check(msg.id, msg.uid)
+        if check is not None:
+            return check
         w = self.queue.waiters.get(msg.id)
         if w is not None:
             info = w.info()
@@ -517,7 +528,10 @@ class PoolActor(Actor):
         lsn = self._commit(self.book.release(msg.id, self.wall()))
         return info, lsn
 
-    def _renew(self, msg: DoRenew) -> tuple[ReservationInfo, int]:
+    def _renew(self, msg: DoRenew) -> tuple[ReservationInfo, int] | OwnerCheck:
+        check = self._owner_check(msg.args.id, msg.uid)
+        if check is not None:
+            return check
         lsn = self._commit(self.book.renew(msg.args, self.wall()))
         return self.book.reservation(msg.args.id).info(), lsn
 

@@ -32,7 +32,7 @@ class TenantRegistry(Actor):
         self.wall = wall
         self.handlers = {
             Resolve: self._resolve,
-            PeekTenant: lambda m: self.book.resolve(m.name, m.peer, self.wall())[0],
+            PeekTenant: self._peek,
             AddTenant: lambda m: self._saved(self.book.add(m.args, m.peer, self.wall())),
             SetTenant: lambda m: self._saved(self.book.set(m.args, m.peer)),
             RemoveTenant: lambda m: self._commit(self.book.remove(m.name, m.peer, self.wall())),
@@ -54,6 +54,10 @@ class TenantRegistry(Actor):
         (event,) = events
         tenant: Tenant = event.tenant  # type: ignore[union-attr]
         return tenant, lsn
+
+    def _peek(self, msg: PeekTenant) -> tuple[Tenant, bool]:
+        tenant, events = self.book.resolve(msg.name, msg.peer, self.wall())
+        return tenant, bool(events)
 
     def _resolve(self, msg: Resolve) -> tuple[Tenant, int]:
         tenant, events = self.book.resolve(msg.name, msg.peer, self.wall())
