@@ -8,6 +8,11 @@ message that needs I/O (the journal) returns what the caller should await next
 Callers use ``ask`` (await a result) or ``tell`` (fire and forget). A ResdError
 raised by a handler goes back to the asker; any other exception is logged and
 becomes an ``internal`` error, so one bad message never kills the daemon.
+
+When the actor is parked with nothing sent to it unhandled, ``ask`` runs the
+handler in the caller's task instead of waking the actor's: the same single
+synchronous step in the same order (nothing was queued before it), minus two task
+switches on the daemon's hot path.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from resd_client.errors import InternalError, ResdError
 log = structlog.get_logger("resd.actor")
 
 
+_WAKE: Any = object()  # a message that only makes the loop look at its deadline again
+
+
 @attrs.define(eq=False)
 class _Envelope:
     message: Any
@@ -44,21 +52,37 @@ class Actor:
     def __init__(self) -> None:
         self._mailbox, self._inbox = trio.open_memory_channel[_Envelope](math.inf)
         self.handlers: dict[type, Callable[[Any], Any]] = {}
+        #: envelopes sent and not yet handled (some may already be handed to the loop)
+        self._unhandled = 0
+        #: the loop is parked in ``receive``, sleeping until ``_parked_until`` at most
+        self._parked = False
+        self._parked_until = math.inf
 
     async def ask(self, message: Any) -> Any:
-        envelope = _Envelope(message, trio.Event())
-        self._mailbox.send_nowait(envelope)
-        assert envelope.done is not None
-        await envelope.done.wait()
+        if self._parked and not self._unhandled:
+            envelope = _Envelope(message, None)
+            self._handle(envelope)
+            self.after_batch()
+            if self.next_deadline() < self._parked_until:
+                self._post(_Envelope(_WAKE, None))  # re-arm the loop's timer
+        else:
+            envelope = _Envelope(message, trio.Event())
+            self._post(envelope)
+            assert envelope.done is not None
+            await envelope.done.wait()
         if envelope.error is not None:
             raise envelope.error
         return envelope.result
 
     def tell(self, message: Any) -> None:
         try:
-            self._mailbox.send_nowait(_Envelope(message, None))
+            self._post(_Envelope(message, None))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # shutting down
+
+    def _post(self, envelope: _Envelope) -> None:
+        self._mailbox.send_nowait(envelope)
+        self._unhandled += 1
 
     def next_deadline(self) -> float:
         """trio time at which ``on_deadline`` should run; ``inf`` for never."""
@@ -75,11 +99,15 @@ class Actor:
         while True:
             envelope: _Envelope | None = None
             deadline = self.next_deadline()
-            if deadline == math.inf:  # the common case: no cancel scope to set up
-                envelope = await self._inbox.receive()
-            else:
-                with trio.move_on_at(deadline):
+            self._parked, self._parked_until = True, deadline
+            try:
+                if deadline == math.inf:  # the common case: no cancel scope to set up
                     envelope = await self._inbox.receive()
+                else:
+                    with trio.move_on_at(deadline):
+                        envelope = await self._inbox.receive()
+            finally:
+                self._parked = False
             if envelope is None:
                 self.on_deadline()
                 self.after_batch()
@@ -96,6 +124,12 @@ class Actor:
             self.after_batch()
 
     def _deliver(self, envelope: _Envelope) -> None:
+        """Handle an envelope that came through the mailbox."""
+        self._unhandled -= 1
+        if envelope.message is not _WAKE:
+            self._handle(envelope)
+
+    def _handle(self, envelope: _Envelope) -> None:
         message = envelope.message
         try:
             handler = self.handlers[type(message)]
