@@ -279,8 +279,11 @@ class PoolActor(Actor):
                 (log.debug if state == "released" else log.info)(
                     state, reservation=rid, reason=reason
                 )
-                self.reaper.tell(Cancel(rid))
-                self.arbiter.tell(Cancel(rid))
+                # Only actors that hold a timer or a watch for it are told.
+                if gone[rid].expires_at is not None:
+                    self.reaper.tell(Cancel(rid))
+                if gone[rid].state == "terminating":
+                    self.arbiter.tell(Cancel(rid))
                 if gone[rid].pid is not None and self.watcher is not None:
                     self.watcher.tell(Unwatch(rid))
                 outbox = self.holders.drop(rid)
