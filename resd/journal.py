@@ -418,6 +418,10 @@ class Journal:
         """
         if lsn > self._last_lsn:
             raise ValueError(f"lsn {lsn} was never appended (last is {self._last_lsn})")
+        if self._mode != "always" and lsn > self._written_lsn and self._running:
+            # Only a write is owed: do it here, for everything buffered, rather than
+            # wait for the flusher task to be scheduled (two task switches per ack).
+            self._write_buffer()
         if lsn <= self._acked_lsn:
             await trio.lowlevel.checkpoint()
             return
