@@ -156,7 +156,7 @@ def _converter(tp: Any) -> Converter:
     return conv
 
 
-def _compile(tp: Any) -> Converter:  # noqa: C901 - one branch per kind of type
+def _compile(tp: Any) -> Converter:
     if tp is Any:
         return lambda value, path: value
     origin = typing.get_origin(tp)
