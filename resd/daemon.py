@@ -155,30 +155,38 @@ class Daemon:
             self.stopped.set()
 
     def _recover(self, journal: Journal) -> tuple[PoolBook, TenantBook, bool]:
-        rec = journal.recover()
-        for warning in rec.warnings:
-            log.warning("journal_recovered_with_warning", detail=warning)
-        pool_snap = rec.snapshots.get("pools")
-        tenant_snap = rec.snapshots.get("tenants")
-        pools = PoolBook.from_snapshot(
-            pool_snap[1] if pool_snap else None, self.config.history_limit
-        )
-        tenants = TenantBook.from_snapshot(
-            tenant_snap[1] if tenant_snap else None, self.config.default_priority
-        )
-        for _lsn, domain, records in rec.entries:
+        """Books from the snapshot, then every later entry applied as it is read."""
+        books: dict[str, Any] = {}
+
+        def replay(_lsn: int, domain: str, records: list[Any]) -> None:
             events = [decode(r) for r in records]
             if domain == "pools":
-                pools.apply(events)  # type: ignore[arg-type]
+                books["pools"].apply(events)
             elif domain == "tenants":
-                tenants.apply(events)  # type: ignore[arg-type]
-        fresh = not rec.snapshots and not rec.entries
+                books["tenants"].apply(events)
+
+        def load(snapshots: dict[str, tuple[int, Any]]) -> None:
+            pool_snap = snapshots.get("pools")
+            tenant_snap = snapshots.get("tenants")
+            books["pools"] = PoolBook.from_snapshot(
+                pool_snap[1] if pool_snap else None, self.config.history_limit
+            )
+            books["tenants"] = TenantBook.from_snapshot(
+                tenant_snap[1] if tenant_snap else None, self.config.default_priority
+            )
+
+        rec = journal.recover(replay, on_snapshot=load)
+        for warning in rec.warnings:
+            log.warning("journal_recovered_with_warning", detail=warning)
+        pools: PoolBook = books["pools"]
+        tenants: TenantBook = books["tenants"]
+        fresh = not rec.snapshots and not rec.replayed
         log.info(
             "recovered",
             pools=len(pools.pools),
             reservations=len(pools.reservations),
             tenants=len(tenants.tenants),
-            entries=len(rec.entries),
+            entries=rec.replayed,
         )
         return pools, tenants, fresh
 

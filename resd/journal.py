@@ -86,12 +86,14 @@ class JournalFailed(Exception):
 @final
 @attrs.frozen
 class Recovered:
-    """What ``recover`` read: replay ``snapshots``, then ``entries`` in order."""
+    """What ``recover`` read: replay ``snapshots``, then ``entries`` in order (empty when
+    they went to ``recover``'s ``replay`` callback instead; ``replayed`` counts them)."""
 
     snapshots: dict[str, tuple[int, Any]]
     entries: list[tuple[int, str, list[Any]]]
     warnings: list[str]
     next_lsn: int
+    replayed: int = 0
 
 
 def _segment_name(first_lsn: int) -> str:
@@ -270,8 +272,16 @@ class Journal:
 
     # -- recovery ---------------------------------------------------------------------------
 
-    def recover(self) -> Recovered:
+    def recover(
+        self,
+        replay: Callable[[int, str, list[Any]], None] | None = None,
+        on_snapshot: Callable[[dict[str, tuple[int, Any]]], None] | None = None,
+    ) -> Recovered:
         """Read the snapshot and every segment; call once, before ``run``.
+
+        With ``replay``, each entry to replay is handed to it as soon as it is read (after
+        ``on_snapshot`` got the snapshot), and none is kept: memory stays at the size of
+        the state, not of the log. A JournalCorrupt found later still stops the start.
 
         Creates the state directory (0o700) if missing. Truncates a torn final entry of the
         last segment (and fsyncs it) with a warning. Raises JournalCorrupt for anything else
@@ -284,6 +294,8 @@ class Journal:
         (self._dir / (SNAPSHOT_NAME + ".tmp")).unlink(missing_ok=True)
         snap_path = self._dir / SNAPSHOT_NAME
         covered, snapshots = _read_snapshot(snap_path) if snap_path.exists() else (0, {})
+        if on_snapshot is not None:
+            on_snapshot(snapshots)
         segments = sorted(
             (int(m[1]), self._dir / m[0])
             for m in (_SEGMENT_NAME.match(p.name) for p in self._dir.iterdir())
@@ -291,6 +303,18 @@ class Journal:
         )
         warnings: list[str] = []
         entries: list[_Entry] = []
+        replayed = 0
+
+        def keep(entry: _Entry) -> None:
+            nonlocal replayed
+            lsn, domain, records = entry
+            if lsn > covered and lsn > snapshots.get(domain, (0, None))[0]:
+                replayed += 1
+                if replay is None:
+                    entries.append(entry)
+                else:
+                    replay(lsn, domain, records)
+
         expected = covered + 1
         kept: list[int] = []
         for index, (first, path) in enumerate(segments):
@@ -303,14 +327,13 @@ class Journal:
                 )
                 raise JournalCorrupt(path, 0, reason)
             is_last = index == len(segments) - 1
-            read, warning = self._read_segment(path, first, is_last)
+            read, warning = self._read_segment(path, first, is_last, keep)
             if warning:
                 warnings.append(warning)
             if read is None:  # a torn header: the file was removed
                 continue
             kept.append(first)
-            expected = first + len(read)
-            entries.extend(read)
+            expected = first + read
         high = max((lsn for lsn, _ in snapshots.values()), default=0)
         if max(covered, high) >= expected:
             reason = (
@@ -326,17 +349,13 @@ class Journal:
         self._last_lsn = self._written_lsn = self._durable_lsn = expected - 1
         self._snapshot_lsn = covered
         self._recovered = True
-        replay = [
-            (lsn, domain, records)
-            for lsn, domain, records in entries
-            if lsn > covered and lsn > snapshots.get(domain, (0, None))[0]
-        ]
-        return Recovered(snapshots, replay, warnings, expected)
+        return Recovered(snapshots, entries, warnings, expected, replayed)
 
     def _read_segment(
-        self, path: Path, first: int, is_last: bool
-    ) -> tuple[list[_Entry] | None, str]:
-        """Returns (entries, warning); entries is None if a torn header was removed."""
+        self, path: Path, first: int, is_last: bool, sink: Callable[[_Entry], None]
+    ) -> tuple[int | None, str]:
+        """Hands each entry to ``sink``; returns (how many, warning), None for how many if
+        a torn header was removed."""
         data = path.read_bytes()
         if len(data) < _FILE_HEADER.size:
             if is_last and (_WAL_HEADER.startswith(data) or not any(data)):
@@ -351,7 +370,7 @@ class Journal:
         if version != FORMAT_VERSION:
             reason = f"unknown WAL format version {version}; this resd reads version 1"
             raise JournalCorrupt(path, 8, reason)
-        entries: list[_Entry] = []
+        count = 0
         offset = _FILE_HEADER.size
         while offset < len(data):
             entry, problem, torn, end = _parse_entry(data, offset)
@@ -362,15 +381,16 @@ class Journal:
                         f"truncated a torn final record at {path.name} offset {offset} "
                         f"({len(data) - offset} bytes): {problem}"
                     )
-                    return entries, _warn(what, path, offset)
+                    return count, _warn(what, path, offset)
                 raise JournalCorrupt(path, offset, problem)
             lsn = entry[0]
-            if lsn != first + len(entries):
-                reason = f"entry has lsn {lsn} where {first + len(entries)} was expected"
+            if lsn != first + count:
+                reason = f"entry has lsn {lsn} where {first + count} was expected"
                 raise JournalCorrupt(path, offset, reason)
-            entries.append(entry)
+            sink(entry)
+            count += 1
             offset = end
-        return entries, ""
+        return count, ""
 
     def _truncate(self, path: Path, offset: int) -> None:
         fd = os.open(path, os.O_RDWR)

@@ -114,12 +114,18 @@ async def test_round_trip_across_restarts(tmp_path: Path, mode: FsyncMode) -> No
         (3, "pools", [1, 2]),
     ]
     async with running(state, mode) as (journal, recovered):
-        assert recovered == Recovered({}, first, [], 4)
+        assert recovered == Recovered({}, first, [], 4, replayed=3)
         assert journal.entries_since_snapshot == 3
         assert await commit(journal, "pools", [b"\x00bytes", -1.5, True]) == 4
     recovered = recover(state)
     assert recovered.entries == [*first, (4, "pools", [b"\x00bytes", -1.5, True])]
     assert recovered.next_lsn == 5
+    streamed: list[tuple[int, str, list[Any]]] = []
+    snapshots: list[Any] = []
+    journal = Journal(state, "never")
+    again = journal.recover(lambda *entry: streamed.append(entry), on_snapshot=snapshots.append)
+    assert again.entries == [] and again.replayed == 4 and snapshots == [{}]
+    assert streamed == recovered.entries, "the same entries, handed over as they are read"
 
 
 async def test_close_writes_what_is_buffered_without_run(tmp_path: Path) -> None:
