@@ -226,6 +226,10 @@ RESERVE_FIELDS = {
     "constraints": ("map", False, False),
     "selector": ("map", False, False),
     "placement": ("literal", True, False),
+    "wait": ("bool", False, False),
+    "timeout": ("float", True, False),
+    "deadline": ("float", True, False),
+    "pid": ("int", True, False),
 }
 POOL_CREATE_FIELDS = {
     "name": ("str", False, True),
@@ -464,6 +468,39 @@ add(
 )
 add("tenant.remove unknown", "tenant.remove", {"name": "nope"}, "nope", codes=("not_found",))
 add("release unknown id", "release", {"id": UNKNOWN_ID}, UNKNOWN_ID, codes=("not_found",))
+# waiting, pid binding, why and plan
+add("reserve timeout without wait", "reserve", with_(RESERVE, timeout=5.0), "timeout")
+add("reserve negative timeout", "reserve", with_(RESERVE, wait=True, timeout=-1.0), "timeout")
+add("reserve timeout too long", "reserve", with_(RESERVE, wait=True, timeout=1e9), "timeout")
+add("reserve timeout nan", "reserve", with_(RESERVE, wait=True, timeout=float("nan")), "finite")
+add("reserve negative deadline", "reserve", with_(RESERVE, deadline=-5.0), "deadline")
+add("reserve deadline far future", "reserve", with_(RESERVE, deadline=1e12), "deadline")
+add("reserve pid without pid binding", "reserve", with_(RESERVE, pid=1), "pid")
+add("reserve pid zero", "reserve", with_(RESERVE, binding="pid", pid=0), "pid")
+add("reserve pid huge", "reserve", with_(RESERVE, binding="pid", pid=1 << 40), "pid")
+add(
+    "reserve pid not running",
+    "reserve",
+    with_(RESERVE, binding="pid", pid=4_000_000),
+    "4000000",
+    codes=("not_found",),
+)
+add("reserve unknown binding", "reserve", with_(RESERVE, binding="process"), "binding")
+add("why bad id", "why", {"id": "nope"}, "id")
+add("why unknown id", "why", {"id": UNKNOWN_ID}, UNKNOWN_ID, codes=("not_found",))
+add("why no id", "why", {}, "id")
+add("plan no request", "plan", {}, "request")
+add("plan request not a map", "plan", {"request": [1]}, "request")
+add("plan bad priority", "plan", {"request": RESERVE, "priority": 11}, "priority")
+add("plan bad request", "plan", {"request": with_(RESERVE, resources={"cpu": -1})}, "cpu")
+add(
+    "plan unknown pool",
+    "plan",
+    {"request": with_(RESERVE, pool="nope")},
+    "nope",
+    codes=("not_found",),
+)
+add("list pending not bool", "list", {"pending": "yes"}, "pending")
 add("renew unknown id", "renew", {"id": UNKNOWN_ID, "ttl": 5.0}, UNKNOWN_ID, codes=("not_found",))
 add(
     "preempt unknown target",
