@@ -1316,7 +1316,7 @@ def decode_request(frame: dict[str, Any]) -> Request:
 
 
 def request(request_id: int, op: str, args: Any) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": to_wire(args)}
+    return {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args}  # see pack()
 
 
 def reply_ok(request_id: int, result: Any) -> dict[str, Any]:
@@ -1328,7 +1328,7 @@ def reply_error(request_id: int | None, error: ResdError) -> dict[str, Any]:
 
 
 def push(event: Any) -> dict[str, Any]:
-    body: dict[str, Any] = to_wire(event)
+    body: dict[str, Any] = _as_map(event)  # one level; pack() maps what is nested
     body["event"] = EVENT_NAMES[type(event)]
     return body
 
