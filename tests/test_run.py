@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from resctl.options import reserve_fields
+from resctl.options import RESERVE_FLAGS, reserve_fields, reserve_fields_of
 from resctl.run import command_after_dashdash, exit_status
 from resd_client import Client
 from resd_client.errors import InvalidError
@@ -170,22 +170,10 @@ def test_exit_status() -> None:
 
 
 def test_reserve_fields() -> None:
-    none: dict[str, Any] = dict.fromkeys(
-        (
-            "pool",
-            "selector",
-            "cpu",
-            "memory",
-            "gpu",
-            "vram",
-            "res",
-            "member",
-            "contiguous",
-            "gpu_model",
-            "numa",
-            "placement",
-        )
-    )
+    none: dict[str, Any] = dict.fromkeys(RESERVE_FLAGS)
+    assert reserve_fields_of({"cpu": "2", "json_out": True}) == reserve_fields(
+        **{**none, "cpu": "2"}
+    ), "the shared flags picked from a command's parameters, the rest ignored"
     fields = reserve_fields(
         **{
             **none,

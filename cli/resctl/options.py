@@ -283,6 +283,28 @@ def reserve_fields(
     }
 
 
+#: the resource and placement flags ``reserve``, ``run`` and ``plan`` share
+RESERVE_FLAGS: Final = (
+    "pool",
+    "selector",
+    "cpu",
+    "memory",
+    "gpu",
+    "vram",
+    "res",
+    "member",
+    "contiguous",
+    "gpu_model",
+    "numa",
+    "placement",
+)
+
+
+def reserve_fields_of(params: dict[str, Any]) -> dict[str, Any]:
+    """``reserve_fields`` from a command's parsed flags (typer's ``ctx.params``)."""
+    return reserve_fields(**{name: params.get(name) for name in RESERVE_FLAGS})
+
+
 def parse_ratios(items: list[str] | None) -> dict[str, float]:
     """``--oversub NAME=RATIO`` flags as a map; raises InvalidError."""
     out: dict[str, float] = {}

@@ -31,7 +31,7 @@ from resctl.options import (
     build,
     parse_deadline,
     parse_duration,
-    reserve_fields,
+    reserve_fields_of,
 )
 from resctl.render import (
     host_resources_view,
@@ -82,6 +82,7 @@ def _ttl(value: str | None) -> float | None:
 
 
 def reserve(
+    ctx: typer.Context,
     tenant: TenantOpt = None,
     pool: ReservePoolOpt = None,
     cpu: CpuOpt = None,
@@ -113,20 +114,7 @@ def reserve(
         args = build(
             Reserve,
             {
-                **reserve_fields(
-                    pool=pool,
-                    selector=selector,
-                    cpu=cpu,
-                    memory=memory,
-                    gpu=gpu,
-                    vram=vram,
-                    res=res,
-                    member=member,
-                    contiguous=contiguous,
-                    gpu_model=gpu_model,
-                    numa=numa,
-                    placement=placement,
-                ),
+                **reserve_fields_of(ctx.params),
                 "tenant": tenant,
                 "ttl": _ttl(ttl),
                 "binding": "detached" if pid is None else "pid",

@@ -67,7 +67,7 @@ from resctl.options import (
     WaitTimeoutOpt,
     build,
     require_choice,
-    reserve_fields,
+    reserve_fields_of,
 )
 from resctl.render import json_text, reservation_line, waiting_line
 from resctl.reservations import LabelOpt, ReclaimableOpt, TenantOpt, TtlOpt, _ttl, wait_fields
@@ -695,20 +695,7 @@ def run(
         args = build(
             Reserve,
             {
-                **reserve_fields(
-                    pool=pool,
-                    selector=selector,
-                    cpu=cpu,
-                    memory=memory,
-                    gpu=gpu,
-                    vram=vram,
-                    res=res,
-                    member=member,
-                    contiguous=contiguous,
-                    gpu_model=gpu_model,
-                    numa=numa,
-                    placement=placement,
-                ),
+                **reserve_fields_of(ctx.params),
                 "tenant": tenant,
                 "ttl": _ttl(ttl),
                 "binding": "session",

@@ -26,7 +26,7 @@ from resctl.options import (
     SocketOpt,
     VramOpt,
     build,
-    reserve_fields,
+    reserve_fields_of,
 )
 from resctl.render import reservations_table, wait_lines
 from resctl.session import Output, connect, guard
@@ -59,6 +59,7 @@ def why(
 
 
 def plan(
+    ctx: typer.Context,
     tenant: PlanTenantOpt = None,
     priority: PriorityOpt = None,
     pool: ReservePoolOpt = None,
@@ -82,20 +83,7 @@ def plan(
         request = build(
             Reserve,
             {
-                **reserve_fields(
-                    pool=pool,
-                    selector=selector,
-                    cpu=cpu,
-                    memory=memory,
-                    gpu=gpu,
-                    vram=vram,
-                    res=res,
-                    member=member,
-                    contiguous=contiguous,
-                    gpu_model=gpu_model,
-                    numa=numa,
-                    placement=placement,
-                ),
+                **reserve_fields_of(ctx.params),
                 "tenant": tenant,
             },
         )
