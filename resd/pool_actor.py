@@ -510,13 +510,13 @@ class PoolActor(Actor):
 
     def _owner_check(self, rid: str, uid: int | None) -> OwnerCheck | None:
         """Whether the caller (``uid``) must be checked against the tenant's owners."""
-        w = self.queue.waiters.get(rid)
-        made_by, tenant = (
-            (w.uid, w.tenant.name) if w is not None else (self.book.reservation(rid).uid, "")
-        )
-        if uid is None or uid == made_by:
+        if uid is None:
             return None
-        return OwnerCheck(tenant or self.book.reservations[rid].tenant)
+        w = self.queue.waiters.get(rid)
+        if w is not None:
+            return None if uid == w.uid else OwnerCheck(w.tenant.name)
+        r = self.book.reservation(rid)
+        return None if uid == r.uid else OwnerCheck(r.tenant)
 
     def _release(self, msg: DoRelease) -> tuple[ReservationInfo, int] | OwnerCheck:
         check = self._owner_check(msg.id, msg.uid)

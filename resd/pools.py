@@ -430,13 +430,8 @@ class PoolBook:
         )
         short.update(missing)
         if short or placement is None:
-            text = "; ".join(
-                f"{n}: requested {render_quantity(n, s['requested'])},"
-                f" available {render_quantity(n, s['available'])}"
-                for n, s in short.items()
-            )
             return InsufficientError(
-                f"pool {pool.name!r} cannot fit the request: {text}",
+                f"pool {pool.name!r} cannot fit the request: {_short_text(short, 'available')}",
                 {"pool": pool.name, "resources": short},
             )
         return Reservation(
@@ -479,13 +474,9 @@ class PoolBook:
                 return None
             shorts.append((pool.name, short))
         name, short = shorts[0]
-        text = "; ".join(
-            f"{n}: requested {render_quantity(n, s['requested'])},"
-            f" the pool has {render_quantity(n, s['available'])} in all"
-            for n, s in short.items()
-        )
         return InsufficientError(
-            f"pool {name!r} can never fit the request, even empty: {text}",
+            f"pool {name!r} can never fit the request, even empty:"
+            f" {_short_text(short, 'the pool has', ' in all')}",
             {"pool": name, "resources": short, "never": True},
         )
 
@@ -723,6 +714,15 @@ class PoolBook:
         book.history.extend(HistoryEvent(**h) for h in state["history"])
         book.seq = state["seq"]
         return book
+
+
+def _short_text(short: dict[str, dict[str, int]], have: str, tail: str = "") -> str:
+    """``cpu: requested 4, available 2; …`` from per-resource shortfalls."""
+    return "; ".join(
+        f"{n}: requested {render_quantity(n, s['requested'])},"
+        f" {have} {render_quantity(n, s['available'])}{tail}"
+        for n, s in short.items()
+    )
 
 
 def denial_error(event: PoolEvent) -> ResdError:

@@ -88,8 +88,6 @@ class WaitQueue:
     waiters: dict[str, Waiter] = attrs.Factory(dict)
     #: (pool, resource) → how many waiters touch it
     keys: Counter[Key] = attrs.Factory(Counter)
-    #: pool → how many waiters may go there
-    pools: Counter[str] = attrs.Factory(Counter)
     #: (pool, tenant) → how many of the tenant's waiters may go there (a waiter held
     #: up by ``max_per_tenant`` waits for its own tenant's release)
     tenants: Counter[Key] = attrs.Factory(Counter)
@@ -106,7 +104,6 @@ class WaitQueue:
     def add(self, w: Waiter, timeout_at: float | None) -> None:
         self.waiters[w.id] = w
         self.keys.update(w.keys)
-        self.pools.update(w.pools)
         self.tenants.update((p, w.tenant.name) for p in w.pools)
         if timeout_at is not None:
             self.timeouts.add(w.id, timeout_at)
@@ -115,7 +112,6 @@ class WaitQueue:
         w = self.waiters.pop(rid, None)
         if w is not None:
             _drop(self.keys, w.keys)
-            _drop(self.pools, w.pools)
             _drop(self.tenants, [(p, w.tenant.name) for p in w.pools])
             self.timeouts.discard(rid)
         return w

@@ -238,6 +238,6 @@ async def test_closed_connections_leave_no_bookkeeping_behind(inproc: InProcess)
             break
         await trio.sleep(0.01)
     assert len(actor.queue) == 0 and len(actor.holders) == 1
-    assert not actor.queue.keys and not actor.queue.pools and not actor.queue.tenants
+    assert not actor.queue.keys and not actor.queue.tenants
     await c.ok("release", {"id": held["id"]})
     assert len(actor.holders) == 0
