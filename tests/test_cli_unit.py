@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 
 from resctl.export import CSV_FIELDS, history_csv, history_json
 from resctl.main import app
-from resctl.options import parse_duration, parse_labels, parse_ratios, parse_resources, parse_since
+from resctl.options import (
+    parse_deadline,
+    parse_duration,
+    parse_labels,
+    parse_ratios,
+    parse_resources,
+    parse_since,
+)
 from resctl.render import (
     GREEN,
     RED,
@@ -26,6 +33,7 @@ from resctl.render import (
     usage_bar,
     utilization_table,
 )
+from resctl.reservations import wait_fields
 from resctl.watch import Throttle
 from resd_client.errors import InvalidError
 from resd_client.protocol import HistoryEvent, PoolInfo, ReservationInfo, ResourceUsage
@@ -472,3 +480,31 @@ def test_throttle_zero_interval_draws_every_change() -> None:
     t.drawn(1.0)
     t.changed()
     assert t.due(1.0)
+
+
+def test_wait_flags() -> None:
+    now = 1_800_000_000.0
+    assert parse_deadline("30m", now) == now + 1800
+    assert parse_deadline("1800000600", now) == 1_800_000_600.0
+    assert parse_deadline("2027-01-01T00:00:00+00:00", now) == 1798761600.0
+    for bad in ("soon", "-5", "30x"):
+        with pytest.raises(InvalidError, match="--deadline"):
+            parse_deadline(bad, now)
+    assert wait_fields(True, "5m", None) == {"wait": True, "timeout": 300.0, "deadline": None}
+    with pytest.raises(InvalidError, match="only a waiting request"):
+        wait_fields(False, "5", None)
+    with pytest.raises(InvalidError, match="timeout"):
+        wait_fields(True, "forever", None)
+
+
+def test_wait_flags_are_refused_before_connecting(tmp_path: Path) -> None:
+    sock = str(tmp_path / "none.sock")
+    for argv in (
+        ["reserve", "--cpu", "1", "--timeout", "5"],
+        ["reserve", "--cpu", "1", "--wait", "--deadline", "someday"],
+        ["reserve", "--cpu", "1", "--pid", "0"],
+        ["plan", "--cpu", "1", "--priority", "11"],
+        ["why", "--id", "nope"],
+    ):
+        result = CliRunner().invoke(app, [*argv, "--socket", sock])
+        assert result.exit_code == 2, (argv, result.output)
