@@ -108,20 +108,20 @@ class Actor:
                         envelope = await self._inbox.receive()
             finally:
                 self._parked = False
-            if envelope is None:
-                self.on_deadline()
-                self.after_batch()
-                continue
-            self._deliver(envelope)
-            while True:
-                try:
-                    envelope = self._inbox.receive_nowait()
-                except trio.WouldBlock:
-                    break
+            if envelope is not None:
                 self._deliver(envelope)
-            if self.next_deadline() <= trio.current_time():
-                self.on_deadline()
-            self.after_batch()
+                while True:
+                    try:
+                        envelope = self._inbox.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self._deliver(envelope)
+            try:
+                if self.next_deadline() <= trio.current_time():
+                    self.on_deadline()
+                self.after_batch()
+            except Exception:  # one failed step must not stop the actor (and the daemon)
+                log.exception("actor_step_failed", actor=self.name)
 
     def _deliver(self, envelope: _Envelope) -> None:
         """Handle an envelope that came through the mailbox."""
@@ -151,8 +151,10 @@ class Actor:
 class TimerHeap:
     """Deadlines keyed by name; the earliest first. Re-adding a key supersedes it.
 
-    Superseded entries stay in the heap and are skipped when popped (lazy deletion),
-    so adding is O(log n) and nothing is scanned.
+    Superseded and discarded entries stay in the heap and are skipped when popped
+    (lazy deletion), so adding is O(log n); once they outnumber the live ones the heap
+    is rebuilt from the live entries, so a released or renewed timer does not linger
+    until its old deadline (amortized O(1) per discard).
     """
 
     _heap: list[tuple[float, int, str, Any]] = attrs.Factory(list)
@@ -163,9 +165,25 @@ class TimerHeap:
         seq = next(self._seq)
         self._live[key] = seq
         heapq.heappush(self._heap, (deadline, seq, key, payload))
+        self._compact()
 
     def discard(self, key: str) -> None:
         self._live.pop(key, None)
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self._heap) > 2 * len(self._live) + 64:
+            live = self._live
+            self._heap = [e for e in self._heap if live.get(e[2]) == e[1]]
+            heapq.heapify(self._heap)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._live
+
+    @property
+    def stored(self) -> int:
+        """Entries in the heap, live or not (what the compaction bounds)."""
+        return len(self._heap)
 
     def earliest(self) -> float:
         while self._heap and self._live.get(self._heap[0][2]) != self._heap[0][1]:

@@ -3,7 +3,9 @@
 A ``granted`` push is an acknowledgement like a reply: the client will act on it,
 so it must not reach the client before the grant's journal record is on disk. The
 pool actor cannot await, so it hands each push here with the journal sequence
-number it depends on; one task sends them in order as the journal catches up.
+number it depends on; one task sends them in order as the journal catches up. A
+push that finds its connection's outbox full closes that connection (the client
+re-attaches and learns the current state) rather than vanishing.
 Since sequence numbers only grow, pushes to a connection keep their order, and a
 group commit releases a whole batch at once.
 """
@@ -19,13 +21,6 @@ from resd.journal import Journal
 from resd.messages import Outbox
 
 log = structlog.get_logger("resd.announcer")
-
-
-def send_now(outbox: Outbox, frame: bytes) -> None:
-    try:
-        outbox.send_nowait(frame)
-    except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-        pass  # a client that does not read its pushes loses them, not the daemon
 
 
 class Announcer:
@@ -49,4 +44,4 @@ class Announcer:
                 except Exception as exc:  # the journal failed: the daemon is stopping
                     log.warning("push_dropped", error=str(exc))
                     continue
-            send_now(outbox, frame)
+            outbox.push(frame)  # a full outbox closes its connection

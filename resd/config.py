@@ -50,6 +50,9 @@ class Config:
     admin_group: str = ""
     history_limit: int = 100_000
     snapshot_every: int = 100_000
+    #: seconds that session leases and waiters are kept for their clients to re-attach
+    #: after a restart (or after their connection was closed for not reading); 0: none
+    reattach_grace: float = 60.0
     host_pool: bool = True
     disk_io_limit: str = "1GB/s"
     disk_limit: str = ""  # "" = statvfs of the state directory
@@ -97,6 +100,10 @@ def _coerce(key: str, raw: Any, from_env: bool) -> Any:
             if isinstance(raw, bool) or (not from_env and not isinstance(raw, int)):
                 raise ValueError
             return int(raw)
+        if kind in ("float", float):
+            if isinstance(raw, bool) or (not from_env and not isinstance(raw, int | float)):
+                raise ValueError
+            return float(raw)
         if kind in ("str", str):
             if not isinstance(raw, str):
                 raise ValueError
@@ -135,6 +142,10 @@ def _validate(cfg: Config) -> Config:
     for key in ("max_connections", "max_pending", "history_limit", "snapshot_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.reattach_grace <= 86_400:
+        raise ConfigError(
+            f"reattach_grace: {cfg.reattach_grace:g} is out of range (0 to 86400 seconds)"
+        )
     if not 1 <= cfg.default_priority <= 10:
         raise ConfigError(f"default_priority: {cfg.default_priority} is out of range (1 to 10)")
     if cfg.socket_mode:

@@ -1,8 +1,8 @@
 """Assembly and lifecycle of the daemon: recover, start the actors, serve, stop.
 
 Start: lock the state directory, replay the journal into the books, start the
-journal flusher and the actors, end session leases that died with the previous
-process, create the ``host`` pool on first start, bind the socket (refusing when
+journal flusher and the actors, restore the wait queue and hold the previous
+process's session leases and waiters for their clients to re-attach, create the ``host`` pool on first start, bind the socket (refusing when
 another daemon answers on it, removing it when it is stale), serve, tell systemd
 READY. Stop (SIGTERM/SIGINT or ``request_stop``): STOPPING, stop accepting, let
 in-flight requests finish, snapshot, flush and close the journal, remove the
@@ -205,6 +205,7 @@ class Daemon:
             snapshot_due=lambda: self._snapshot_wanted.set(),
             announcer=announcer,
             watcher=watcher,
+            reattach_grace=cfg.reattach_grace,
         )
         reaper.pool_actor = arbiter.pool_actor = watcher.pool_actor = pools
         tenants = TenantRegistry(tenant_book, journal, self.wall)
@@ -236,7 +237,7 @@ class Daemon:
                 await nursery.start(self._run_journal, journal, journal_scope, journal_done)
                 for actor in (reaper, arbiter, pools, tenants, announcer, watcher):
                     await nursery.start(actor.run)
-                lsn = pools.recover_effects()
+                lsn = await pools.ask(m.Recover())
                 if lsn:
                     await journal.wait_durable(lsn)
                 if fresh and cfg.host_pool:

@@ -1,21 +1,51 @@
 """Messages between actors. Frozen values; each names who sends it and who handles it.
 
-``Outbox`` is a connection's mailbox of encoded frames: actors push events to a
-client by sending into it, never by touching its socket.
+``Outbox`` is a connection's bounded mailbox of encoded frames: actors push events
+to a client by sending into it, never by touching its socket.
 """
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from collections.abc import Callable
 
 import attrs
 import trio
 
 from resd.records import Tenant
 from resd.tenants import Peer
-from resd_client.protocol import PoolCreate, PoolSet, Renew, Reserve, TenantAdd, TenantSet
+from resd_client.protocol import Attach, PoolCreate, PoolSet, Renew, Reserve, TenantAdd, TenantSet
 
-Outbox: TypeAlias = trio.MemorySendChannel[bytes]
+
+@attrs.define(eq=False)
+class Outbox:
+    """A connection's frames on their way to its writer (replies and pushes).
+
+    Replies wait for room (``send``): the connection's reader stops meanwhile, so a
+    client that does not read is throttled, not buffered without bound. Pushes come
+    from actors, which cannot wait: a push that finds the outbox full calls
+    ``overflow`` (the server closes the connection, keeping its leases for
+    re-attachment), so a notice is never dropped silently.
+    """
+
+    channel: trio.MemorySendChannel[bytes]
+    overflow: Callable[[], None] = lambda: None
+
+    def push(self, frame: bytes) -> bool:
+        """Queue a push without waiting; False if the connection is gone or overflowed."""
+        try:
+            self.channel.send_nowait(frame)
+        except trio.WouldBlock:
+            self.overflow()
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    async def send(self, frame: bytes) -> None:
+        """Queue a reply, waiting for room; raises trio.ClosedResourceError or
+        trio.BrokenResourceError when the connection is gone."""
+        await self.channel.send(frame)
+
 
 # ----------------------------------------------------------- to the pool actor
 
@@ -73,6 +103,8 @@ class DoRelease:
 
     id: str
     uid: int | None = None
+    #: the connection asking (its own leases are not pushed a ``released``)
+    session: str = ""
 
 
 @attrs.frozen
@@ -136,7 +168,25 @@ class FinishGrace:
 
 @attrs.frozen
 class SessionClosed:
+    """Connection ``session`` ended. ``orphan``: resd closed it (``why``: it is
+    stopping, or the client did not read its pushes), so its session leases and
+    waiters wait ``reattach_grace`` for their client to re-attach instead of ending
+    at once."""
+
     session: str
+    orphan: bool = False
+    why: str = ""
+
+
+@attrs.frozen
+class DoAttach:
+    """Re-bind the lease or waiter of ``args.token`` to connection ``session``;
+    ``uid`` None: an admin (any holder's token is accepted)."""
+
+    args: Attach
+    uid: int | None
+    session: str
+    outbox: Outbox | None = attrs.field(eq=False, default=None)
 
 
 @attrs.frozen
@@ -174,12 +224,29 @@ class CountActive:
 
 @attrs.frozen
 class ReleaseTenant:
-    tenant: str
+    """Before ``tenant`` (this very one: name and ``created_at``) is removed: refuse
+    if it holds reservations and not ``force``; else release them, cancel its
+    waiters, and refuse its requests still on their way (``ForgetTenant`` undoes
+    that if the removal fails)."""
+
+    tenant: Tenant
+    force: bool
+
+
+@attrs.frozen
+class ForgetTenant:
+    tenant: Tenant
 
 
 @attrs.frozen
 class TakeSnapshot:
     pass
+
+
+@attrs.frozen
+class Recover:
+    """Once, at start after replay: restore the queue, orphan the session leases and
+    waiters of the previous process, arm timers. Answers the lsn to await."""
 
 
 # ------------------------------------------------------- to the tenant registry

@@ -21,9 +21,10 @@ from resd.procwatch import process_start, process_uid
 from resd.records import Tenant
 from resd.registry import TenantRegistry
 from resd.tenants import Peer, TenantBook
-from resd_client.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
+from resd_client.errors import ForbiddenError, InvalidError, NotFoundError
 from resd_client.protocol import (
     PROTOCOL_VERSION,
+    Attach,
     Done,
     Empty,
     Export,
@@ -167,18 +168,19 @@ async def tenant_set(svc: Services, conn: Conn, args: TenantSet) -> TenantInfo:
 
 
 async def tenant_remove(svc: Services, conn: Conn, args: TenantRemove) -> Done:
+    """The pool actor first releases the tenant's reservations, cancels its waiters and
+    from then on refuses requests for it that are still on their way (so none can
+    slip in between); then the registry forgets it."""
     TenantBook.check_admin(conn.peer, "remove tenants")
-    await svc.tenants.ask(m.GetTenant(args.name))
-    active: int = await svc.pools.ask(m.CountActive(args.name))
-    if active and not args.force:
-        raise ConflictError(
-            f"tenant {args.name!r} holds {active} active reservation(s); release them or use --force",
-            {"tenant": args.name, "active": active},
-        )
-    released = await svc.pools.ask(m.ReleaseTenant(args.name)) if active else 0
-    lsn = await svc.tenants.ask(m.RemoveTenant(args.name, conn.peer))
-    await _durable(svc, released, lsn)
-    return Done(removed=active)
+    tenant: Tenant = await svc.tenants.ask(m.GetTenant(args.name))
+    released, pool_lsn = await svc.pools.ask(m.ReleaseTenant(tenant, args.force))
+    try:
+        lsn = await svc.tenants.ask(m.RemoveTenant(args.name, conn.peer))
+    except BaseException:
+        svc.pools.tell(m.ForgetTenant(tenant))
+        raise
+    await _durable(svc, pool_lsn, lsn)
+    return Done(removed=released)
 
 
 def _bound_process(peer: Peer, pid: int | None) -> tuple[int, float]:
@@ -243,8 +245,16 @@ async def _as_holder(svc: Services, conn: Conn, rid: str, make: Callable[[int | 
 
 async def release(svc: Services, conn: Conn, args: ReservationRef) -> ReservationInfo:
     info: ReservationInfo = await _as_holder(
-        svc, conn, args.id, lambda uid: m.DoRelease(args.id, uid)
+        svc, conn, args.id, lambda uid: m.DoRelease(args.id, uid, conn.id)
     )
+    return info
+
+
+async def attach(svc: Services, conn: Conn, args: Attach) -> ReservationInfo:
+    """Re-bind a lease or waiter to this connection by its token (SPEC §9): only the
+    uid that made it (or an admin) may."""
+    uid = None if conn.peer.admin else conn.peer.uid
+    info: ReservationInfo = await _mutate(svc, m.DoAttach(args, uid, conn.id, conn.outbox))
     return info
 
 
@@ -331,4 +341,5 @@ HANDLERS: Final[dict[str, Handler]] = {
     "resources": resources,
     "why": why,
     "plan": plan,
+    "attach": attach,
 }

@@ -1,12 +1,22 @@
 """The pool actor: sole owner of the pool book and the wait queue, and of who to
 tell about them.
 
-Every mutation is one synchronous step: decide events with the book, apply them,
-append them to the journal, then derive the side effects (timers for the reaper
-and arbiter, process watches, pushes to holders, a fresh ``state`` for
-subscribers). The reply carries the journal sequence number the caller must await
-before answering its client, so acknowledgement follows durability while the
-actor moves on; pushes wait for durability in the announcer.
+Every mutation is one synchronous step: decide events with the book (which checks
+everything and raises before anything changes), append them to the journal, apply
+them, then derive the side effects (timers for the reaper and arbiter, process
+watches, pushes to holders, a fresh ``state`` for subscribers). If the journal
+refuses the entry nothing has changed in memory either, and the requester gets
+``unavailable``. The reply carries the journal sequence number the caller must
+await before answering its client, so acknowledgement follows durability while
+the actor moves on; pushes wait for durability in the announcer.
+
+Surviving restarts (SPEC §9): waiters are journaled (``Queued``). After a restart,
+and when resd closes a connection that does not read its pushes, session leases
+and waiters that carry an attach token become *orphans* for ``reattach_grace``
+seconds: they keep their resources, TTLs and places in the queue, and a client
+presenting the token (``attach``, or the same ``reserve`` again) re-binds them to
+its new connection (``Rebound``). An orphan not re-attached in time is released
+(a waiter: denied) with a history event that says so.
 
 Waiting (SPEC §4): a request that does not fit and may wait joins the queue. After
 any batch that freed something a waiter touches, one pass walks the queue in rank
@@ -28,8 +38,8 @@ import structlog
 import trio
 
 from resd import preemption
-from resd.actor import Actor
-from resd.announcer import Announcer, send_now
+from resd.actor import Actor, TimerHeap
+from resd.announcer import Announcer
 from resd.journal import Journal
 from resd.messages import (
     Cancel,
@@ -37,12 +47,14 @@ from resd.messages import (
     CountActive,
     CreatePool,
     DeletePool,
+    DoAttach,
     DoRelease,
     DoRenew,
     DoReserve,
     Expire,
     ExportHistory,
     FinishGrace,
+    ForgetTenant,
     ListActive,
     ListPools,
     Outbox,
@@ -50,6 +62,7 @@ from resd.messages import (
     PlanRequest,
     PreemptTenant,
     ProcessExited,
+    Recover,
     ReleaseTenant,
     Schedule,
     SessionClosed,
@@ -68,21 +81,27 @@ from resd.records import (
     Denied,
     Ended,
     PoolEvent,
+    Queued,
+    Rebound,
     Renewed,
     Reservation,
     Reserved,
     Terminating,
-    encode,
+    journal_events,
 )
 from resd.waiting import Waiter, WaitQueue, touched
 from resd_client.errors import (
     ConflictError,
     ErrorCode,
+    ForbiddenError,
     InsufficientError,
+    NotFoundError,
     ResdError,
     TimeoutError_,
+    UnavailableError,
 )
 from resd_client.protocol import (
+    Attach,
     DeniedEvent,
     Done,
     ExpiredEvent,
@@ -92,6 +111,7 @@ from resd_client.protocol import (
     PoolInfo,
     PreemptedEvent,
     ReclaimEvent,
+    ReleasedEvent,
     ReservationInfo,
     StateEvent,
     WaitInfo,
@@ -124,16 +144,17 @@ class Holders:
         entry = self._outbox.get(rid)
         return None if entry is None else entry[1]
 
-    def drop(self, rid: str) -> Outbox | None:
+    def drop(self, rid: str) -> tuple[str, Outbox] | None:
+        """Forget ``rid``; returns (its connection, the outbox) if it had one."""
         entry = self._outbox.pop(rid, None)
         if entry is None:
             return None
-        connection, outbox = entry
+        connection, _ = entry
         mine = self._of_connection[connection]
         mine.discard(rid)
         if not mine:
             del self._of_connection[connection]
-        return outbox
+        return entry
 
     def drop_connection(self, connection: str) -> None:
         for rid in self._of_connection.pop(connection, ()):
@@ -158,6 +179,7 @@ class PoolActor(Actor):
         snapshot_due: Callable[[], None] = lambda: None,
         announcer: Announcer | None = None,
         watcher: Any = None,
+        reattach_grace: float = 0.0,
     ) -> None:
         super().__init__()
         self.book = book
@@ -172,9 +194,16 @@ class PoolActor(Actor):
         #: tells the process watcher (``Watch``/``Unwatch``); None: pid bindings are
         #: recorded but not watched (unit tests)
         self.watcher = watcher
+        self.reattach_grace = reattach_grace
         self.holders = Holders()
         self.subscribers: set[Outbox] = set()
         self.queue = WaitQueue()
+        #: leases and waiters waiting to be re-attached → trio time they are given up
+        self.orphans = TimerHeap()
+        #: tenants being removed (name → created_at): their requests in flight are refused
+        self._removed: dict[str, float] = {}
+        #: the connection whose own release is being committed (it gets no push)
+        self._releaser: str | None = None
         self._dirty = False
         self._queue_dirty = False
         #: the waiter whose own reserve call is being answered (gets a reply, no push)
@@ -193,6 +222,8 @@ class PoolActor(Actor):
             PreemptTenant: self._preempt,
             FinishGrace: lambda m: self._commit(self.book.finish_grace(m.id, self.wall())),
             SessionClosed: self._session_closed,
+            DoAttach: self._attach,
+            Recover: lambda m: self._recover(),
             ProcessExited: lambda m: self._commit(
                 self.book.process_exited(m.id, m.pid, m.start, self.wall())
             ),
@@ -205,17 +236,24 @@ class PoolActor(Actor):
             Unsubscribe: lambda m: self.subscribers.discard(m.outbox),
             CountActive: lambda m: len(self.book.of_tenant(m.tenant)),
             ReleaseTenant: self._release_tenant,
+            ForgetTenant: self._forget_tenant,
             TakeSnapshot: lambda m: (self.journal.last_lsn, self.book.snapshot()),
         }
 
     # --------------------------------------------------------------- startup
 
-    def recover_effects(self) -> int:
-        """After replay: end session leases of connections gone with the old process,
-        and arm timers for every live reservation. Returns the journal lsn to await."""
-        lsn = self._commit(
-            self.book.end_sessions(None, self.wall(), "session closed (daemon restarted)")
-        )
+    def _recover(self) -> int:
+        """After replay: put waiters back in the queue, make orphans of session leases
+        and waiters (their connections died with the old process), and arm timers for
+        every live reservation. Returns the journal lsn to await."""
+        for record in sorted(self.book.waiting.values(), key=lambda w: w.seq):
+            w = Waiter.of(record)
+            self.queue.add(w, self._trio_at(w.timeout_at))
+            self.queue.continue_after(w.seq)
+        sessions = {*self.book.by_session, *(w.session for w in self.queue.waiters.values())}
+        lsn = 0
+        for session in sorted(sessions):
+            lsn = max(lsn, self._orphan_session(session, "daemon restarted"))
         for r in self.book.reservations.values():
             if r.expires_at is not None:
                 self.reaper.tell(Schedule(r.id, r.expires_at))
@@ -223,21 +261,63 @@ class PoolActor(Actor):
                 self.arbiter.tell(Schedule(r.id, r.deadline))
             if r.pid is not None and r.pid_start is not None and self.watcher is not None:
                 self.watcher.tell(Watch(r.id, r.pid, r.pid_start))
-        return lsn
+        self._queue_dirty = bool(self.queue)
+        return max(lsn, self.journal.last_lsn if self.queue else 0)
+
+    def _trio_at(self, wall_at: float | None) -> float | None:
+        """The trio time of wall time ``wall_at``."""
+        if wall_at is None:
+            return None
+        return trio.current_time() + max(0.0, wall_at - self.wall())
+
+    def _orphan_session(self, session: str, why: str) -> int:
+        """Connection ``session`` is gone without its client having asked: its session
+        leases and waiters that carry a token wait ``reattach_grace`` to be
+        re-attached; the others end now. Returns the lsn to await."""
+        keep = self.reattach_grace > 0
+        for w in self.queue.of_session(session):
+            w.outbox = None
+            if keep and w.args.token:
+                self.orphans.add(w.id, trio.current_time() + self.reattach_grace)
+            else:
+                self._end_waiter(
+                    w, UnavailableError(f"the connection closed while waiting ({why})")
+                )
+        self.holders.drop_connection(session)
+        ended: list[PoolEvent] = []
+        for rid in sorted(self.book.by_session.get(session, ())):
+            if keep and self.book.reservations[rid].token:
+                self.orphans.add(rid, trio.current_time() + self.reattach_grace)
+            else:
+                ended.append(Ended(rid, "released", self.wall(), f"session closed ({why})"))
+        if self.orphans:
+            log.info("orphaned", session=session, why=why, waiting=len(self.orphans))
+        return self._commit(ended)
+
+    def _abandon(self, rid: str) -> None:
+        """An orphan's grace is over: release it (a waiter: deny it)."""
+        why = f"not re-attached within {self.reattach_grace:g}s"
+        w = self.queue.waiters.get(rid)
+        if w is not None:
+            self._end_waiter(w, UnavailableError(f"{rid} was {why}", {"id": rid}))
+        elif rid in self.book.reservations:
+            self._commit([Ended(rid, "released", self.wall(), why)])
 
     # ------------------------------------------------------------- mutations
 
     def _commit(self, events: Sequence[PoolEvent]) -> int:
-        """Apply, journal and announce ``events``; returns the lsn to await (0: none)."""
+        """Journal, apply and announce decided ``events``; returns the lsn to await
+        (0: none). Raises UnavailableError, with nothing changed, if the journal
+        refuses them."""
         if not events:
             return 0
         gone = {e.id: self.book.reservations[e.id] for e in events if isinstance(e, Ended)}
+        lsn = journal_events(self.journal, DOMAIN, events)
         self.book.apply(events)
-        lsn = self.journal.append(DOMAIN, [encode(e) for e in events])
         for event in events:
             self._effects(event, gone, lsn)
         if self.queue and any(
-            not isinstance(e, Ended | Reserved | Renewed | Terminating | Denied)
+            not isinstance(e, Ended | Reserved | Renewed | Terminating | Denied | Queued | Rebound)
             or (isinstance(e, Ended) and self.queue.concerns(gone[e.id]))
             for e in events
         ):
@@ -286,17 +366,22 @@ class PoolActor(Actor):
                     self.arbiter.tell(Cancel(rid))
                 if gone[rid].pid is not None and self.watcher is not None:
                     self.watcher.tell(Unwatch(rid))
-                outbox = self.holders.drop(rid)
-                if outbox is not None and state in ("expired", "preempted"):
+                self.orphans.discard(rid)
+                holder = self.holders.drop(rid)
+                if holder is not None:
+                    connection, outbox = holder
                     info = gone[rid].info(state=state, ended_at=at)
-                    note: Any = (
-                        ExpiredEvent(reservation=info)
-                        if state == "expired"
-                        else PreemptedEvent(reservation=info, by=reason, deadline=None)
-                    )
-                    self._push(outbox, note, lsn)
+                    note: Any = None
+                    if state == "expired":
+                        note = ExpiredEvent(reservation=info)
+                    elif state == "preempted":
+                        note = PreemptedEvent(reservation=info, by=reason, deadline=None)
+                    elif connection != self._releaser:  # not the holder's own release
+                        note = ReleasedEvent(reservation=dataclasses.replace(info, reason=reason))
+                    if note is not None:
+                        self._push(outbox, note, lsn)
                 self._dirty = True
-            case Denied():
+            case Denied() | Queued() | Rebound():
                 pass
             case _:
                 self._dirty = True
@@ -309,14 +394,16 @@ class PoolActor(Actor):
     def _push(self, outbox: Outbox, event: Any, lsn: int) -> None:
         frame = encode_frame(push(event))
         if self.announcer is None:
-            send_now(outbox, frame)
+            outbox.push(frame)
         else:
             self.announcer.push(outbox, frame, lsn)
 
     def next_deadline(self) -> float:
-        return self.queue.timeouts.earliest()
+        return min(self.queue.timeouts.earliest(), self.orphans.earliest())
 
     def on_deadline(self) -> None:
+        for rid, _ in self.orphans.pop_due(trio.current_time()):
+            self._abandon(rid)
         for rid, _ in self.queue.timeouts.pop_due(trio.current_time()):
             w = self.queue.waiters.get(rid)
             if w is not None and w.args.timeout is not None:
@@ -330,7 +417,11 @@ class PoolActor(Actor):
 
     def after_batch(self) -> None:
         while self._queue_dirty:
-            self._schedule()
+            try:
+                self._schedule()
+            except UnavailableError as exc:  # the journal refused: try again next batch
+                log.error("schedule_failed", error=exc.message)
+                break
         if self.journal.entries_since_snapshot >= self.snapshot_every:
             self.snapshot_due()
         if self._dirty and self.subscribers:
@@ -339,9 +430,7 @@ class PoolActor(Actor):
             )
             frame = encode_frame(push(event))
             for outbox in list(self.subscribers):
-                try:
-                    outbox.send_nowait(frame)
-                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                if not outbox.push(frame):  # gone, or closed for not reading
                     self.subscribers.discard(outbox)
         self._dirty = False
 
@@ -362,6 +451,14 @@ class PoolActor(Actor):
 
     def _reserve(self, msg: DoReserve) -> tuple[ReservationInfo, int]:
         args, now = msg.args, self.wall()
+        if args.token is not None and args.token in self.book.by_token:
+            # The same request again (its reply was lost with a connection): re-attach.
+            uid = None if msg.peer.admin else msg.peer.uid
+            return self._attach(DoAttach(Attach(token=args.token), uid, msg.session, msg.outbox))
+        if self._removed.get(msg.tenant.name) == msg.tenant.created_at:
+            raise NotFoundError(
+                f"tenant {msg.tenant.name!r} was removed", {"tenant": msg.tenant.name}
+            )
         pools = [p.name for p in self.book.check_request(args)]
         w = Waiter(
             id=self.new_id(),
@@ -375,6 +472,7 @@ class PoolActor(Actor):
             arrived=now,
             seq=self.queue.next_seq(),
             pid=msg.pid,
+            timeout_at=None if args.timeout is None else now + args.timeout,
         )
         if not self.queue.touches(w.keys):
             # Nobody waits for what this request needs: decide it directly.
@@ -389,7 +487,8 @@ class PoolActor(Actor):
         if impossible is not None:  # waiting would be forever
             self._commit([self.book.denied(args, pools[0], w.tenant, now, impossible)])
             raise impossible
-        self.queue.add(w, None if args.timeout is None else trio.current_time() + args.timeout)
+        self._commit([Queued(w.record())])
+        self.queue.add(w, self._trio_at(w.timeout_at))
         self._replying = w.id
         try:
             self._schedule()
@@ -399,13 +498,12 @@ class PoolActor(Actor):
         if r is not None:
             return r.info(), self.journal.last_lsn
         if not args.wait:
-            self.queue.remove(w.id)
-            self._queue_dirty = True
             error = self._error_of(w)
-            self._commit([self.book.denied(args, pools[0], w.tenant, now, error)])
+            w.outbox = None  # the reply tells it
+            self._end_waiter(w, error)
             raise error
         log.info("queued", reservation=w.id, tenant=w.tenant.name, position=w.position)
-        return w.info(), 0
+        return w.info(), self.journal.last_lsn
 
     def _granted_now(self, w: Waiter, events: list[PoolEvent]) -> tuple[ReservationInfo, int]:
         lsn = self._commit(events)
@@ -469,8 +567,10 @@ class PoolActor(Actor):
                 blocked.setdefault(k, w.id)
 
     def _grant(self, w: Waiter, events: list[PoolEvent]) -> None:
-        self.queue.remove(w.id)
         info, lsn = self._granted_now(w, events)
+        self.queue.remove(w.id)
+        if w.args.binding != "session":
+            self.orphans.discard(w.id)  # a detached or pid lease needs no connection
         log.info("granted", reservation=w.id, waited=round(self.wall() - w.arrived, 3))
         if w.outbox is not None and w.id != self._replying:
             self._push(w.outbox, GrantedEvent(reservation=info), lsn)
@@ -499,11 +599,13 @@ class PoolActor(Actor):
         return False
 
     def _end_waiter(self, w: Waiter, error: ResdError) -> int:
-        """Take ``w`` out of the queue ungranted: tell it why, and record the denial."""
+        """Take ``w`` out of the queue ungranted: record the denial, tell it why."""
+        denied = self.book.denied(w.args, w.pools[0], w.tenant, self.wall(), error, w.id)
+        lsn = self._commit([denied])
         self.queue.remove(w.id)
+        self.orphans.discard(w.id)
         self._queue_dirty = True
         log.info("wait_ended", reservation=w.id, code=str(error.code), reason=error.message)
-        lsn = self._commit([self.book.denied(w.args, w.pools[0], w.tenant, self.wall(), error)])
         if w.outbox is not None:
             self._push(w.outbox, DeniedEvent(reservation_id=w.id, error=error.to_wire()), lsn)
         return lsn
@@ -528,7 +630,11 @@ class PoolActor(Actor):
             lsn = self._end_waiter(w, ConflictError(f"request {w.id} was cancelled", {"id": w.id}))
             return dataclasses.replace(info, state="cancelled"), lsn
         info = self.book.reservation(msg.id).info(state="released")
-        lsn = self._commit(self.book.release(msg.id, self.wall()))
+        self._releaser = msg.session
+        try:
+            lsn = self._commit(self.book.release(msg.id, self.wall()))
+        finally:
+            self._releaser = None
         return info, lsn
 
     def _renew(self, msg: DoRenew) -> tuple[ReservationInfo, int] | OwnerCheck:
@@ -552,20 +658,83 @@ class PoolActor(Actor):
         return victims, lsn
 
     def _session_closed(self, msg: SessionClosed) -> int:
+        if msg.orphan:
+            return self._orphan_session(msg.session, msg.why)
         for w in self.queue.of_session(msg.session):
             w.outbox = None
             self._end_waiter(w, ConflictError("the connection closed while waiting", {"id": w.id}))
         self.holders.drop_connection(msg.session)
         return self._commit(self.book.end_sessions(msg.session, self.wall(), "session closed"))
 
-    def _release_tenant(self, msg: ReleaseTenant) -> int:
-        now = self.wall()
-        return self._commit(
-            [
-                Ended(r.id, "released", now, "tenant removed")
-                for r in self.book.of_tenant(msg.tenant)
-            ]
+    def _attach(self, msg: DoAttach) -> tuple[ReservationInfo, int]:
+        """Re-bind the lease or waiter of ``msg.args.token`` to ``msg.session``; one
+        that already ended is reported from history (its final state)."""
+        rid = self.book.by_token.get(msg.args.token)
+        if rid is None:
+            return self._ended_info(msg.args.id), 0
+        w = self.queue.waiters.get(rid)
+        holder = w.uid if w is not None else self.book.reservations[rid].uid
+        if msg.uid is not None and msg.uid != holder:
+            raise ForbiddenError(
+                f"{rid} belongs to uid {holder}; uid {msg.uid} may not attach to it", {"id": rid}
+            )
+        lsn = self._commit(self.book.rebind(rid, msg.session, self.wall()))
+        self.orphans.discard(rid)
+        log.info("reattached", reservation=rid, session=msg.session)
+        if w is not None:
+            w.session, w.outbox = msg.session, msg.outbox
+            order = self.queue.ordered(self.book.tenant_live)
+            return dataclasses.replace(w.info(), position=order.index(w) + 1), lsn
+        self.holders.drop(rid)
+        if msg.outbox is not None:
+            self.holders.add(rid, msg.session, msg.outbox)
+        return self.book.reservations[rid].info(), lsn
+
+    def _ended_info(self, rid: str | None) -> ReservationInfo:
+        """How ``rid`` ended, from history; raises NotFoundError when it is unknown."""
+        h = None if rid is None else self.book.last_event(rid)
+        if rid is None or h is None:
+            raise NotFoundError(
+                "no lease or waiting request has this attach token"
+                + ("" if rid is None else f", and {rid} is not in the history"),
+                {"id": rid},
+            )
+        state = h.kind if h.kind in ("released", "expired", "preempted", "denied") else "released"
+        return ReservationInfo(
+            id=rid,
+            tenant=h.tenant,
+            pool=h.pool,
+            resources=dict(h.resources),
+            label="",
+            created_at=0.0,
+            ttl=None,
+            expires_at=None,
+            binding="",
+            reclaimable=False,
+            state=state,
+            uid=-1,
+            ended_at=h.at,
+            reason=h.detail,
         )
+
+    def _release_tenant(self, msg: ReleaseTenant) -> tuple[int, int]:
+        """Returns (reservations released, lsn); see ``ReleaseTenant``."""
+        name = msg.tenant.name
+        live = self.book.of_tenant(name)
+        if live and not msg.force:
+            raise ConflictError(
+                f"tenant {name!r} holds {len(live)} active reservation(s); release them or use --force",
+                {"tenant": name, "active": len(live)},
+            )
+        lsn = self._commit([Ended(r.id, "released", self.wall(), "tenant removed") for r in live])
+        self._removed[name] = msg.tenant.created_at
+        for w in [w for w in self.queue.waiters.values() if w.tenant.name == name]:
+            lsn = max(lsn, self._end_waiter(w, NotFoundError(f"tenant {name!r} was removed")))
+        return len(live), lsn
+
+    def _forget_tenant(self, msg: ForgetTenant) -> None:
+        if self._removed.get(msg.tenant.name) == msg.tenant.created_at:
+            del self._removed[msg.tenant.name]
 
     def _list(self, msg: ListActive) -> list[ReservationInfo]:
         if msg.pending:

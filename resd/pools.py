@@ -25,11 +25,14 @@ from resd.records import (
     PoolCreated,
     PoolDeleted,
     PoolEvent,
+    Queued,
+    Rebound,
     Renewed,
     Reservation,
     Reserved,
     Tenant,
     Terminating,
+    Waiting,
     converter,
 )
 from resd_client.errors import (
@@ -79,6 +82,10 @@ class PoolBook:
     tenant_live: Counter[str] = attrs.Factory(Counter)
     #: connection id → its session-bound reservations (released when it closes)
     by_session: dict[str, set[str]] = attrs.Factory(dict)
+    #: queued requests (journaled, so that waiters keep their place across restarts)
+    waiting: dict[str, Waiting] = attrs.Factory(dict)
+    #: attach token → the live reservation or waiter that carries it
+    by_token: dict[str, str] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -281,22 +288,7 @@ class PoolBook:
                     {"resource": name},
                 )
             resources[name] = attrs.evolve(resources[name], ratio=ratio)
-        used = self.allocated[pool.name]
-        short = {
-            name: {
-                "allocated": amount,
-                "effective": resources[name].effective if name in resources else 0,
-            }
-            for name, amount in used.items()
-            if amount > 0 and (name not in resources or resources[name].effective < amount)
-        }
-        if short:
-            raise ConflictError(
-                f"pool {pool.name!r}: the change would leave less than is already reserved of "
-                + ", ".join(sorted(short))
-                + "; release reservations first",
-                {"resources": short},
-            )
+        self._check_held(pool, resources)
         changed = attrs.evolve(
             pool,
             resources=resources,
@@ -309,6 +301,44 @@ class PoolBook:
             labels=pool.labels if args.labels is None else dict(args.labels),
         )
         return [PoolChanged(changed)]
+
+    def _check_held(self, pool: Pool, resources: dict[str, Capacity]) -> None:
+        """Refuse (ConflictError, naming the holders) a change of ``pool`` to
+        ``resources`` that would drop, change the kind of, or shrink below what is
+        allocated any resource a live reservation holds."""
+        holders: dict[str, list[str]] = {}
+        for r in self.active_in(pool.name):
+            for name in {GPU if n == VRAM else n for n in (*r.resources, *r.members, *r.values)}:
+                if name in pool.resources:
+                    holders.setdefault(name, []).append(r.id)
+        short: dict[str, dict[str, Any]] = {}
+        for name, ids in holders.items():
+            old, new = pool.resources[name], resources.get(name)
+            allocated = self.used(pool, name)
+            if new is None:
+                problem = "would be removed"
+            elif new.kind != old.kind:
+                problem = f"would change from {old.kind} to {new.kind}"
+            elif new.kind == "scalar" and new.effective < allocated:
+                problem = f"would have {new.effective} where {allocated} is reserved"
+            else:
+                continue
+            short[name] = {
+                "problem": problem,
+                "allocated": allocated,
+                "effective": 0 if new is None else new.effective,
+                "holders": sorted(ids),
+            }
+        if short:
+            raise ConflictError(
+                f"pool {pool.name!r}: "
+                + "; ".join(
+                    f"{name} {s['problem']} but is held by {', '.join(s['holders'])}"
+                    for name, s in sorted(short.items())
+                )
+                + "; release those reservations first",
+                {"resources": short},
+            )
 
     def delete_pool(self, name: str, force: bool, now: float) -> list[PoolEvent]:
         self.pool(name)
@@ -453,6 +483,7 @@ class PoolBook:
             priority=tenant.priority,
             pid=None if pid is None else pid[0],
             pid_start=None if pid is None else pid[1],
+            token=args.token or "",
         )
 
     def never_fits(self, args: Reserve, pools: list[Pool] | None = None) -> ResdError | None:
@@ -495,7 +526,10 @@ class PoolBook:
         return fill
 
     @staticmethod
-    def denied(args: Reserve, pool: str, tenant: Tenant, now: float, error: ResdError) -> Denied:
+    def denied(
+        args: Reserve, pool: str, tenant: Tenant, now: float, error: ResdError, rid: str = ""
+    ) -> Denied:
+        """The event of refusing ``args`` (or of waiter ``rid`` leaving the queue)."""
         return Denied(
             tenant=tenant.name,
             pool=pool,
@@ -504,6 +538,7 @@ class PoolBook:
             code=str(error.code),
             reason=error.message,
             details=error.details,
+            id=rid,
         )
 
     def release(self, rid: str, now: float, reason: str = "released") -> list[PoolEvent]:
@@ -584,6 +619,19 @@ class PoolBook:
             ids = list(self.by_session.get(session, ()))
         return [Ended(rid, "released", now, reason) for rid in ids]
 
+    def rebind(self, rid: str, session: str, now: float) -> list[PoolEvent]:
+        """Events of re-attaching lease or waiter ``rid`` to connection ``session``."""
+        if rid not in self.reservations and rid not in self.waiting:
+            raise NotFoundError(f"{rid} is neither active nor waiting", {"id": rid})
+        return [Rebound(rid, session, now)]
+
+    def last_event(self, rid: str) -> HistoryEvent | None:
+        """The latest history event of ``rid`` (how it ended), None if forgotten."""
+        for h in reversed(self.history):
+            if h.reservation == rid:
+                return h
+        return None
+
     # ------------------------------------------------------------------ apply
 
     def apply(self, events: Iterable[PoolEvent]) -> None:
@@ -594,8 +642,22 @@ class PoolBook:
     def _apply_one(self, event: PoolEvent) -> None:
         match event:
             case Reserved(reservation=r):
+                self._unqueue(r.id)
                 self._hold(r)
                 self._record(r.created_at, "reserved", r, r.label)
+            case Queued(waiting=w):
+                self.waiting[w.id] = w
+                if w.args.token:
+                    self.by_token[w.args.token] = w.id
+            case Rebound(id=rid, session=session, at=at):
+                if rid in self.waiting:
+                    self.waiting[rid] = attrs.evolve(self.waiting[rid], session=session)
+                else:
+                    r = self.reservations[rid]
+                    self._unhold(r)
+                    r = attrs.evolve(r, session=session if r.binding == "session" else "")
+                    self._hold(r)
+                    self._record(at, "reattached", r, "re-attached after a reconnect")
             case Ended(id=rid, state=state, at=at, reason=reason):
                 r = self.reservations[rid]
                 self._unhold(r)
@@ -611,12 +673,13 @@ class PoolBook:
                 self.reservations[rid] = r
                 self._record(at, "preempting", r, f"by {by}; grace until {deadline:.3f}")
             case Denied():
+                self._unqueue(event.id)
                 self._push(
                     HistoryEvent(
                         seq=self.seq + 1,
                         at=event.at,
                         kind="denied",
-                        reservation="",
+                        reservation=event.id,
                         tenant=event.tenant,
                         pool=event.pool,
                         resources=dict(event.resources),
@@ -637,6 +700,11 @@ class PoolBook:
                 del self.allocated[name]
                 del self.holdings[name]
 
+    def _unqueue(self, rid: str) -> None:
+        w = self.waiting.pop(rid, None)
+        if w is not None and w.args.token:
+            del self.by_token[w.args.token]
+
     def _scalars(self, r: Reservation) -> list[tuple[str, int]]:
         kinds = self.pools[r.pool].resources
         return [(n, a) for n, a in r.resources.items() if n in kinds and kinds[n].kind == "scalar"]
@@ -651,6 +719,8 @@ class PoolBook:
         self.tenant_live[r.tenant] += 1
         if r.binding == "session":
             self.by_session.setdefault(r.session, set()).add(r.id)
+        if r.token:
+            self.by_token[r.token] = r.id
 
     def _unhold(self, r: Reservation) -> None:
         del self.reservations[r.id]
@@ -670,6 +740,8 @@ class PoolBook:
             mine.discard(r.id)
             if not mine:
                 del self.by_session[r.session]
+        if r.token:
+            del self.by_token[r.token]
 
     def _record(self, at: float, kind: str, r: Reservation, detail: str) -> None:
         self._push(
@@ -697,6 +769,7 @@ class PoolBook:
             "reservations": [converter.unstructure(r) for r in self.reservations.values()],
             "history": [to_wire(h) for h in self.history],
             "seq": self.seq,
+            "waiting": [converter.unstructure(w) for w in self.waiting.values()],
         }
 
     @classmethod
@@ -713,6 +786,8 @@ class PoolBook:
             book._hold(converter.structure(raw, Reservation))
         book.history.extend(HistoryEvent(**h) for h in state["history"])
         book.seq = state["seq"]
+        for raw in state.get("waiting", ()):  # absent in snapshots made before issue 9
+            book.apply([Queued(converter.structure(raw, Waiting))])
         return book
 
 

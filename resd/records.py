@@ -10,12 +10,15 @@ change meaning.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Any, Final, Protocol
 
 import attrs
 import cattrs
+import structlog
 
-from resd_client.protocol import ReservationInfo, TenantInfo
+from resd_client.errors import UnavailableError
+from resd_client.protocol import ReservationInfo, Reserve, TenantInfo, from_wire, to_wire
 
 
 @attrs.frozen
@@ -122,6 +125,8 @@ class Reservation:
     pid_start: float | None = None
     #: a terminating reservation that was asked to reclaim (may still release in time)
     reclaim: bool = False
+    #: the holder's attach token (SPEC §9); "" when it gave none. Never shown.
+    token: str = ""
 
     def info(self, *, state: str | None = None, ended_at: float | None = None) -> ReservationInfo:
         return ReservationInfo(
@@ -143,7 +148,27 @@ class Reservation:
             devices=[dict(d) for d in self.devices],
             priority=self.priority,
             pid=self.pid,
+            deadline=self.deadline if self.state == "terminating" else None,
         )
+
+
+@attrs.frozen
+class Waiting:
+    """A queued request, as the journal keeps it: enough to put it back in its
+    place after a restart (``seq`` is its arrival rank; ``timeout_at`` wall time;
+    the attach token is ``args.token``)."""
+
+    id: str
+    args: Reserve
+    tenant: Tenant
+    uid: int
+    session: str
+    pools: tuple[str, ...]
+    arrived: float
+    seq: int
+    timeout_at: float | None = None
+    pid: int | None = None
+    pid_start: float | None = None
 
 
 # ------------------------------------------------------------------------ events
@@ -201,7 +226,25 @@ class Terminating:
 
 
 @attrs.frozen
+class Queued:
+    """A request joined the wait queue."""
+
+    waiting: Waiting
+
+
+@attrs.frozen
+class Rebound:
+    """The lease or waiter ``id`` was re-attached to connection ``session``."""
+
+    id: str
+    session: str
+    at: float
+
+
+@attrs.frozen
 class Denied:
+    """A request was refused, or a waiter (``id``) left the queue ungranted."""
+
     tenant: str
     pool: str
     resources: dict[str, int]
@@ -209,6 +252,7 @@ class Denied:
     code: str
     reason: str
     details: dict[str, Any] = attrs.Factory(dict)
+    id: str = ""
 
 
 @attrs.frozen
@@ -223,7 +267,16 @@ class TenantRemoved:
 
 
 PoolEvent = (
-    PoolCreated | PoolChanged | PoolDeleted | Reserved | Ended | Renewed | Terminating | Denied
+    PoolCreated
+    | PoolChanged
+    | PoolDeleted
+    | Reserved
+    | Ended
+    | Renewed
+    | Terminating
+    | Denied
+    | Queued
+    | Rebound
 )
 TenantEvent = TenantSaved | TenantRemoved
 Event = PoolEvent | TenantEvent
@@ -237,12 +290,20 @@ TAGS: Final[dict[str, type]] = {
     "renewed": Renewed,
     "terminating": Terminating,
     "denied": Denied,
+    "queued": Queued,
+    "rebound": Rebound,
     "tenant_saved": TenantSaved,
     "tenant_removed": TenantRemoved,
 }
 _TAG_OF: Final[dict[type, str]] = {v: k for k, v in TAGS.items()}
 
 converter = cattrs.Converter()
+# A queued request is kept in its wire form: the protocol's own, versioned format,
+# checked again by ``from_wire`` when it is read back.
+converter.register_unstructure_hook(Reserve, to_wire)
+converter.register_structure_hook(
+    Reserve, lambda value, _: from_wire(Reserve, value, "waiting.args")
+)
 
 
 def encode(event: Event) -> dict[str, Any]:
@@ -257,3 +318,28 @@ def decode(record: dict[str, Any]) -> Event:
     cls = TAGS[body.pop("t")]
     event: Event = converter.structure(body, cls)
     return event
+
+
+class Appends(Protocol):
+    """What ``journal_events`` needs of the journal."""
+
+    def append(self, domain: str, records: list[Any]) -> int: ...
+
+
+def journal_events(journal: Appends, domain: str, events: Sequence[Event]) -> int:
+    """Append ``events`` as one journal entry; returns its lsn.
+
+    Raises UnavailableError (and appends nothing) when they cannot be encoded or the
+    journal refuses them (it failed, or is closed): the caller has changed nothing
+    yet, so memory and disk still agree.
+    """
+    try:
+        return journal.append(domain, [encode(e) for e in events])
+    except Exception as exc:  # JournalFailed, RuntimeError, or an encoding bug
+        structlog.get_logger("resd.journal").error(
+            "append_refused", domain=domain, error=f"{type(exc).__name__}: {exc}"
+        )
+        raise UnavailableError(
+            f"resd cannot write its journal, so nothing was changed: {exc}",
+            {"journal": type(exc).__name__},
+        ) from exc

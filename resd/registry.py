@@ -16,7 +16,7 @@ from resd.messages import (
     SetTenant,
     TakeSnapshot,
 )
-from resd.records import Tenant, TenantEvent, encode
+from resd.records import Tenant, TenantEvent, journal_events
 from resd.tenants import TenantBook
 
 DOMAIN = "tenants"
@@ -44,10 +44,13 @@ class TenantRegistry(Actor):
         }
 
     def _commit(self, events: Sequence[TenantEvent]) -> int:
+        """Journal decided ``events``, then apply them (nothing changes if the journal
+        refuses them: UnavailableError)."""
         if not events:
             return 0
+        lsn = journal_events(self.journal, DOMAIN, events)
         self.book.apply(events)
-        return self.journal.append(DOMAIN, [encode(e) for e in events])
+        return lsn
 
     def _saved(self, events: Sequence[TenantEvent]) -> tuple[Tenant, int]:
         lsn = self._commit(events)

@@ -1,11 +1,16 @@
 """The Unix socket server: listener → one task per connection → one task per request.
 
-Each connection has a reader (bytes → frames → requests, at most ``max_pending``
-in flight, so a flood from one client waits on itself), a writer that drains the
+Each connection has a reader (bytes → frames → requests), a writer that drains the
 connection's outbox (replies and pushes, several frames per write), and the peer's
-identity from SO_PEERCRED. Malformed input gets an ``invalid`` error and the
-connection goes on; only an oversized frame closes it. When the connection ends,
-the pool actor is told so that session-bound reservations are released.
+identity from SO_PEERCRED. Per-connection work is bounded: a request holds one of
+``max_pending`` slots until its reply is in the outbox, and the outbox holds at most
+``OUTBOX_FRAMES``; when the slots are taken the reader stops reading, so a client
+that sends without reading waits on itself and costs the daemon a bounded amount
+of memory. A push that finds the outbox full closes the connection (its leases
+wait for re-attachment) rather than being dropped. Malformed input gets an
+``invalid`` error and the connection goes on; only an oversized frame closes it.
+When the connection ends, the pool actor is told so that session-bound
+reservations are released (or, after an overflow, kept for re-attachment).
 """
 
 from __future__ import annotations
@@ -82,13 +87,26 @@ def admin_gid_of(group: str) -> int | None:
 
 
 class _Connection:
-    def __init__(self, conn: Conn, stream: trio.SocketStream, max_pending: int) -> None:
-        self.conn = conn
+    conn: Conn  # set right after: its outbox needs this object's ``overflow``
+
+    def __init__(self, stream: trio.SocketStream, max_pending: int) -> None:
         self.stream = stream
         self.greeted = False
         self.read_scope = trio.CancelScope()
-        #: requests in flight on this connection; the reader waits when none is free
+        #: the whole connection; cancelled when it overflows
+        self.scope = trio.CancelScope()
+        #: it was closed because a push found its outbox full
+        self.overflowed = False
+        #: requests in flight on this connection, replies not yet queued included; the
+        #: reader waits when none is free
         self.slots = trio.Semaphore(max_pending)
+
+    def overflow(self) -> None:
+        """Called by an actor whose push found the outbox full: close the connection."""
+        if not self.overflowed:
+            self.overflowed = True
+            log.warning("closing_unread_connection", conn=self.conn.id, outbox=OUTBOX_FRAMES)
+        self.scope.cancel()
 
 
 class Server:
@@ -146,12 +164,10 @@ class Server:
             log.warning("peercred_failed", error=str(exc))
             await stream.aclose()
             return
-        outbox, frames = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
-        conn = _Connection(
-            Conn(f"{self.svc.boot_id[:8]}-{next(self._ids)}", peer, outbox),
-            stream,
-            self.limits.max_pending,
-        )
+        channel, frames = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
+        conn = _Connection(stream, self.limits.max_pending)
+        outbox = m.Outbox(channel, conn.overflow)
+        conn.conn = Conn(f"{self.svc.boot_id[:8]}-{next(self._ids)}", peer, outbox)
         if len(self._connections) >= self.limits.max_connections:
             error = UnavailableError(f"too many connections (limit {self.limits.max_connections})")
             with trio.move_on_after(1):
@@ -163,15 +179,20 @@ class Server:
             self._idle = trio.Event()
         log.debug("connected", conn=conn.conn.id, uid=peer.uid, pid=peer.pid)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, stream, frames)
-                async with trio.open_nursery() as handlers:
-                    await self._read(conn, handlers)
-                outbox.close()
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write, stream, frames)
+                    async with trio.open_nursery() as handlers:
+                        await self._read(conn, handlers)
+                    channel.close()
         finally:
-            self.svc.pools.tell(m.SessionClosed(conn.conn.id))
+            # Closed by resd itself (stopping for a restart, or an overflow): its
+            # client's leases wait for it to re-attach.
+            why = "it did not read its pushes" if conn.overflowed else "resd stopped"
+            orphan = conn.overflowed or self._stopping
+            self.svc.pools.tell(m.SessionClosed(conn.conn.id, orphan=orphan, why=why))
             self.svc.pools.tell(m.Unsubscribe(outbox))
-            outbox.close()
+            channel.close()
             self._connections.discard(conn)
             if not self._connections:
                 self._idle.set()
@@ -266,19 +287,21 @@ class Server:
         handlers.start_soon(self._handle, c, req)
 
     async def _handle(self, c: _Connection, req: Request) -> None:
+        """Run one request; its slot is free again only once its reply is queued."""
         try:
-            result = await HANDLERS[req.op](self.svc, c.conn, req.args)
-            frame = reply_ok(req.id, result)
-        except ResdError as exc:
-            frame = reply_error(req.id, exc)
-        except Exception as exc:
-            log.exception("handler_failed", op=req.op)
-            frame = reply_error(
-                req.id, InternalError(f"{req.op} failed: {type(exc).__name__}: {exc}")
-            )
+            try:
+                result = await HANDLERS[req.op](self.svc, c.conn, req.args)
+                frame = reply_ok(req.id, result)
+            except ResdError as exc:
+                frame = reply_error(req.id, exc)
+            except Exception as exc:
+                log.exception("handler_failed", op=req.op)
+                frame = reply_error(
+                    req.id, InternalError(f"{req.op} failed: {type(exc).__name__}: {exc}")
+                )
+            await self._send(c, frame)
         finally:
             c.slots.release()
-        await self._send(c, frame)
 
 
 __all__ = ["Limits", "Server", "admin_gid_of", "peer_of"]

@@ -1,7 +1,9 @@
 """Queued requests (SPEC §4 "Waiting"): who waits, in what order, for what.
 
-A waiter is a request that did not fit and asked to wait. Waiters are not
-journaled: each belongs to a live connection, which a restart ends anyway. The
+A waiter is a request that did not fit and asked to wait. Its ``Waiting`` record
+is journaled (``Queued``), so after a restart it is put back in its place and
+waits for its client to re-attach (SPEC §9); the ``Waiter`` here adds what only
+the live daemon knows (the connection to push to, the reason it waits). The
 queue is ranked by priority (highest first), then deadline (earliest first, none
 last), then fair share (the tenant's live reservations ÷ its weight), then
 arrival. It also indexes which (pool, resource) pairs waiters touch, so that a
@@ -21,7 +23,7 @@ import attrs
 from resd.actor import TimerHeap
 from resd.holdings import GPU, VRAM
 from resd.messages import Outbox
-from resd.records import Reservation, Tenant
+from resd.records import Reservation, Tenant, Waiting
 from resd_client.protocol import ReservationInfo, Reserve
 
 Key = tuple[str, str]
@@ -47,10 +49,50 @@ class Waiter:
     arrived: float
     seq: int
     pid: tuple[int, float] | None = None
+    #: wall time its ``timeout`` passes
+    timeout_at: float | None = None
     position: int = 0
     reason: str = "resources"
     message: str = "waiting for resources"
     details: dict[str, Any] = attrs.Factory(dict)
+
+    @classmethod
+    def of(cls, record: Waiting, outbox: Outbox | None = None) -> Waiter:
+        """The live waiter of a journaled ``record``."""
+        pid = (
+            None
+            if record.pid is None or record.pid_start is None
+            else (record.pid, record.pid_start)
+        )
+        return cls(
+            id=record.id,
+            args=record.args,
+            tenant=record.tenant,
+            uid=record.uid,
+            session=record.session,
+            outbox=outbox,
+            pools=record.pools,
+            keys=touched(record.pools, record.args),
+            arrived=record.arrived,
+            seq=record.seq,
+            pid=pid,
+            timeout_at=record.timeout_at,
+        )
+
+    def record(self) -> Waiting:
+        return Waiting(
+            id=self.id,
+            args=self.args,
+            tenant=self.tenant,
+            uid=self.uid,
+            session=self.session,
+            pools=self.pools,
+            arrived=self.arrived,
+            seq=self.seq,
+            timeout_at=self.timeout_at,
+            pid=None if self.pid is None else self.pid[0],
+            pid_start=None if self.pid is None else self.pid[1],
+        )
 
     def rank(self, live: Mapping[str, int]) -> tuple[int, float, float, int]:
         fair = live.get(self.tenant.name, 0) / self.tenant.weight if self.tenant.weight else 0.0
@@ -100,6 +142,10 @@ class WaitQueue:
 
     def next_seq(self) -> int:
         return next(self._seq)
+
+    def continue_after(self, seq: int) -> None:
+        """Number later arrivals after ``seq`` (the last one recovered)."""
+        self._seq = itertools.count(max(seq + 1, next(self._seq)))
 
     def add(self, w: Waiter, timeout_at: float | None) -> None:
         self.waiters[w.id] = w

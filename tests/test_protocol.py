@@ -240,6 +240,11 @@ SAMPLES: dict[type, list[Any]] = {
     p.Status: [STATUS],
     p.History: [p.History(events=[HISTORY_EVENT]), p.History(events=[])],
     p.ExpiredEvent: [p.ExpiredEvent(reservation=ENDED)],
+    p.ReleasedEvent: [
+        p.ReleasedEvent(
+            reservation=dataclasses.replace(ENDED, state="released", reason="tenant removed")
+        )
+    ],
     p.GrantedEvent: [p.GrantedEvent(reservation=RESERVATION)],
     p.DeniedEvent: [
         p.DeniedEvent(
@@ -401,6 +406,7 @@ ARG_SAMPLES: dict[str, Any] = {
         binding="session",
         label="train",
         reclaimable=True,
+        token="k3Qx-0_secret-token-abcdef",
     ),
     "release": p.ReservationRef(id="r-0123456789ab"),
     "renew": p.Renew(id="r-0123456789ab", ttl=30.0),
@@ -412,6 +418,7 @@ ARG_SAMPLES: dict[str, Any] = {
     "resources": p.ResourcesOf(pool="host"),
     "why": p.ReservationRef(id="r-0123456789ab"),
     "plan": p.Plan(request=p.Reserve(pool="gpu-box", resources={"gpu": 2}), priority=9),
+    "attach": p.Attach(token="k3Qx-0_secret-token-abcdef", id="r-0123456789ab"),
 }
 
 

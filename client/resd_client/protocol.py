@@ -752,8 +752,13 @@ class Reserve:
     timeout: float | None = None
     deadline: float | None = None
     pid: int | None = None
+    #: the attach token: a secret the client chooses for this request (SPEC §9).
+    #: Presenting it again (``attach``, or this same ``reserve`` retried after a lost
+    #: reply) re-binds the lease or waiter to the presenting connection.
+    token: str | None = None
 
     def check(self) -> None:
+        check_token(self.token)
         if self.pool is not None:
             check_name("pool", self.pool)
         if self.tenant is not None:
@@ -809,6 +814,16 @@ class Reserve:
 
 
 RESERVATION_ID: Final = re.compile(r"^r-[0-9a-f]{6,32}$")
+TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+
+
+def check_token(value: str | None) -> None:
+    if value is not None and not TOKEN.fullmatch(value):
+        raise InvalidError(
+            "token: give 16 to 128 characters of A-Z, a-z, 0-9, _ and - (a random secret,"
+            " e.g. secrets.token_urlsafe(24))",
+            {"field": "token"},
+        )
 
 
 def check_reservation_id(value: str) -> None:
@@ -837,6 +852,21 @@ class Renew:
     def check(self) -> None:
         check_reservation_id(self.id)
         check_ttl(self.ttl)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attach:
+    """Re-bind the lease or waiter made with ``token`` to this connection (after a
+    reconnect). ``id``: the reservation the client knew, so that one that ended while
+    it was away is reported (its final state) instead of ``not_found``."""
+
+    token: str
+    id: str | None = None
+
+    def check(self) -> None:
+        check_token(self.token)
+        if self.id is not None:
+            check_reservation_id(self.id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -932,6 +962,7 @@ OPS: Final[dict[str, type]] = {
     "resources": ResourcesOf,
     "why": ReservationRef,
     "plan": Plan,
+    "attach": Attach,
 }
 
 
@@ -1022,9 +1053,12 @@ class ReservationInfo:
     devices: list[dict[str, str]] = field(default_factory=list)
     priority: int = 0
     pid: int | None = None
-    #: for a ``pending`` request: its place in the queue (1 = head) and why it waits
+    #: for a ``pending`` request: its place in the queue (1 = head) and why it waits;
+    #: for one that ended: why
     position: int = 0
     reason: str = ""
+    #: for a ``terminating`` lease: when its grace ends
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1189,6 +1223,7 @@ RESULTS: Final[dict[str, type]] = {
     "resources": HostResources,
     "why": WaitInfo,
     "plan": PlanResult,
+    "attach": ReservationInfo,
 }
 
 
@@ -1234,6 +1269,15 @@ class ReclaimEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReleasedEvent:
+    """The lease was released by someone other than its holder (an admin, a deleted
+    pool or removed tenant, or resd when it was not re-attached in time after a
+    restart); ``reservation.reason`` says why."""
+
+    reservation: ReservationInfo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StateEvent:
     """Pools after a change; pushed to ``subscribe``rs, coalesced per actor turn."""
 
@@ -1249,6 +1293,7 @@ EVENTS: Final[dict[str, type]] = {
     "reclaim": ReclaimEvent,
     "expired": ExpiredEvent,
     "preempted": PreemptedEvent,
+    "released": ReleasedEvent,
     "state": StateEvent,
 }
 EVENT_NAMES: Final[dict[type, str]] = {v: k for k, v in EVENTS.items()}
