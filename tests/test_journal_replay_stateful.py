@@ -222,7 +222,7 @@ class BookAndJournalAgree(RuleBasedStateMachine):
         replayed = PoolBook()
         for domain, records in self.journal.entries:
             assert domain == "pools"
-            replayed.apply([decode(r) for r in records])  # type: ignore[list-item]
+            replayed.apply([decode(r) for r in records])  # type: ignore[misc]
         assert view(replayed) == live
         assert view(PoolBook.from_snapshot(self.actor.book.snapshot())) == live
 
