@@ -230,6 +230,7 @@ RESERVE_FIELDS = {
     "timeout": ("float", True, False),
     "deadline": ("float", True, False),
     "pid": ("int", True, False),
+    "token": ("str", True, False),
 }
 POOL_CREATE_FIELDS = {
     "name": ("str", False, True),
@@ -486,6 +487,35 @@ add(
     codes=("not_found",),
 )
 add("reserve unknown binding", "reserve", with_(RESERVE, binding="process"), "binding")
+# attach tokens (SPEC §9)
+GOOD_TOKEN = "attach-token-" + "q" * 20
+for _name, _token in (
+    ("short", "x" * 15),
+    ("long", "x" * 129),
+    ("spaces", "x" * 10 + " " + "x" * 10),
+    ("non-ascii", "x" * 16 + "é"),
+    ("empty", ""),
+):
+    add(f"reserve token {_name}", "reserve", with_(RESERVE, token=_token), "token")
+    add(f"attach token {_name}", "attach", {"token": _token}, "token")
+add("attach no token", "attach", {}, "token")
+add("attach token not a string", "attach", {"token": 12345678901234567890}, "token")
+add("attach bad id", "attach", {"token": GOOD_TOKEN, "id": "nope"}, "id")
+add("attach unknown field", "attach", {"token": GOOD_TOKEN, "lease": 1}, "lease")
+add(
+    "attach unknown token",
+    "attach",
+    {"token": GOOD_TOKEN},
+    "token",
+    codes=("not_found",),
+)
+add(
+    "attach unknown token and id",
+    "attach",
+    {"token": GOOD_TOKEN, "id": UNKNOWN_ID},
+    UNKNOWN_ID,
+    codes=("not_found",),
+)
 add("why bad id", "why", {"id": "nope"}, "id")
 add("why unknown id", "why", {"id": UNKNOWN_ID}, UNKNOWN_ID, codes=("not_found",))
 add("why no id", "why", {}, "id")
