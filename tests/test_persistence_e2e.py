@@ -425,7 +425,8 @@ def start_holder(proc: Proc, tmp: Path) -> tuple[subprocess.Popen[bytes], str, s
 
 
 def test_session_lease_ends_with_daemon_restart_detached_survives(daemons: Daemons) -> None:
-    proc = daemons.make().start()
+    """With ``reattach_grace = 0`` a restart ends session leases, as before issue 9."""
+    proc = daemons.make(config="reattach_grace = 0\n").start()
     with Client(proc.socket) as c:
         create_pool(c, "p", resources={"cpu": {"capacity": 8 * CORE}}, max_per_tenant=0)
     child, session_id, detached_id = start_holder(proc, daemons.tmp)
@@ -464,6 +465,26 @@ def test_session_lease_ends_with_daemon_restart_detached_survives(daemons: Daemo
         child.wait(5)
 
 
+def test_session_lease_waits_for_its_holder_after_a_restart(daemons: Daemons) -> None:
+    """Default: a session lease outlives a kill -9 restart for ``reattach_grace``; its
+    holder died meanwhile, so it is then released, and history says why."""
+    proc = daemons.make(config="reattach_grace = 1.5\n").start()
+    with Client(proc.socket) as c:
+        create_pool(c, "p", resources={"cpu": {"capacity": 8 * CORE}}, max_per_tenant=0)
+    child, session_id, detached_id = start_holder(proc, daemons.tmp)
+    proc.kill9()
+    child.kill()
+    child.wait(5)
+    proc.start()
+    with Client(proc.socket) as c:
+        assert {r.id for r in c.list()} == {session_id, detached_id}, "held for its client"
+        wait_for(lambda: [r.id for r in c.list()] == [detached_id], 10, "the orphan's release")
+        events = [e for e in raw(c, "export", Export())["events"] if e["reservation"] == session_id]
+        assert [e["kind"] for e in events] == ["reserved", "released"], events
+        assert "not re-attached within 1.5s" in events[-1]["detail"]
+    assert proc.stop() == 0
+
+
 def test_session_lease_released_promptly_when_client_is_killed(daemons: Daemons) -> None:
     proc = daemons.make().start()
     with Client(proc.socket) as c:
@@ -495,8 +516,11 @@ def test_session_lease_released_promptly_when_client_is_killed(daemons: Daemons)
     assert proc.stop() == 0
 
 
-def test_session_lease_ends_with_clean_shutdown(daemons: Daemons) -> None:
-    proc = daemons.make().start()
+@pytest.mark.parametrize("grace", [0, 60])
+def test_session_lease_across_a_clean_restart(daemons: Daemons, grace: int) -> None:
+    """SIGTERM (``systemctl restart``): held for its client by default, ended with
+    ``reattach_grace = 0`` as before issue 9."""
+    proc = daemons.make(config=f"reattach_grace = {grace}\n").start()
     with Client(proc.socket) as c:
         create_pool(c, "p", resources={"cpu": {"capacity": 8 * CORE}}, max_per_tenant=0)
     child, session_id, detached_id = start_holder(proc, daemons.tmp)
@@ -507,10 +531,15 @@ def test_session_lease_ends_with_clean_shutdown(daemons: Daemons) -> None:
         child.wait(5)
     proc.start()
     with Client(proc.socket) as c:
-        assert [r.id for r in c.list()] == [detached_id]
-        assert pool_cpu(c, "p")["allocated"] == 2 * CORE
         events = [e for e in raw(c, "export", Export())["events"] if e["reservation"] == session_id]
-        assert [e["kind"] for e in events] == ["reserved", "released"], events
+        if grace:
+            assert {r.id for r in c.list()} == {session_id, detached_id}
+            assert pool_cpu(c, "p")["allocated"] == 3 * CORE
+            assert [e["kind"] for e in events] == ["reserved"], events
+        else:
+            assert [r.id for r in c.list()] == [detached_id]
+            assert pool_cpu(c, "p")["allocated"] == 2 * CORE
+            assert [e["kind"] for e in events] == ["reserved", "released"], events
     assert proc.stop() == 0
 
 
