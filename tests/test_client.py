@@ -16,6 +16,7 @@ import pytest
 from resd_client import (
     Client,
     ConflictError,
+    Disconnected,
     InsufficientError,
     InvalidError,
     NotFoundError,
@@ -162,13 +163,28 @@ def test_concurrent_threads_share_one_client(resd_proc: Proc) -> None:
 
 
 def test_daemon_gone_is_unavailable(resd_proc: Proc) -> None:
-    client = Client(resd_proc.socket)
+    """``reconnect=0``: the session closes when the daemon goes (the old behaviour)."""
+    client = Client(resd_proc.socket, reconnect=0)
     resd_proc.stop()
     with pytest.raises(UnavailableError):
         client.status()
     client.close()
     with pytest.raises(UnavailableError, match="no resd daemon is listening"):
         Client(resd_proc.socket)
+
+
+def test_daemon_gone_for_good_is_unavailable_once_reconnecting_gives_up(
+    resd_proc: Proc,
+) -> None:
+    client = Client(resd_proc.socket, reconnect=0.5)
+    resd_proc.stop()
+    t0 = time.monotonic()
+    with pytest.raises(UnavailableError, match=r"gave up reconnecting after 0\.5s"):
+        client.status()
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert client.closed
+    assert [type(e) for e in client.events(0.1)] == [Disconnected]  # then the end
+    client.close()
 
 
 NOBODY = 65534

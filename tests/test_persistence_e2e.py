@@ -104,7 +104,7 @@ LOAD_CLIENT = textwrap.dedent(
             f.write(line + "\\n")
             f.flush()
         try:
-            c = Client(sock, name="load-" + tenant, timeout=20)
+            c = Client(sock, name="load-" + tenant, timeout=20, reconnect=0)
             note("S")
             while True:
                 if held and (len(held) >= int(max_held) or rng.random() < 0.3):

@@ -454,20 +454,21 @@ def test_expiry_while_running(resd_proc: Proc) -> None:
 def test_daemon_going_away_stops_cmd(
     resd_proc: Proc, started: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
+    """With reconnecting turned off (``RESD_RECONNECT=0``); for the default, where CMD
+    keeps running while resctl reconnects, see ``tests/test_reconnect_e2e.py``."""
     create_pool(resd_proc, "gpus")
     ready = tmp_path / "ready"
-    p = start(
-        started,
-        resd_proc,
-        "--pool",
-        "gpus",
-        "--gpu",
-        "1",
-        "--",
-        "sh",
-        "-c",
-        f"touch {ready}; exec sleep 60",
+    argv = run_argv(
+        resd_proc, "--pool", "gpus", "--gpu", "1", "--", "sh", "-c", f"touch {ready}; exec sleep 60"
     )
+    p = subprocess.Popen(
+        argv,
+        env={**subprocess_env(), "RESD_RECONNECT": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started.append(p)
     wait_for(ready.exists, 15, "the child to start")
     assert resd_proc.stop() == 0
     code, _, stderr = finish(p)

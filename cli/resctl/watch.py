@@ -5,6 +5,10 @@ client's reader thread queues a ``StateEvent`` after each change. ``Throttle``
 (pure) coalesces bursts so that frames are at least ``--interval`` apart while the
 latest state is always drawn eventually. A TTY gets a ``rich.live.Live`` display;
 plain output reprints each frame; ``--json`` prints one compact line per frame.
+
+When resd restarts, the client reconnects and subscribes again by itself; watch
+says so on stderr, draws the status of the new daemon, and goes on. It stops with
+the ``unavailable`` error only when the client gives up reconnecting.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from rich.live import Live
 from resctl.options import JsonOpt, SocketOpt, parse_duration
 from resctl.render import status_view
 from resctl.session import Output, connect, guard
-from resd_client import Client
+from resd_client import Client, Disconnected, Reconnected
 from resd_client.errors import InvalidError, UnavailableError
 from resd_client.protocol import StateEvent, Status
 
@@ -68,11 +72,17 @@ def next_event(client: Client, timeout: float | None) -> Any:
 
 
 def follow(
-    client: Client, throttle: Throttle, draw: Callable[[StateEvent], None], first: StateEvent
+    client: Client,
+    throttle: Throttle,
+    draw: Callable[[StateEvent], None],
+    first: StateEvent,
+    link: Callable[[Disconnected | Reconnected], StateEvent | None] = lambda _: None,
 ) -> NoReturn:
     """Draw ``first``, then each pushed state as the throttle allows; never returns.
+    ``link(notice)`` hears of a lost and a regained connection; a state it returns
+    is drawn (the daemon's after a restart).
 
-    Raises UnavailableError when the daemon closes the connection.
+    Raises UnavailableError when the session closes (reconnecting gave up).
     """
     state = first
     draw(state)
@@ -85,10 +95,34 @@ def follow(
             continue
         event = next_event(client, throttle.wait(now))
         if event is Wake.CLOSED:
-            raise UnavailableError("resd closed the connection; watch stopped")
-        if isinstance(event, StateEvent):
+            why = client.session.closed or "resd closed the connection"
+            raise UnavailableError(f"{why}; watch stopped")
+        if isinstance(event, Disconnected | Reconnected):
+            fresh = link(event)
+            if fresh is not None:
+                state = fresh
+                throttle.changed()
+        elif isinstance(event, StateEvent):
             state = event
             throttle.changed()
+
+
+@dataclass
+class Followed:
+    """What ``watch`` shows besides the pushed state: the daemon's status (its
+    version, boot and start), renewed after a reconnection; says so on stderr."""
+
+    client: Client
+    out: Output
+    status: Status
+
+    def link(self, notice: Disconnected | Reconnected) -> StateEvent | None:
+        if isinstance(notice, Disconnected):
+            self.out.warn(f"lost the connection to resd ({notice.reason}); reconnecting")
+            return None
+        self.status = self.client.status()
+        self.out.warn(f"reconnected to resd (boot {self.status.boot_id})")
+        return StateEvent(pools=self.status.pools, active=self.status.active, at=time.time())
 
 
 def watch(
@@ -115,18 +149,23 @@ def watch(
             status: Status = client.subscribe()
             first = StateEvent(pools=status.pools, active=status.active, at=time.time())
             throttle = Throttle(every)
+            seen = Followed(client, out, status)
             try:
                 if out.json:
-                    follow(client, throttle, lambda s: out.emit(s, compact=True), first)
+                    follow(client, throttle, lambda s: out.emit(s, compact=True), first, seen.link)
                 elif out.plain:
-                    follow(client, throttle, lambda s: _reprint(out, status, s, every), first)
+
+                    def reprint(s: StateEvent) -> None:
+                        _reprint(out, seen.status, s, every)
+
+                    follow(client, throttle, reprint, first, seen.link)
                 else:
                     with Live(console=out.console, auto_refresh=False) as live:
 
                         def redraw(s: StateEvent) -> None:
-                            live.update(_frame(status, s, every, plain=False), refresh=True)
+                            live.update(_frame(seen.status, s, every, plain=False), refresh=True)
 
-                        follow(client, throttle, redraw, first)
+                        follow(client, throttle, redraw, first, seen.link)
             except KeyboardInterrupt:
                 return
 

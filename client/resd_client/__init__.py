@@ -1,6 +1,9 @@
 """Python client of resd; imports with only the standard library and msgpack.
 
 ``Client`` and ``Lease`` are the synchronous client (``resd_client._sync``).
+``Disconnected`` and ``Reconnected`` are the notices every client puts among its
+``events()`` while it reconnects after resd restarted; ``ConnectionLost`` (an
+``UnavailableError``) is what a change whose reply was lost that way raises.
 ``TrioClient`` (``resd_client.trio.Client``) and ``AsyncioClient``
 (``resd_client.asyncio.Client``) are the async clients; they are imported on first
 use, so that ``import resd_client`` never imports trio or asyncio's client. The
@@ -16,6 +19,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 
 from typing import TYPE_CHECKING, Any
 
+from resd_client._core import ConnectionLost, Disconnected, Reconnected
 from resd_client._sync import Client, Lease
 from resd_client.errors import (
     ConflictError,
@@ -57,6 +61,8 @@ __all__ = [
     "AsyncioClient",
     "Client",
     "ConflictError",
+    "ConnectionLost",
+    "Disconnected",
     "ErrorCode",
     "ExistsError",
     "ForbiddenError",
@@ -67,6 +73,7 @@ __all__ = [
     "NotFoundError",
     "PreemptedError",
     "QuotaExceededError",
+    "Reconnected",
     "ResdError",
     "TimeoutError_",
     "TrioClient",

@@ -4,8 +4,12 @@ for trio (``resd_client.trio``) and asyncio (``resd_client.asyncio``).
 ``AsyncClient`` owns the session, one background reader task, the ``events()``
 buffer and the API. Each backend supplies only what differs: a byte stream over the
 connected socket (whose failures it raises as OSError), events and locks, a timed
-wait, a shield from cancellation, and how the reader task is started and stopped.
-Nothing here imports trio or asyncio.
+wait, a sleep and a clock, a shield from cancellation, and how the reader task is
+started and stopped. Nothing here imports trio or asyncio.
+
+When the connection ends unexpectedly, the reader task reconnects (capped
+back-off, at most ``reconnect`` seconds) and resumes the session as the sync client
+does (see ``resd_client._sync``); what waits meanwhile waits for it.
 
 Lease callbacks (``on_event``, ``on_reclaim``) are plain callables that run in the
 reader task, between its reads: they must not block; exceptions in them are logged
@@ -18,6 +22,7 @@ from __future__ import annotations
 import abc
 import builtins
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -31,9 +36,11 @@ from typing import Any, Final, Protocol, Self, TypeVar, Unpack, cast
 from resd_client import __version__
 from resd_client import _core as flows
 from resd_client._core import (
+    ConnectionLost,
     Flow,
     LeaseState,
     Need,
+    Reconnect,
     Reply,
     ReserveOptions,
     Runner,
@@ -42,7 +49,7 @@ from resd_client._core import (
     notify,
     reserve_args,
 )
-from resd_client._sync import connect_socket
+from resd_client._sync import CONNECT_TIMEOUT, backoff, connect_socket, reconnect_limit
 from resd_client.errors import UnavailableError
 from resd_client.protocol import (
     PROTOCOL_VERSION,
@@ -96,9 +103,12 @@ class Lease(LeaseState):
         super().__init__(info, client._new_flag(), on_reclaim)
         self.client = client
 
-    async def release(self) -> None:
-        """Release now; a lease that is already gone is left alone."""
-        await self.client._run(flows.release_lease(self.client, self))
+    async def release(self, *, wait: bool = True) -> None:
+        """Release now; a lease that is already gone is left alone. While resd is
+        away it waits for the reconnection; ``wait=False`` does not: it raises
+        ConnectionLost and forgets the lease (resd lets a session lease nobody
+        re-attaches go after its ``reattach_grace``)."""
+        await self.client._run(flows.release_lease(self.client, self, wait=wait))
 
     async def renew(self, ttl: float | None = None) -> None:
         """Extend the TTL: expires ``ttl`` (default: its own ttl) seconds from now."""
@@ -107,9 +117,19 @@ class Lease(LeaseState):
     async def __aenter__(self) -> Lease:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if not self.client.closed:
-            await self.client._run(flows.release_lease(self.client, self), shielded=True)
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.client.closed:
+            return
+        # Leaving normally (or by an error): release, waiting out an outage. Leaving
+        # by a cancellation: release if connected, without waiting (shielded either way).
+        wait = exc is None or isinstance(exc, Exception)
+        with contextlib.suppress(ConnectionLost):
+            await self.client._run(flows.release_lease(self.client, self, wait=wait), shielded=True)
 
 
 class LeaseRequest:
@@ -129,9 +149,14 @@ class LeaseRequest:
         self._lease = await self
         return self._lease
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._lease is not None:
-            await self._lease.__aexit__(*exc)
+            await self._lease.__aexit__(exc_type, exc, tb)
 
 
 class _Events:
@@ -157,7 +182,9 @@ class _Events:
 
 class AsyncClient(abc.ABC):
     """The API of the async clients (see the module doc); ``timeout`` bounds each
-    reply (not a wait for resources). Use a backend's ``Client``."""
+    reply (not a wait for resources); ``reconnect``: seconds it keeps trying to
+    reconnect (None: ``$RESD_RECONNECT`` or 120; 0: never). Use a backend's
+    ``Client``."""
 
     def __init__(
         self,
@@ -165,17 +192,23 @@ class AsyncClient(abc.ABC):
         *,
         name: str = "resd_client",
         timeout: float = 30.0,
+        reconnect: float | None = None,
     ) -> None:
         self.timeout = timeout
         self.name = name
+        self.reconnect = reconnect_limit(reconnect)
         self._where = socket_path
         self.socket_path: Path | None = None
-        self.hello: HelloResult | None = None
         self._stream: Stream | None = None
         self._send_lock = self._new_lock()
         self._queued: collections.deque[Any] = collections.deque(maxlen=MAX_QUEUED_EVENTS)
         self._arrived = self._new_flag()
-        self.session = Session(on_push=self._on_push, on_lease=notify, on_close=self._on_close)
+        self.session = Session(
+            on_push=self._on_push,
+            on_lease=notify,
+            on_close=self._on_close,
+            new_flag=self._new_flag,
+        )
 
     # ---------------------------------------------------------------- backend
 
@@ -190,13 +223,28 @@ class AsyncClient(abc.ABC):
         """Whether ``flag`` was set within ``limit`` seconds (None: no limit)."""
 
     @abc.abstractmethod
+    async def _within(self, limit: float, fn: Callable[[], Awaitable[T]]) -> T:
+        """``await fn()``; raises OSError when it takes longer than ``limit`` seconds."""
+
+    @abc.abstractmethod
+    async def _sleep(self, seconds: float) -> None: ...
+
+    @abc.abstractmethod
+    def _now(self) -> float:
+        """The backend's clock (seconds), for the reconnection deadline."""
+
+    @abc.abstractmethod
     async def _shielded(self, fn: Callable[[], Awaitable[T]]) -> T:
         """``await fn()`` to its end even if this task is cancelled meanwhile (the
         cancellation is delivered afterwards)."""
 
     @abc.abstractmethod
-    async def _begin(self, sock: socket.socket) -> Stream:
-        """Wrap the connected ``sock`` and start ``_read_loop`` on it in the background."""
+    async def _wrap(self, sock: socket.socket) -> Stream:
+        """A stream over the connected ``sock``."""
+
+    @abc.abstractmethod
+    async def _start(self, stream: Stream) -> None:
+        """Start ``_read_loop(stream)`` in the background."""
 
     @abc.abstractmethod
     async def _end(self) -> None:
@@ -208,21 +256,28 @@ class AsyncClient(abc.ABC):
     def closed(self) -> bool:
         return self.session.closed is not None
 
+    @property
+    def hello(self) -> HelloResult | None:
+        """The daemon's latest ``hello`` answer (a new one after each reconnection)."""
+        return self.session.hello
+
+    def _hello_args(self) -> Hello:
+        return Hello(version=PROTOCOL_VERSION, client=f"{self.name}/{__version__}")
+
     async def open(self) -> None:
         """Connect and say hello; raises UnavailableError when no daemon listens."""
         sock, self.socket_path = connect_socket(self._where)
-        self._stream = await self._begin(sock)
+        self._stream = await self._wrap(sock)
+        await self._start(self._stream)
         try:
-            self.hello = await self.call(
-                "hello", Hello(version=PROTOCOL_VERSION, client=f"{self.name}/{__version__}")
-            )
+            self.session.hello = await self.call("hello", self._hello_args())
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
         """Close the connection; the daemon releases this client's session leases
-        and cancels its waiting requests."""
+        and cancels its waiting requests. Stops a reconnection under way."""
         self.session.close("client closed")
         if self._stream is not None:
             await self._shielded(self._stream.aclose)
@@ -268,35 +323,131 @@ class AsyncClient(abc.ABC):
         if isinstance(need, Send):
             if self._stream is None:
                 raise UnavailableError("not connected: use 'async with Client(...)'")
-            try:
-                async with self._send_lock:
-                    await self._stream.send_all(need.data)
-            except OSError as exc:
-                self.session.close(f"sending to resd failed: {exc}")
+            async with self._send_lock:
+                if self.session.sending(need.call):
+                    stream = self._stream
+                    try:
+                        await stream.send_all(need.data)
+                    except OSError as exc:
+                        await self._broken(
+                            stream, need.call.epoch, f"sending to resd failed: {exc}"
+                        )
             return None
         if isinstance(need, Reply):
             if not await self._wait(cast(AsyncFlag, need.call.done), self.timeout):
                 raise self.session.abandon(need.call, self.timeout)
             return need.outcome()
+        if isinstance(need, Reconnect):
+            await self._wait(cast(AsyncFlag, need.flag), None)
+            return None
         return await self._wait(cast(AsyncFlag, need.lease._settled), need.timeout)
+
+    async def _broken(self, stream: Stream, epoch: int, reason: str) -> None:
+        """A write on ``stream`` (connection ``epoch``) failed: drop that connection;
+        the reader sees it end and reconnects (or the session closes)."""
+        if self.reconnect <= 0:
+            self.session.close(reason)
+        elif self.session.epoch == epoch:
+            self.session.disconnect(reason)
+        with contextlib.suppress(OSError):
+            await stream.aclose()
 
     def _new_lease(self, info: ReservationInfo, on_reclaim: OnReclaim | None) -> Lease:
         return Lease(self, info, on_reclaim)
 
     async def _read_loop(self, stream: Stream) -> None:
-        """The reader task: feeds the session until the connection ends; never raises
-        (a failure closes the session, which fails what waits)."""
+        """The reader task: feeds the session; reconnects when the connection ends;
+        never raises (when it stops, whatever the cause, the session closes, which
+        fails what waits)."""
         reason = "resd closed the connection"
         try:
-            while data := await stream.receive_some(1 << 16):
-                self.session.receive(data)
-        except (OSError, FrameTooLarge, BadFrame) as exc:
-            reason = f"connection to resd failed: {exc}"
+            current: Stream | None = stream
+            while current is not None:
+                reason = await self._read(current)
+                if self.closed or self.reconnect <= 0:
+                    break
+                self.session.disconnect(reason)
+                current = await self._reconnect(reason)
         except Exception as exc:  # a bug here must not cancel the caller's block
             log.exception("resd client reader failed")
             reason = f"the client's reader failed: {exc!r}"
         finally:
             self.session.close(reason)
+
+    async def _read(self, stream: Stream) -> str:
+        """Feed what ``stream`` brings to the session until it ends; returns why."""
+        try:
+            while data := await stream.receive_some(1 << 16):
+                self.session.receive(data)
+        except (OSError, FrameTooLarge, BadFrame) as exc:
+            return f"connection to resd failed: {exc}"
+        return "resd closed the connection"
+
+    async def _reconnect(self, reason: str) -> Stream | None:
+        """Connect again and resume, with capped back-off, for at most ``reconnect``
+        seconds; the resumed stream, or None (closed, refused, or given up: then the
+        session is closed)."""
+        deadline = self._now() + self.reconnect
+        delays = backoff()
+        attempt = 0
+        while not self.closed:
+            attempt += 1
+            stream = await self._resume(attempt)
+            if stream is not None:
+                return stream
+            left = deadline - self._now()
+            if left <= 0:
+                self.session.close(
+                    f"{reason}; gave up reconnecting after {self.reconnect:g}s"
+                    f" ({attempt} attempt{'s' if attempt != 1 else ''})"
+                )
+                break
+            await self._sleep(min(next(delays), left))
+        return None
+
+    async def _resume(self, attempt: int) -> Stream | None:
+        """One attempt: connect, send what ``Session.resume`` gives, and read until
+        every reply of the resumption came; the stream, or None when it failed."""
+        try:
+            # a Unix socket connects at once or fails at once; the timeout is a guard
+            sock, _ = connect_socket(self.socket_path, timeout=min(self.timeout, CONNECT_TIMEOUT))
+        except UnavailableError:
+            return None
+        try:
+            stream = await self._wrap(sock)
+        except OSError:
+            sock.close()
+            return None
+        try:
+            async with self._send_lock:
+                if self.closed:
+                    raise OSError("client closed")
+                data = self.session.resume(self._hello_args(), attempt)
+                old, self._stream = self._stream, stream
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    await self._shielded(old.aclose)
+            await stream.send_all(data)
+            while self.session.resuming:
+                chunk = await self._within(
+                    self.timeout, functools.partial(stream.receive_some, 1 << 16)
+                )
+                if not chunk:
+                    raise OSError("resd closed the connection")
+                self.session.receive(chunk)
+                more = self.session.resume_frames()
+                if more:
+                    await stream.send_all(more)
+        except (OSError, FrameTooLarge, BadFrame) as exc:
+            self.session.disconnect(f"reconnecting failed: {exc}")
+            with contextlib.suppress(OSError):
+                await self._shielded(stream.aclose)
+            return None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                await self._shielded(stream.aclose)
+            raise
+        return None if self.closed else stream
 
     def _on_push(self, event: Any) -> None:
         self._queued.append(event)
@@ -375,8 +526,10 @@ class AsyncClient(abc.ABC):
         return await self._run(flows.plan(self, pool, request, priority, wait, dict(options)))
 
     def events(self) -> AsyncIterator[Any]:
-        """Pushed events as they arrive (at most ``MAX_QUEUED_EVENTS`` kept unread):
-        ``async for event in client.events():``; ends when the connection closes."""
+        """Pushed events as they arrive, with the ``Disconnected`` / ``Reconnected``
+        notices (at most ``MAX_QUEUED_EVENTS`` kept unread): ``async for event in
+        client.events():``; ends when the session closes (closed, or reconnecting
+        gave up)."""
         return _Events(self)
 
     async def list(

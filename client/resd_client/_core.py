@@ -20,6 +20,18 @@ asked to give its resources back: ``reclaim_requested``, ``preempt_deadline``) �
 ended, with ``ended`` saying why: ``released``, ``expired``, ``preempted``,
 ``cancelled`` (a wait given up here), ``denied`` (a wait ended by the daemon,
 ``error`` says why) or ``closed`` (the connection ended while it waited).
+
+Surviving a restart of resd (SPEC §9). Every ``reserve`` carries an attach token,
+a secret the client chooses. When the connection ends unexpectedly the client calls
+``Session.disconnect``: calls in flight fail with ``ConnectionLost`` (flows re-send
+what is safe to send twice once the session is back), leases stay as they are,
+and ``events()`` gets a ``Disconnected`` notice. On each new connection the client
+sends what ``Session.resume`` gives — ``hello``, one ``attach`` per lease, and
+``subscribe`` if it had subscribed — and feeds the replies to ``receive`` as usual;
+each ``attach`` reply is applied as it comes (``resume_events``: a grant, a
+preemption notice, or the end that happened meanwhile), and once all are in the
+session is connected again and ``events()`` gets ``Reconnected``. ``close`` is the
+end for good: the user closed the client, or reconnecting gave up.
 """
 
 from __future__ import annotations
@@ -27,8 +39,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections import OrderedDict
+import secrets
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Mapping, Sequence
+from functools import partial
 from typing import Any, Final, Generic, Protocol, TypedDict, TypeVar
 
 from resd_client.env import GpuIds, lease_env
@@ -45,17 +60,22 @@ from resd_client.errors import (
 )
 from resd_client.protocol import (
     RESULTS,
+    Attach,
     Binding,
     DeniedEvent,
     Empty,
     ExpiredEvent,
     FrameDecoder,
+    GrantedEvent,
+    Hello,
+    HelloResult,
     ListReservations,
     Placement,
     Plan,
     PlanResult,
     PreemptedEvent,
     ReclaimEvent,
+    ReleasedEvent,
     Renew,
     ReservationInfo,
     ReservationList,
@@ -82,6 +102,32 @@ EARLY_IDS: Final = 64
 EARLY_PER_ID: Final = 16
 #: replies may carry big lists (export); the daemon bounds what it accepts, not this
 MAX_REPLY_FRAME: Final = 64 << 20
+#: ``attach`` requests a resuming session keeps in flight: the daemon stops reading
+#: a connection with many unanswered requests, and we write before we read
+RESUME_WINDOW: Final = 32
+#: ops sent again after a reconnection when their reply was lost: reads, and changes
+#: that come out the same when made twice (a second ``release`` of an ended lease
+#: says ``not_found``; ``reserve`` is re-sent by its token, see ``reserve``)
+RESENT: Final = frozenset(
+    {
+        "attach",
+        "export",
+        "list",
+        "plan",
+        "pool.list",
+        "pool.show",
+        "release",
+        "renew",
+        "resources",
+        "status",
+        "subscribe",
+        "tenant.list",
+        "tenant.show",
+        "why",
+    }
+)
+#: reservation states that are an end (what ``attach`` reports from history)
+ENDED_STATES: Final = frozenset({"released", "expired", "preempted", "denied", "cancelled"})
 
 
 class Flag(Protocol):
@@ -91,6 +137,33 @@ class Flag(Protocol):
     def set(self) -> None: ...
 
     def is_set(self) -> bool: ...
+
+
+# ------------------------------------------------------------- the connection
+
+
+class ConnectionLost(UnavailableError):
+    """The connection to resd ended before this request's reply came; the client is
+    reconnecting. Flows catch it and send again what is safe to send twice; it
+    reaches the caller only for a change whose fate is unknown (``details``: ``op``,
+    ``sent``)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Disconnected:
+    """A notice in ``events()`` (not a wire event): the connection to resd ended
+    unexpectedly (``reason``) and the client is reconnecting; leases are kept."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reconnected:
+    """A notice in ``events()`` (not a wire event): connected again after
+    ``attempts`` tries; every lease was re-attached, or got the event that ended it
+    while the client was away (those come before this notice)."""
+
+    attempts: int
 
 
 # ------------------------------------------------------------------ arguments
@@ -195,6 +268,8 @@ class LeaseState:
     The base of each client's ``Lease``; the session is its only writer. ``info`` is
     the latest ``ReservationInfo``; ``on_event(event)`` runs after every push about
     it, ``on_reclaim(lease)`` after a ``reclaim`` push (where: see the client).
+    ``token`` is the secret that re-attaches it after a reconnection (None: it was
+    made without one and cannot be re-attached).
     """
 
     def __init__(
@@ -210,6 +285,7 @@ class LeaseState:
         self.preempt_deadline: float | None = None
         self.on_event: Callable[[Any], object] | None = None
         self.on_reclaim = on_reclaim
+        self.token: str | None = None
         self._settled = settled
         if info.state != "pending":
             settled.set()
@@ -244,6 +320,7 @@ class LeaseState:
                 self.error = error_from_wire(event.error)
                 self._end("denied")
             return
+        was_pending = self.pending
         self.info = event.reservation
         if isinstance(event, ReclaimEvent):
             self.reclaim_requested = True
@@ -255,6 +332,15 @@ class LeaseState:
                 self._end("preempted")
         elif isinstance(event, ExpiredEvent):
             self._end("expired")
+        elif isinstance(event, ReleasedEvent):
+            self._end("released")
+        if was_pending and self.ended is not None and self.error is None:
+            # a wait must not return a lease that ended before its holder saw the grant
+            why = f": {self.info.reason}" if self.info.reason else ""
+            self.error = UnavailableError(
+                f"{self.id} ended ({self.info.state}) before its grant reached this client{why}",
+                {"id": self.id, "state": self.info.state},
+            )
         if not self.pending:
             self._settled.set()
 
@@ -276,6 +362,47 @@ class LeaseState:
         return f"{type(self).__name__}({self.id}, {state}, pool={self.info.pool}, resources={self.info.resources})"
 
 
+def resume_events(lease: LeaseState, info: ReservationInfo) -> list[Any]:
+    """What ``info`` (an ``attach`` reply after a reconnection) tells ``lease`` that it
+    does not know yet, as the pushes it missed: a grant (the lease was pending), a
+    preemption or reclaim notice with its deadline, or the end (``expired``,
+    ``preempted``, ``denied``; ``released`` and ``cancelled`` as ``ReleasedEvent``).
+    Empty when nothing new happened (the caller just takes ``info``)."""
+    state = info.state
+    if state == "pending":
+        return []
+    if state in ENDED_STATES:
+        # history knows little of the lease: keep what we know, take the end from it
+        ended = dataclasses.replace(
+            lease.info, state=state, ended_at=info.ended_at, reason=info.reason
+        )
+        if state == "expired":
+            return [ExpiredEvent(reservation=ended)]
+        if state == "preempted":
+            by = info.reason or "preempted while the connection to resd was lost"
+            return [PreemptedEvent(reservation=ended, by=by, deadline=None)]
+        if state == "denied" and lease.pending:
+            return [DeniedEvent(reservation_id=lease.id, error=_denial(info))]
+        return [ReleasedEvent(reservation=ended)]
+    events: list[Any] = [GrantedEvent(reservation=info)] if lease.pending else []
+    if state == "terminating" and info.deadline is not None:
+        by = info.reason or "resd"
+        if info.reclaimable:
+            if not lease.reclaim_requested:
+                events.append(ReclaimEvent(reservation=info, by=by, deadline=info.deadline))
+        elif lease.preempt_deadline is None:
+            events.append(PreemptedEvent(reservation=info, by=by, deadline=info.deadline))
+    return events
+
+
+def _denial(info: ReservationInfo) -> dict[str, Any]:
+    """The wire error of a wait that history says was denied; history keeps the
+    reason, not the code: a wait that ran out of time says "gave up after waiting"."""
+    code = "timeout" if "gave up after waiting" in info.reason else "unavailable"
+    message = info.reason or f"{info.id} was denied while the connection to resd was lost"
+    return {"code": code, "message": message, "details": {"id": info.id}}
+
+
 def notify(lease: LeaseState, event: Any) -> None:
     """Run ``lease``'s callbacks for ``event``; their exceptions are logged, never raised."""
     on_reclaim = lease.on_reclaim if isinstance(event, ReclaimEvent) else None
@@ -293,15 +420,28 @@ def notify(lease: LeaseState, event: Any) -> None:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class Call:
-    """One request in flight; ``frame`` is its reply once ``done`` is set."""
+    """One request in flight; ``frame`` is its reply once ``done`` is set.
+
+    ``epoch`` is the connection it was numbered on (see ``Session.sending``);
+    ``sent`` says it was handed to the socket; ``lost`` says why its connection
+    ended before the reply came (the client is reconnecting)."""
 
     id: int
     op: str
     done: Flag
+    epoch: int = 0
     frame: dict[str, Any] | None = None
+    sent: bool = False
+    lost: str | None = None
 
     def result(self) -> Any:
-        """The typed result (``RESULTS[op]``); raises the typed error of an error reply."""
+        """The typed result (``RESULTS[op]``); raises the typed error of an error reply,
+        ConnectionLost when the connection ended first."""
+        if self.lost is not None:
+            raise ConnectionLost(
+                f"the connection to resd was lost before the reply to {self.op} ({self.lost})",
+                {"op": self.op, "sent": self.sent},
+            )
         frame = self.frame
         if frame is None:  # pragma: no cover - read only once done
             raise InternalError(f"{self.op} has no reply yet")
@@ -317,12 +457,25 @@ def _reservation_id(event: Any) -> str | None:
     return reservation.id if isinstance(reservation, ReservationInfo) else None
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class _Resume:
+    """A resumption in progress: the replies it waits for, by call id, with what to
+    do with each; the leases still to attach; the attempt it is."""
+
+    attempt: int
+    todo: deque[LeaseState]
+    waiting: dict[int, Callable[[Call], None]] = dataclasses.field(default_factory=dict)
+
+
 class Session:
-    """Protocol state of one connection; not thread-safe (the sync client locks it).
+    """Protocol state of one client's connection, across reconnections; not
+    thread-safe (the sync client locks it).
 
     ``on_push(event)`` gets every push as it arrives (after it was applied to its
-    lease); ``on_lease(lease, event)`` each change a push made to a tracked lease
-    (where the client runs callbacks); ``on_close()`` once, when the session closes.
+    lease), and the ``Disconnected`` / ``Reconnected`` notices; ``on_lease(lease,
+    event)`` each change a push made to a tracked lease (where the client runs
+    callbacks); ``on_close()`` once, when the session closes. ``new_flag`` makes the
+    flags the session sets itself (the one a reconnection sets).
     """
 
     def __init__(
@@ -331,6 +484,7 @@ class Session:
         on_push: Callable[[Any], None],
         on_lease: Callable[[LeaseState, Any], None],
         on_close: Callable[[], None],
+        new_flag: Callable[[], Flag] = threading.Event,
     ) -> None:
         self._ids = itertools.count(1)
         self._calls: dict[int, Call] = {}
@@ -340,21 +494,49 @@ class Session:
         self._on_push = on_push
         self._on_lease = on_lease
         self._on_close = on_close
+        self._new_flag = new_flag
+        self._resume: _Resume | None = None
+        #: set while connected; a fresh one, unset, while disconnected
+        self._back: Flag = new_flag()
+        self._back.set()
         #: why the session closed; None while it is open
         self.closed: str | None = None
+        #: why the connection ended while the client reconnects; None when connected
+        self.disconnected: str | None = None
+        #: the connection requests go on; a new one after each reconnection
+        self.epoch = 0
+        #: whether ``subscribe`` succeeded (a resumption subscribes again)
+        self.subscribed = False
+        #: the daemon's answer to the latest ``hello``
+        self.hello: HelloResult | None = None
 
     # ---- requests
 
     def ask(self, op: str, args: Any, done: Flag) -> tuple[Call, bytes]:
         """Number a request; returns its ``Call`` and the frame to send.
 
-        Raises UnavailableError when the session is closed.
+        Raises UnavailableError when the session is closed, ConnectionLost while it
+        is disconnected (flows wait for ``reconnected`` first).
         """
         if self.closed is not None:
             raise UnavailableError(f"the connection to resd is closed ({self.closed})")
-        call = Call(next(self._ids), op, done)
+        if self.disconnected is not None:
+            raise ConnectionLost(
+                f"not connected to resd ({self.disconnected}); reconnecting",
+                {"op": op, "sent": False},
+            )
+        call = Call(next(self._ids), op, done, self.epoch)
         self._calls[call.id] = call
         return call, encode_frame(request(call.id, op, args))
+
+    def sending(self, call: Call) -> bool:
+        """Whether ``call`` may be written now (its connection is the current one and
+        it is still waiting); marks it sent. A call refused here failed as lost and
+        was never sent, so its flow sends it again after the reconnection."""
+        if call.done.is_set() or call.epoch != self.epoch or self.disconnected is not None:
+            return False
+        call.sent = True
+        return True
 
     def abandon(self, call: Call, timeout: float) -> UnavailableError:
         """Forget a call whose reply did not come within ``timeout``; the error to raise."""
@@ -366,21 +548,34 @@ class Session:
     # ---- bytes in
 
     def receive(self, data: bytes) -> None:
-        """Take bytes read from the socket: complete calls, route pushes.
+        """Take bytes read from the socket: complete calls, route pushes, apply the
+        replies of a resumption.
 
         Raises FrameTooLarge or BadFrame when the stream is unusable; the client then
-        closes the connection and the session (``close``).
+        drops the connection (``disconnect``, or ``close``).
         """
         self._decoder.feed(data)
         for frame in self._decoder.frames():
+            if self.closed is not None:
+                return
             if "event" in frame:
                 self._push(frame)
                 continue
             rid = frame.get("id")
             call = self._calls.pop(rid, None) if isinstance(rid, int) else None
-            if call is not None:
-                call.frame = frame
-                call.done.set()
+            if call is None:
+                continue
+            call.frame = frame
+            resume = self._resume
+            then = resume.waiting.pop(call.id, None) if resume is not None else None
+            if then is not None:
+                then(call)
+            elif call.op == "subscribe" and frame.get("ok") is True:
+                self.subscribed = True
+            call.done.set()
+        resume = self._resume
+        if resume is not None and not resume.waiting and not resume.todo:
+            self._resumed(resume)
 
     def _push(self, frame: dict[str, Any]) -> None:
         try:
@@ -423,6 +618,15 @@ class Session:
     def lease(self, reservation_id: str) -> LeaseState | None:
         return self._leases.get(reservation_id)
 
+    def leases(self) -> list[LeaseState]:
+        """The leases this session tracks (those a resumption re-attaches)."""
+        return list(self._leases.values())
+
+    def forget(self, lease: LeaseState) -> None:
+        """Stop tracking ``lease`` (a wait given up while disconnected: not re-attached)."""
+        if self._leases.get(lease.id) is lease:
+            del self._leases[lease.id]
+
     def ended(self, info: ReservationInfo) -> None:
         """``info`` (a ``release`` reply) ended its reservation here: ``cancelled``
         for a wait given up, else ``released``."""
@@ -437,6 +641,129 @@ class Session:
         if lease is not None:
             lease.info = info
 
+    # ---- losing the connection, and resuming on a new one
+
+    @property
+    def back(self) -> Flag:
+        """Set once the session is connected again (or closed); what a flow waiting
+        for ``Reconnect`` waits on."""
+        return self._back
+
+    @property
+    def resuming(self) -> bool:
+        """A resumption waits for replies (or has attaches still to send)."""
+        return self._resume is not None
+
+    def disconnect(self, reason: str) -> None:
+        """The connection ended unexpectedly: fail the calls in flight with
+        ConnectionLost and keep every lease (a pending one keeps waiting). Also ends
+        a resumption that was under way (its connection ended too). The first time,
+        ``on_push`` gets ``Disconnected(reason)``. Idempotent; nothing once closed."""
+        if self.closed is not None:
+            return
+        self._resume = None
+        first = self.disconnected is None
+        if first:
+            self.disconnected = reason
+            self._back = self._new_flag()
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.lost = reason
+            call.done.set()
+        if first:
+            self._on_push(Disconnected(reason))
+
+    def resume(self, hello: Hello, attempt: int) -> bytes:
+        """Begin again on a new connection: the frames to send first — ``hello``,
+        ``subscribe`` if the client had subscribed, and the first ``attach`` requests
+        (one per tracked lease with a token; ``resume_frames`` gives the rest). The
+        replies go to ``receive``; ``resuming`` stays true until all came.
+
+        Raises UnavailableError when the session is closed.
+        """
+        if self.closed is not None:
+            raise UnavailableError(f"the connection to resd is closed ({self.closed})")
+        if self.disconnected is None:  # pragma: no cover - clients resume after disconnect
+            raise InternalError("resume() while connected")
+        self.epoch += 1
+        self._decoder = FrameDecoder(max_frame=MAX_REPLY_FRAME)
+        todo = deque(lease for lease in self._leases.values() if lease.token is not None)
+        self._resume = _Resume(attempt, todo)
+        frames = [self._resume_call("hello", hello, self._hello_back)]
+        if self.subscribed:
+            frames.append(self._resume_call("subscribe", Subscribe(), self._subscribe_back))
+        return b"".join(frames) + self.resume_frames()
+
+    def resume_frames(self) -> bytes:
+        """More ``attach`` frames of the resumption, as replies make room (at most
+        ``RESUME_WINDOW`` in flight); empty when there is nothing more to send."""
+        resume = self._resume
+        frames: list[bytes] = []
+        while resume is not None and resume.todo and len(resume.waiting) < RESUME_WINDOW:
+            lease = resume.todo.popleft()
+            token = lease.token
+            assert token is not None  # only leases with a token are queued
+            frames.append(
+                self._resume_call(
+                    "attach", Attach(token=token, id=lease.id), partial(self._attach_back, lease)
+                )
+            )
+        return b"".join(frames)
+
+    def _resume_call(self, op: str, args: Any, then: Callable[[Call], None]) -> bytes:
+        assert self._resume is not None
+        call = Call(next(self._ids), op, self._new_flag(), self.epoch, sent=True)
+        self._calls[call.id] = call
+        self._resume.waiting[call.id] = then
+        return encode_frame(request(call.id, op, args))
+
+    def _hello_back(self, call: Call) -> None:
+        try:
+            self.hello = call.result()
+        except ResdError as exc:  # e.g. an upgraded daemon that no longer speaks ours
+            self.close(f"resd refused the reconnection: {exc.code}: {exc.message}")
+
+    def _subscribe_back(self, call: Call) -> None:
+        try:
+            call.result()
+        except ResdError as exc:
+            log.warning("could not subscribe again after reconnecting: %s", exc)
+
+    def _attach_back(self, lease: LeaseState, call: Call) -> None:
+        """Apply one ``attach`` reply: what happened to ``lease`` while we were away."""
+        if lease.ended is not None or self._leases.get(lease.id) is not lease:
+            return  # ended meanwhile (a push on this connection came first)
+        try:
+            info: ReservationInfo = call.result()
+        except ResdError as exc:
+            self._lose(lease, f"lost while the connection to resd was down: {exc.message}")
+            return
+        events = resume_events(lease, info)
+        for event in events:
+            self._apply(lease, event)
+            self._on_push(event)
+        if not events and (info.state != "pending" or lease.pending):
+            lease.info = info
+
+    def _lose(self, lease: LeaseState, reason: str) -> None:
+        """End ``lease`` as released: resd no longer knows it (or it cannot be asked)."""
+        event = ReleasedEvent(
+            reservation=dataclasses.replace(lease.info, state="released", reason=reason)
+        )
+        self._apply(lease, event)
+        self._on_push(event)
+
+    def _resumed(self, resume: _Resume) -> None:
+        self._resume = None
+        for lease in self.leases():
+            if lease.token is None and lease.info.binding == "session":
+                # made without a token (a raw ``reserve``): it cannot be re-attached,
+                # and resd releases a session lease nobody re-attaches
+                self._lose(lease, "it has no attach token, so it could not be re-attached")
+        self.disconnected = None
+        self._back.set()
+        self._on_push(Reconnected(resume.attempt))
+
     # ---- the end
 
     def close(self, reason: str) -> None:
@@ -445,6 +772,7 @@ class Session:
         if self.closed is not None:
             return
         self.closed = reason
+        self._resume = None
         error = UnavailableError(reason)
         calls, self._calls = self._calls, {}
         for call in calls.values():
@@ -454,6 +782,7 @@ class Session:
             if lease.pending:
                 lease.error = error
                 lease._end("closed")
+        self._back.set()
         self._on_close()
 
 
@@ -462,9 +791,11 @@ class Session:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Send:
-    """Write ``data`` (the frame of ``call``) to the socket, whole; the outcome is
-    None. An async client shields it, so that a cancellation never splits a frame
-    nor loses a request that went out. A failed write closes the session."""
+    """Write ``data`` (the frame of ``call``) to the socket, whole, if
+    ``Session.sending(call)`` allows; the outcome is None. An async client shields
+    it, so that a cancellation never splits a frame nor loses a request that went
+    out. A failed write drops the connection (the client reconnects, or closes the
+    session when it does not)."""
 
     call: Call
     data: bytes
@@ -479,8 +810,9 @@ class Reply:
     raw: bool = False
 
     def outcome(self) -> Any:
-        """The typed result (or the frame, ``raw``); raises the reply's error."""
-        if self.raw:
+        """The typed result (or the frame, ``raw``); raises the reply's error, and
+        ConnectionLost when the connection ended first (``raw`` too)."""
+        if self.raw and self.call.lost is None:
             return self.call.frame
         return self.call.result()
 
@@ -488,21 +820,32 @@ class Reply:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Await:
     """Wait until ``lease`` is no longer pending, at most ``timeout`` seconds (None:
-    no limit); the outcome is whether it settled."""
+    no limit); the outcome is whether it settled. A reconnection does not end it."""
 
     lease: LeaseState
     timeout: float | None
 
 
-Need = Send | Reply | Await
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Wait until ``flag`` (``Session.back``) is set: the session is connected again,
+    or it closed because reconnecting gave up; the outcome is None. The client's
+    reconnection limit bounds it."""
+
+    flag: Flag
+
+
+Need = Send | Reply | Await | Reconnect
 Flow = Generator[Need, Any, T]
 
 
 class Runner(Generic[T]):
     """Steps a flow for a client: ``next()`` gives what it needs (None once it is
     finished: ``result``), then the client reports ``done(value)`` or ``failed(exc)``.
-    After a failure was thrown in, ``cleaning`` is true: what the flow still needs is
-    cleanup, which an async client shields from cancellation."""
+    After an interruption (anything but a ResdError: KeyboardInterrupt, a
+    cancellation) was thrown in, ``cleaning`` is true: what the flow still needs is
+    cleanup, which an async client shields from cancellation. A ResdError is the
+    flow's own business (a refusal, a lost connection it retries after)."""
 
     def __init__(self, flow: Flow[T]) -> None:
         self._flow = flow
@@ -517,7 +860,8 @@ class Runner(Generic[T]):
             if self._error is None:
                 return self._flow.send(self._value)
             error, self._error = self._error, None
-            self.cleaning = True
+            if not isinstance(error, ResdError):
+                self.cleaning = True
             return self._flow.throw(error)
         except StopIteration as stop:
             self.result = stop.value
@@ -544,22 +888,62 @@ class Host(Protocol[L_co]):
     ) -> L_co: ...
 
 
-def send(host: Host[LeaseState], op: str, args: Any) -> Flow[Call]:
-    """Number and send one request; raises UnavailableError when closed."""
+def reconnected(host: Host[LeaseState]) -> Flow[None]:
+    """Wait while the session reconnects; raises UnavailableError when it closed
+    (reconnecting gave up, or the client was closed)."""
+    session = host.session
+    while session.disconnected is not None and session.closed is None:
+        yield Reconnect(session.back)
+    if session.closed is not None:
+        raise UnavailableError(f"the connection to resd is closed ({session.closed})")
+
+
+def send(host: Host[LeaseState], op: str, args: Any, *, wait: bool = True) -> Flow[Call]:
+    """Number and send one request. While the session reconnects it first waits
+    (``wait``) or raises ConnectionLost; raises UnavailableError when closed."""
+    if wait:
+        yield from reconnected(host)
     call, data = host.session.ask(op, args, host._new_flag())
     yield Send(call, data)
     return call
 
 
-def call(host: Host[LeaseState], op: str, args: Any, *, raw: bool = False) -> Flow[Any]:
-    """One request's typed result (or its reply frame, ``raw``)."""
-    sent = yield from send(host, op, args)
-    return (yield Reply(sent, raw))
+def _repeatable(op: str, args: Any) -> bool:
+    """Whether sending ``op`` twice does what sending it once does."""
+    return op in RESENT or (op == "reserve" and isinstance(args, Reserve) and bool(args.token))
 
 
-def ask(host: Host[LeaseState], op: str, args: Any, result: type[T]) -> Flow[T]:
+def call(
+    host: Host[LeaseState], op: str, args: Any, *, raw: bool = False, resend: bool = True
+) -> Flow[Any]:
+    """One request's typed result (or its reply frame, ``raw``).
+
+    When the connection is lost first and ``resend`` (never for ``hello``), the
+    request is sent again once the session is back if it was never written or is
+    safe to repeat (``RESENT``, a ``reserve`` with a token); a change whose reply
+    was lost raises ConnectionLost saying it may or may not have been made.
+    """
+    resend = resend and op != "hello"
+    while True:
+        sent = yield from send(host, op, args, wait=resend)
+        try:
+            return (yield Reply(sent, raw))
+        except ConnectionLost:
+            if not resend:
+                raise
+            if sent.sent and not _repeatable(op, args):
+                raise ConnectionLost(
+                    f"the connection to resd was lost before the reply to {op} ({sent.lost});"
+                    " the change may or may not have been made",
+                    {"op": op, "sent": True},
+                ) from None
+
+
+def ask(
+    host: Host[LeaseState], op: str, args: Any, result: type[T], *, resend: bool = True
+) -> Flow[T]:
     """One request's result, checked to be a ``result``."""
-    value = yield from call(host, op, args)
+    value = yield from call(host, op, args, resend=resend)
     if not isinstance(value, result):  # pragma: no cover - RESULTS decides the type
         raise InternalError(f"{op} answered {type(value).__name__}, not {result.__name__}")
     return value
@@ -574,21 +958,36 @@ def reserve(
     """Reserve; with ``args.wait``, wait until granted or denied. ``on_pending(info)``
     runs once if the request is queued (``info`` has its position and reason).
 
+    The request carries an attach token (a new secret when ``args`` has none; the
+    lease keeps it as ``token``). If the connection is lost before the reply, the
+    same request is sent again once reconnected: resd knows the token and answers
+    what the first attempt got. A wait goes on across reconnections.
+
     Raises the daemon's refusal (InsufficientError, ConflictError, ...), and for a
     wait that ended ungranted its error (TimeoutError_ when ``timeout`` passed). An
     interruption (KeyboardInterrupt, cancellation) before the reply or during the
     wait is cleaned up first: the request is cancelled at the daemon, or what it got
-    released, so nothing stays queued or held.
+    released, so nothing stays queued or held — unless the connection is down then:
+    the cleanup does not wait for it, and resd lets a session lease or wait that
+    nobody re-attaches go after its ``reattach_grace``.
     """
-    sent = yield from send(host, "reserve", args)
-    try:
-        info = yield Reply(sent)
-    except ResdError:
-        raise
-    except BaseException:
-        yield from _undo(host, sent)
-        raise
-    lease = host.session.track(host._new_lease(info, on_reclaim))
+    if args.token is None:
+        args = dataclasses.replace(args, token=secrets.token_urlsafe(24))
+    while True:
+        sent = yield from send(host, "reserve", args)
+        try:
+            info = yield Reply(sent)
+            break
+        except ConnectionLost:
+            continue  # once reconnected, the same token again
+        except ResdError:
+            raise
+        except BaseException:
+            yield from _undo(host, sent)
+            raise
+    lease = host._new_lease(info, on_reclaim)
+    lease.token = args.token
+    host.session.track(lease)
     if lease.pending:
         try:
             if on_pending is not None:
@@ -610,13 +1009,14 @@ def _undo(host: Host[LeaseState], sent: Call) -> Flow[None]:
     try:
         info = yield Reply(sent)
     except ResdError:
-        return  # refused, or no answer: nothing to undo
+        return  # refused, no answer, or the connection is gone: nothing we can undo
     yield from _release_quietly(host, info.id)
 
 
 def _release_quietly(host: Host[LeaseState], reservation_id: str) -> Flow[None]:
+    """Release without waiting for a reconnection; never raises ResdError."""
     try:
-        yield from release(host, reservation_id)
+        yield from release(host, reservation_id, resend=False)
     except ResdError as exc:  # already denied or ended, or the connection is gone
         log.debug("could not release %s: %s", reservation_id, exc)
 
@@ -631,29 +1031,43 @@ def try_reserve(flow: Flow[L]) -> Flow[L | None]:
 
 
 def give_up(host: Host[LeaseState], lease: LeaseState) -> Flow[None]:
-    """Cancel a wait (or release what a racing grant gave); never raises ResdError."""
+    """Cancel a wait (or release what a racing grant gave); never raises ResdError.
+    It does not wait for a reconnection: a wait it could not cancel is no longer
+    re-attached (see ``reserve``)."""
     if lease.ended is not None:
         return
     yield from _release_quietly(host, lease.id)
+    host.session.forget(lease)
     lease._end("cancelled")
 
 
-def release(host: Host[LeaseState], reservation_id: str) -> Flow[ReservationInfo]:
+def release(
+    host: Host[LeaseState], reservation_id: str, *, resend: bool = True
+) -> Flow[ReservationInfo]:
     """Release a reservation, or cancel a waiting request (state ``cancelled``)."""
-    info = yield from ask(host, "release", ReservationRef(id=reservation_id), ReservationInfo)
+    args = ReservationRef(id=reservation_id)
+    info = yield from ask(host, "release", args, ReservationInfo, resend=resend)
     host.session.ended(info)
     return info
 
 
-def release_lease(host: Host[LeaseState], lease: LeaseState) -> Flow[None]:
+def release_lease(host: Host[LeaseState], lease: LeaseState, *, wait: bool = True) -> Flow[None]:
     """Release ``lease`` unless it already ended; one the daemon no longer knows
-    counts as released."""
+    counts as released.
+
+    While the connection is down it waits for the reconnection; with ``wait`` False
+    it does not: the lease is forgotten (no longer re-attached, so resd lets a
+    session lease go after ``reattach_grace``) and ConnectionLost is raised.
+    """
     if lease.ended is not None:
         return
     try:
-        yield from release(host, lease.id)
+        yield from release(host, lease.id, resend=wait)
     except NotFoundError:
         pass
+    except ConnectionLost:
+        host.session.forget(lease)
+        raise
     lease._end("released")
 
 
@@ -669,6 +1083,7 @@ def status(host: Host[LeaseState]) -> Flow[Status]:
 
 
 def subscribe(host: Host[LeaseState]) -> Flow[Status]:
+    """Ask for ``state`` pushes; a resumption asks again by itself."""
     return ask(host, "subscribe", Subscribe(), Status)
 
 
@@ -704,11 +1119,15 @@ def plan(
 __all__ = [
     "Await",
     "Call",
+    "ConnectionLost",
+    "Disconnected",
     "Flag",
     "Flow",
     "Host",
     "LeaseState",
     "Need",
+    "Reconnect",
+    "Reconnected",
     "Reply",
     "ReserveOptions",
     "Runner",
@@ -717,5 +1136,6 @@ __all__ = [
     "notify",
     "reserve_args",
     "resources_from",
+    "resume_events",
     "wait_limit",
 ]

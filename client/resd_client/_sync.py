@@ -9,27 +9,40 @@ callback thread, one at a time in push order, so a callback may call the client
 (``lease.release()``) without stalling the reader; their exceptions are logged
 (logger ``resd_client``) and ignored. Failures of the socket become
 ``UnavailableError``; error replies become the typed exceptions of ``errors``.
+
+When the connection ends unexpectedly (resd restarted, or crashed) the reader
+thread reconnects by itself, with capped exponential back-off for at most
+``reconnect`` seconds, and resumes the session (``_core``: every lease and wait is
+re-attached by its token, ``subscribe`` renewed); calls made meanwhile wait for it.
+``events()`` gets ``Disconnected`` and ``Reconnected`` notices. When it gives up,
+the session closes as it did at once before: waits fail, ``events()`` ends.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, Unpack, cast
+from typing import Any, Final, TypeVar, Unpack, cast
 
 from resd_client import __version__
 from resd_client import _core as flows
 from resd_client._core import (
+    ConnectionLost,
+    Disconnected,
     Flow,
     LeaseState,
     Need,
+    Reconnect,
+    Reconnected,
     Reply,
     ReserveOptions,
     Runner,
@@ -39,7 +52,7 @@ from resd_client._core import (
     reserve_args,
     resources_from,
 )
-from resd_client.errors import UnavailableError
+from resd_client.errors import InvalidError, UnavailableError
 from resd_client.paths import socket_candidates
 from resd_client.protocol import (
     PROTOCOL_VERSION,
@@ -57,6 +70,45 @@ from resd_client.protocol import (
 
 T = TypeVar("T")
 OnReclaim = Callable[["Lease"], object]
+log = logging.getLogger("resd_client")
+
+#: how long a client keeps trying to reconnect by default (seconds); ``RESD_RECONNECT``
+#: overrides it, ``0`` turns reconnecting off
+DEFAULT_RECONNECT: Final = 120.0
+#: back-off between reconnection attempts: the first delay, doubled up to the cap
+RECONNECT_FIRST: Final = 0.05
+RECONNECT_CAP: Final = 1.0
+#: how long one reconnection attempt may take to connect
+CONNECT_TIMEOUT: Final = 2.0
+
+
+def reconnect_limit(reconnect: float | None) -> float:
+    """``reconnect``, or ``$RESD_RECONNECT``, or ``DEFAULT_RECONNECT`` (seconds ≥ 0).
+
+    Raises InvalidError for a ``RESD_RECONNECT`` that is not a number of seconds.
+    """
+    if reconnect is None:
+        raw = os.environ.get("RESD_RECONNECT", "").strip()
+        try:
+            reconnect = float(raw) if raw else DEFAULT_RECONNECT
+        except ValueError:
+            raise InvalidError(
+                f"RESD_RECONNECT must be a number of seconds, got {raw!r}",
+                {"field": "RESD_RECONNECT"},
+            ) from None
+    if not reconnect >= 0:  # NaN too
+        raise InvalidError(
+            f"reconnect must be 0 or more seconds, got {reconnect!r}", {"field": "reconnect"}
+        )
+    return reconnect
+
+
+def backoff(first: float = RECONNECT_FIRST, cap: float = RECONNECT_CAP) -> Iterator[float]:
+    """Delays between reconnection attempts: ``first``, doubling, at most ``cap``."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, cap)
 
 
 def connect_socket(
@@ -98,15 +150,21 @@ class Lease(LeaseState):
         self.client = client
 
     @classmethod
-    def track(cls, client: Client, info: ReservationInfo) -> Lease:
+    def track(cls, client: Client, info: ReservationInfo, token: str | None = None) -> Lease:
         """A lease for ``info``, granted by a raw ``client.call("reserve", ...)``,
-        registered so that the daemon's pushes about it reach it."""
+        registered so that the daemon's pushes about it reach it; ``token``: the one
+        that request carried, so that it is re-attached after a reconnection."""
+        lease = cls(client, info)
+        lease.token = token
         with client._lock:
-            return client.session.track(cls(client, info))
+            return client.session.track(lease)
 
-    def release(self) -> None:
-        """Release now; a lease that is already gone is left alone."""
-        self.client._run(flows.release_lease(self.client, self))
+    def release(self, *, wait: bool = True) -> None:
+        """Release now; a lease that is already gone is left alone. While resd is
+        away it waits for the reconnection; ``wait=False`` does not: it raises
+        ConnectionLost and forgets the lease (resd lets a session lease nobody
+        re-attaches go after its ``reattach_grace``)."""
+        self.client._run(flows.release_lease(self.client, self, wait=wait))
 
     def renew(self, ttl: float | None = None) -> None:
         """Extend the TTL: expires ``ttl`` (default: its own ttl) seconds from now."""
@@ -115,14 +173,27 @@ class Lease(LeaseState):
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if not self.client.closed:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.client.closed:
+            return
+        if exc is None or isinstance(exc, Exception):
             self.release()
+            return
+        # Ctrl-C or exit: release if connected, without waiting out an outage
+        with contextlib.suppress(ConnectionLost):
+            self.release(wait=False)
 
 
 class Client:
     """Synchronous resd client. ``Client()`` finds the daemon like ``resctl`` does;
-    ``timeout`` bounds each reply (not a wait for resources)."""
+    ``timeout`` bounds each reply (not a wait for resources); ``reconnect`` is how
+    many seconds it keeps trying to reconnect after losing the connection (None:
+    ``$RESD_RECONNECT`` or 120; 0: never, the session closes at once)."""
 
     def __init__(
         self,
@@ -130,24 +201,29 @@ class Client:
         *,
         name: str = "resd_client",
         timeout: float = 30.0,
+        reconnect: float | None = None,
     ) -> None:
         self.timeout = timeout
+        self.name = name
+        self.reconnect = reconnect_limit(reconnect)
         self._sock, self.socket_path = connect_socket(socket_path)
         self._lock = threading.Lock()  # guards the session
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.Lock()  # one writer; held while the socket is swapped
+        self._closing = threading.Event()  # close() began: the reader must not reconnect
         self._events: queue.Queue[Any] = queue.Queue()
         self._callbacks: queue.SimpleQueue[tuple[LeaseState, Any] | None] | None = None
         self.session = Session(
-            on_push=self._events.put, on_lease=self._on_lease, on_close=self._on_close
+            on_push=self._events.put,
+            on_lease=self._on_lease,
+            on_close=self._on_close,
+            new_flag=threading.Event,
         )
         self._reader = threading.Thread(
             target=self._read_loop, name="resd-client-reader", daemon=True
         )
         self._reader.start()
         try:
-            self.hello: HelloResult = self.call(
-                "hello", Hello(version=PROTOCOL_VERSION, client=f"{name}/{__version__}")
-            )
+            self.session.hello = self.call("hello", self._hello_args())
         except BaseException:
             self.close()
             raise
@@ -155,6 +231,16 @@ class Client:
     @property
     def closed(self) -> bool:
         return self.session.closed is not None
+
+    @property
+    def hello(self) -> HelloResult:
+        """The daemon's latest ``hello`` answer (a new one after each reconnection)."""
+        hello = self.session.hello
+        assert hello is not None  # set before the constructor returns
+        return hello
+
+    def _hello_args(self) -> Hello:
+        return Hello(version=PROTOCOL_VERSION, client=f"{self.name}/{__version__}")
 
     # ----------------------------------------------------------------- plumbing
 
@@ -181,17 +267,23 @@ class Client:
 
     def _perform(self, need: Need) -> Any:
         if isinstance(need, Send):
-            try:
-                with self._send_lock:
-                    self._sock.sendall(need.data)
-            except OSError as exc:
-                self._close_session(f"sending to resd failed: {exc}")
+            with self._send_lock:
+                with self._lock:
+                    live = self.session.sending(need.call)
+                if live:
+                    try:
+                        self._sock.sendall(need.data)
+                    except OSError as exc:
+                        self._broken(self._sock, need.call.epoch, f"sending to resd failed: {exc}")
             return None
         if isinstance(need, Reply):
             if not cast(threading.Event, need.call.done).wait(self.timeout):
                 with self._lock:
                     raise self.session.abandon(need.call, self.timeout)
             return need.outcome()
+        if isinstance(need, Reconnect):
+            cast(threading.Event, need.flag).wait()
+            return None
         return cast(threading.Event, need.lease._settled).wait(need.timeout)
 
     def _new_flag(self) -> threading.Event:
@@ -200,15 +292,115 @@ class Client:
     def _new_lease(self, info: ReservationInfo, on_reclaim: OnReclaim | None) -> Lease:
         return Lease(self, info, on_reclaim)
 
+    def _broken(self, sock: socket.socket, epoch: int, reason: str) -> None:
+        """A write on ``sock`` (connection ``epoch``) failed: drop that connection; the
+        reader sees it end and reconnects (or closes the session)."""
+        if self.reconnect <= 0:
+            self._close_session(reason)
+        else:
+            with self._lock:
+                if self.session.epoch == epoch:
+                    self.session.disconnect(reason)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    # ---------------------------------------------------------------- the reader
+
     def _read_loop(self) -> None:
+        """The reader thread: feeds the session; reconnects when the connection ends
+        (unless closing); closes the session when it stops, whatever the cause."""
         reason = "resd closed the connection"
         try:
-            while data := self._sock.recv(1 << 16):
+            sock: socket.socket | None = self._sock
+            while sock is not None:
+                reason = self._read(sock)
+                if self._closing.is_set() or self.reconnect <= 0:
+                    break
+                with self._lock:
+                    self.session.disconnect(reason)
+                sock = self._reconnect(reason)
+            if self._closing.is_set():
+                reason = "client closed"
+        except Exception as exc:  # a bug here must not leave callers waiting for ever
+            log.exception("resd client reader failed")
+            reason = f"the client's reader failed: {exc!r}"
+        finally:
+            self._close_session(reason)
+
+    def _read(self, sock: socket.socket) -> str:
+        """Feed what ``sock`` brings to the session until it ends; returns why."""
+        try:
+            while data := sock.recv(1 << 16):
                 with self._lock:
                     self.session.receive(data)
         except (OSError, FrameTooLarge, BadFrame) as exc:
-            reason = f"connection to resd failed: {exc}"
-        self._close_session(reason)
+            return f"connection to resd failed: {exc}"
+        return "resd closed the connection"
+
+    def _reconnect(self, reason: str) -> socket.socket | None:
+        """Connect again and resume, with capped back-off, for at most ``reconnect``
+        seconds; the resumed socket, or None (closing, refused, or given up: then the
+        session is closed)."""
+        deadline = time.monotonic() + self.reconnect
+        delays = backoff()
+        attempt = 0
+        while not self._closing.is_set() and not self.closed:
+            attempt += 1
+            sock = self._resume(attempt)
+            if sock is not None:
+                return sock
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._close_session(
+                    f"{reason}; gave up reconnecting after {self.reconnect:g}s"
+                    f" ({attempt} attempt{'s' if attempt != 1 else ''})"
+                )
+                break
+            self._closing.wait(min(next(delays), left))
+        return None
+
+    def _resume(self, attempt: int) -> socket.socket | None:
+        """One attempt: connect, send what ``Session.resume`` gives, and read until
+        every reply of the resumption came; the socket, or None when it failed."""
+        try:
+            sock, _ = connect_socket(self.socket_path, timeout=min(self.timeout, CONNECT_TIMEOUT))
+        except UnavailableError:
+            return None
+        with self._send_lock:
+            with self._lock:
+                if self.closed:
+                    sock.close()
+                    return None
+                data = self.session.resume(self._hello_args(), attempt)
+            old, self._sock = self._sock, sock
+        old.close()
+        if self._closing.is_set():  # close() may have shut the old socket, not this one
+            sock.close()
+            return None
+        try:
+            sock.settimeout(self.timeout)
+            sock.sendall(data)
+            while True:
+                with self._lock:
+                    more = self.session.resume_frames()
+                    resuming = self.session.resuming
+                if more:
+                    sock.sendall(more)
+                if not resuming:
+                    break
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise OSError("resd closed the connection")
+                with self._lock:
+                    self.session.receive(chunk)
+            sock.settimeout(None)
+        except (OSError, FrameTooLarge, BadFrame) as exc:
+            with self._lock:
+                self.session.disconnect(f"reconnecting failed: {exc}")
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            return None
+        return None if self.closed else sock
 
     def _close_session(self, reason: str) -> None:
         with self._lock:
@@ -239,7 +431,8 @@ class Client:
 
     def close(self) -> None:
         """Close the connection; the daemon releases this client's session leases
-        and cancels its waiting requests."""
+        and cancels its waiting requests. Stops a reconnection under way."""
+        self._closing.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         if threading.current_thread() is not self._reader:
@@ -332,8 +525,9 @@ class Client:
         return self._run(flows.plan(self, pool, request, priority, wait, dict(options)))
 
     def events(self, timeout: float | None = None) -> Iterator[Any]:
-        """Pushed events as they arrive; ends when the connection closes, or when none
-        came for ``timeout`` seconds."""
+        """Pushed events as they arrive, with the ``Disconnected`` / ``Reconnected``
+        notices; ends when the session closes (closed, or reconnecting gave up), or
+        when none came for ``timeout`` seconds."""
         while True:
             try:
                 event = self._events.get(timeout=timeout)
@@ -351,4 +545,14 @@ class Client:
         return self._run(flows.listing(self, pool, tenant, pending))
 
 
-__all__ = ["Client", "Lease", "StateEvent", "connect_socket", "resources_from"]
+__all__ = [
+    "Client",
+    "ConnectionLost",
+    "Disconnected",
+    "Lease",
+    "Reconnected",
+    "StateEvent",
+    "connect_socket",
+    "reconnect_limit",
+    "resources_from",
+]

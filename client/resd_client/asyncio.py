@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from resd_client._async import AsyncClient, AsyncFlag, Lease, LeaseRequest, Stream
+from resd_client._core import ConnectionLost, Disconnected, Reconnected
 
 T = TypeVar("T")
 
@@ -57,9 +58,10 @@ class Client(AsyncClient):
         *,
         name: str = "resd_client",
         timeout: float = 30.0,  # noqa: ASYNC109 - each reply's limit, kept by the client
+        reconnect: float | None = None,
     ) -> Client:
         """A connected client; ``await client.close()`` when done."""
-        client = cls(socket_path, name=name, timeout=timeout)
+        client = cls(socket_path, name=name, timeout=timeout, reconnect=reconnect)
         await client.open()
         return client
 
@@ -77,6 +79,19 @@ class Client(AsyncClient):
             return False
         return True
 
+    async def _within(self, limit: float, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(limit):
+                return await fn()
+        except TimeoutError:
+            raise OSError(f"resd did not answer within {limit:g}s") from None
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
     async def _shielded(self, fn: Callable[[], Awaitable[T]]) -> T:
         task: asyncio.Future[T] = asyncio.ensure_future(fn())
         cancelled: asyncio.CancelledError | None = None
@@ -91,13 +106,15 @@ class Client(AsyncClient):
             raise cancelled
         return task.result()
 
-    async def _begin(self, sock: socket.socket) -> Stream:
+    async def _wrap(self, sock: socket.socket) -> Stream:
         reader, writer = await asyncio.open_unix_connection(sock=sock)
-        stream = _SocketStream(reader, writer)
+        return _SocketStream(reader, writer)
+
+    async def _start(self, stream: Stream) -> None:
+        """The reader (and its reconnections) is one task, stopped by ``close``."""
         self._task = asyncio.get_running_loop().create_task(
             self._read_loop(stream), name="resd-client-reader"
         )
-        return stream
 
     async def _end(self) -> None:
         task, self._task = self._task, None
@@ -108,4 +125,12 @@ class Client(AsyncClient):
 
 AsyncioClient = Client
 
-__all__ = ["AsyncioClient", "Client", "Lease", "LeaseRequest"]
+__all__ = [
+    "AsyncioClient",
+    "Client",
+    "ConnectionLost",
+    "Disconnected",
+    "Lease",
+    "LeaseRequest",
+    "Reconnected",
+]

@@ -2,7 +2,8 @@
 
 The client's reader task lives in a nursery that the ``async with`` block opens, so
 the client is used within that block (structured concurrency; there is no
-``connect`` without one). Everything else, ``Lease`` included, is the shared async
+``connect`` without one). Reconnecting after resd restarts happens in that reader
+task, so it too ends with the block. Everything else, ``Lease`` included, is the shared async
 API of ``resd_client._async``::
 
     async with Client() as client:
@@ -23,6 +24,7 @@ from typing import TypeVar
 import trio
 
 from resd_client._async import AsyncClient, AsyncFlag, Lease, LeaseRequest, Stream
+from resd_client._core import ConnectionLost, Disconnected, Reconnected
 
 T = TypeVar("T")
 
@@ -71,17 +73,32 @@ class Client(AsyncClient):
             await flag.wait()
         return flag.is_set()
 
+    async def _within(self, limit: float, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            with trio.fail_after(limit):
+                return await fn()
+        except trio.TooSlowError:
+            raise OSError(f"resd did not answer within {limit:g}s") from None
+
+    async def _sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+    def _now(self) -> float:
+        return trio.current_time()
+
     async def _shielded(self, fn: Callable[[], Awaitable[T]]) -> T:
         with trio.CancelScope(shield=True):
             result = await fn()
         return result
 
-    async def _begin(self, sock: socket.socket) -> Stream:
-        stream = _SocketStream(sock, self.timeout)
+    async def _wrap(self, sock: socket.socket) -> Stream:
+        return _SocketStream(sock, self.timeout)
+
+    async def _start(self, stream: Stream) -> None:
+        """The reader (and its reconnections) run in the client's own nursery."""
         self._stack = contextlib.AsyncExitStack()
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._nursery.start_soon(self._read_loop, stream)
-        return stream
 
     async def _end(self) -> None:
         stack, self._stack = self._stack, None
@@ -93,4 +110,12 @@ class Client(AsyncClient):
 
 TrioClient = Client
 
-__all__ = ["Client", "Lease", "LeaseRequest", "TrioClient"]
+__all__ = [
+    "Client",
+    "ConnectionLost",
+    "Disconnected",
+    "Lease",
+    "LeaseRequest",
+    "Reconnected",
+    "TrioClient",
+]
