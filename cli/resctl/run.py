@@ -6,20 +6,24 @@
 2. Start CMD (stdio inherited) with the lease's environment (``CUDA_VISIBLE_DEVICES``,
    ``RESD_RESERVATION_ID``, ``RESD_GPUS``, … — ``resd_client.env``) added to ours,
    in its own process group, with a parent-death signal (``PR_SET_PDEATHSIG`` =
-   SIGKILL). A small watchdog process SIGKILLs CMD's whole process group if resctl
-   disappears without saying goodbye, so nothing keeps running on resources that
-   are no longer reserved. When resctl owns the terminal's foreground, CMD's group
-   is given the terminal (like a shell's foreground job) and it is taken back after.
+   SIGKILL), exec'd through the single-threaded helper of ``resctl.spawn`` so that
+   no Python code runs between fork and exec in this threaded process. A small
+   watchdog process SIGKILLs CMD's whole process group if resctl disappears without
+   saying goodbye, so nothing keeps running on resources that are no longer reserved.
+   When resctl owns the terminal's foreground, CMD's group is given the terminal
+   (like a shell's foreground job) and it is taken back after.
 3. Supervise, on the main thread only: a ``select`` on a wake-up pipe that the
    signal module (``signal.set_wakeup_fd``), the child-waiter thread and the
    push-reader thread write to; each thread hands its news over through a
    ``queue.SimpleQueue``. Signals SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and
    SIGUSR2 received by resctl are forwarded to CMD's process group.
 4. If the reservation ends while CMD runs — preempted (with or without a grace
-   period), expired, or the connection to resd lost (which ends a session
-   reservation) — CMD's group gets SIGTERM and, if still alive, SIGKILL at the
+   period), expired, released by someone else, or gone with resd (the client gave
+   up reconnecting) — CMD's group gets SIGTERM and, if still alive, SIGKILL at the
    preemption deadline, or ``kill_after`` seconds later (the pool's grace, or
-   ``DEFAULT_KILL_AFTER`` when the pool has none).
+   ``DEFAULT_KILL_AFTER`` when the pool has none). While resd restarts, CMD keeps
+   running: the client reconnects and re-attaches the lease by itself, and resctl
+   only says so on stderr (or ends CMD as above if the lease ended meanwhile).
 5. When CMD exits, anything left in its process group gets SIGTERM (SIGKILL after
    ``LEFTOVER_GRACE``), the reservation is released, and resctl exits with CMD's
    status (128+N for signal N) — or with 10 (preempted), 9 (expired) or 12 (resd
@@ -30,7 +34,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import os
@@ -47,6 +50,7 @@ from typing import Annotated, Any, Final
 import typer
 from typer.core import TyperCommand
 
+from resctl import spawn
 from resctl.options import (
     ContiguousOpt,
     CpuOpt,
@@ -72,7 +76,7 @@ from resctl.options import (
 from resctl.render import json_text, reservation_line, waiting_line
 from resctl.reservations import LabelOpt, ReclaimableOpt, TenantOpt, TtlOpt, _ttl, wait_fields
 from resctl.session import CLIENT_NAME, Output, guard
-from resd_client import Client, Lease
+from resd_client import Client, ConnectionLost, Disconnected, Lease, Reconnected
 from resd_client.env import GPU_IDS, GpuIds
 from resd_client.errors import (
     InvalidError,
@@ -87,6 +91,7 @@ from resd_client.protocol import (
     PoolName,
     PreemptedEvent,
     ReclaimEvent,
+    ReleasedEvent,
     ReservationInfo,
     Reserve,
 )
@@ -106,7 +111,6 @@ FORWARDED: Final = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-PR_SET_PDEATHSIG: Final = 1
 ARGV_KEY: Final = "resctl.run.argv"
 
 #: The watchdog: reads CMD's process group id, then waits for EOF on its pipe; EOF
@@ -174,19 +178,6 @@ def signal_name(signum: int) -> str:
 # ------------------------------------------------------------------ the child
 
 
-def _libc_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
-    prctl.restype = ctypes.c_int
-    function: Callable[..., int] = prctl
-    return function
-
-
 def controlling_tty() -> int | None:
     """A descriptor of our controlling terminal, or None when we have none."""
     try:
@@ -220,26 +211,6 @@ def give_terminal(tty: int, pgid: int) -> None:
         pass
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def make_preexec(tty: int | None) -> Callable[[], None]:
-    """The child's set-up between fork and exec: its own process group (Popen's
-    ``process_group=0`` makes it; done again here for clarity), the terminal if we
-    had it, and SIGKILL when resctl's main thread dies."""
-    prctl = _libc_prctl()
-    parent = os.getpid()
-
-    def preexec() -> None:
-        with contextlib.suppress(OSError):
-            os.setpgid(0, 0)
-        if tty is not None:
-            give_terminal(tty, os.getpid())
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-            if os.getppid() != parent:  # resctl died before the prctl took effect
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 # ------------------------------------------------------------------ supervision
@@ -337,7 +308,12 @@ class Supervisor:
             return
 
     def _read_pushes(self) -> None:
+        """Hand over the pushes about our lease and the client's connection notices;
+        ``closed`` when the events end (the client gave up reconnecting, or closed)."""
         for event in self.client.events():
+            if isinstance(event, Disconnected | Reconnected):
+                self.post("link", event)
+                continue
             reservation = getattr(event, "reservation", None)
             if reservation is not None and reservation.id == self.lease.id:
                 self.post("lease", event)
@@ -355,11 +331,10 @@ class Supervisor:
                     target=self._read_pushes, name="resctl-run-pushes", daemon=True
                 ).start()
                 try:
-                    self.child = subprocess.Popen(
+                    self.child = spawn.start(
                         self.cmd,
-                        env=self.env,
-                        process_group=0,
-                        preexec_fn=make_preexec(self.tty if in_foreground(self.tty) else None),
+                        self.env,
+                        tty=self.tty if in_foreground(self.tty) else None,
                     )
                 except OSError as exc:
                     return self._not_started(exc)
@@ -423,11 +398,15 @@ class Supervisor:
                     self._stopped(pgid, payload)
                 elif kind == "lease":
                     self._lease_event(pgid, payload)
+                elif kind == "link":
+                    self._link(payload)
                 elif kind == "closed" and returncode is None:
+                    why = self.client.session.closed or "closed"
                     self._end(
                         pgid,
                         UnavailableError(
-                            f"lost the connection to resd; reservation {self.lease.id} ended with it"
+                            f"lost the connection to resd ({why});"
+                            f" reservation {self.lease.id} ended with it"
                         ),
                         time.monotonic() + self.kill_after,
                     )
@@ -441,10 +420,30 @@ class Supervisor:
                 self.killed = True
                 self._kill(pgid, signal.SIGKILL)
 
+    def _link(self, event: Disconnected | Reconnected) -> None:
+        """Say that resd went away (CMD keeps running) and that the lease is back; a
+        lease that ended meanwhile comes as its own event, before ``Reconnected``."""
+        if isinstance(event, Disconnected):
+            self.warn(
+                f"lost the connection to resd ({event.reason});"
+                " CMD keeps running while resctl reconnects"
+            )
+        elif self.ending is None and self.lease.ended is None:
+            self.warn(f"reconnected to resd; reservation {self.lease.id} re-attached")
+
     def _lease_event(self, pgid: int, event: Any) -> None:
         info: ReservationInfo = event.reservation
         now = time.monotonic()
-        if isinstance(event, ExpiredEvent):
+        if isinstance(event, ReleasedEvent):
+            # an admin, a deleted pool or tenant, or resd after an outage let it go
+            self._end(
+                pgid,
+                UnavailableError(
+                    f"reservation {info.id} was released ({info.reason or 'not by resctl'})"
+                ),
+                now + self.kill_after,
+            )
+        elif isinstance(event, ExpiredEvent):
             self._end(
                 pgid,
                 TimeoutError_(f"reservation {info.id} expired (ttl {info.ttl or 0:g}s)"),
@@ -596,7 +595,11 @@ class Supervisor:
         if self.client.closed:
             return
         try:
-            self.lease.release()
+            # CMD is done: do not wait out an outage; resd lets a session lease that
+            # nobody re-attaches go by itself
+            self.lease.release(wait=False)
+        except ConnectionLost:
+            self.warn(f"resd is away; it releases {self.lease.id} when nobody re-attaches it")
         except UnavailableError:
             pass
         except ResdError as exc:
