@@ -611,13 +611,11 @@ class PoolBook:
             for r in gone:
                 self._hold(r)
 
-    def end_sessions(self, session: str | None, now: float, reason: str) -> list[PoolEvent]:
-        """Release session-bound reservations of one connection (or of all, on restart)."""
-        if session is None:
-            ids = [rid for held in self.by_session.values() for rid in held]
-        else:
-            ids = list(self.by_session.get(session, ()))
-        return [Ended(rid, "released", now, reason) for rid in ids]
+    def end_sessions(self, session: str, now: float, reason: str) -> list[PoolEvent]:
+        """Release the session-bound reservations of connection ``session``."""
+        return [
+            Ended(rid, "released", now, reason) for rid in sorted(self.by_session.get(session, ()))
+        ]
 
     def rebind(self, rid: str, session: str, now: float) -> list[PoolEvent]:
         """Events of re-attaching lease or waiter ``rid`` to connection ``session``."""
