@@ -262,7 +262,7 @@ class PoolActor(Actor):
             if r.pid is not None and r.pid_start is not None and self.watcher is not None:
                 self.watcher.tell(Watch(r.id, r.pid, r.pid_start))
         self._queue_dirty = bool(self.queue)
-        return max(lsn, self.journal.last_lsn if self.queue else 0)
+        return lsn
 
     def _trio_at(self, wall_at: float | None) -> float | None:
         """The trio time of wall time ``wall_at``."""
@@ -275,10 +275,12 @@ class PoolActor(Actor):
         leases and waiters that carry a token wait ``reattach_grace`` to be
         re-attached; the others end now. Returns the lsn to await."""
         keep = self.reattach_grace > 0
+        orphaned = 0
         for w in self.queue.of_session(session):
             w.outbox = None
             if keep and w.args.token:
                 self.orphans.add(w.id, trio.current_time() + self.reattach_grace)
+                orphaned += 1
             else:
                 self._end_waiter(
                     w, UnavailableError(f"the connection closed while waiting ({why})")
@@ -288,10 +290,11 @@ class PoolActor(Actor):
         for rid in sorted(self.book.by_session.get(session, ())):
             if keep and self.book.reservations[rid].token:
                 self.orphans.add(rid, trio.current_time() + self.reattach_grace)
+                orphaned += 1
             else:
                 ended.append(Ended(rid, "released", self.wall(), f"session closed ({why})"))
-        if self.orphans:
-            log.info("orphaned", session=session, why=why, waiting=len(self.orphans))
+        if orphaned:
+            log.info("orphaned", session=session, why=why, held=orphaned, grace=self.reattach_grace)
         return self._commit(ended)
 
     def _abandon(self, rid: str) -> None:
