@@ -131,9 +131,13 @@ class Expire:
 
 @attrs.frozen
 class PreemptTenant:
+    """``by`` evicts ``target`` (in ``pool``); not ``admin``: only where the pools'
+    policy allows preemption."""
+
     target: str
     pool: str | None
     by: str
+    admin: bool = True
 
 
 @attrs.frozen

@@ -279,7 +279,9 @@ async def preempt(svc: Services, conn: Conn, args: Preempt) -> Preempted:
                 "target_priority": target.priority,
             },
         )
-    victims, pool_lsn = await svc.pools.ask(m.PreemptTenant(target.name, args.pool, by.name))
+    victims, pool_lsn = await svc.pools.ask(
+        m.PreemptTenant(target.name, args.pool, by.name, admin=conn.peer.admin)
+    )
     await _durable(svc, lsn, pool_lsn)
     return Preempted(reservations=victims)
 

@@ -648,7 +648,7 @@ class PoolActor(Actor):
         return self.book.reservation(msg.args.id).info(), lsn
 
     def _preempt(self, msg: PreemptTenant) -> tuple[list[ReservationInfo], int]:
-        events = self.book.preempt(msg.target, msg.pool, msg.by, self.wall())
+        events = self.book.preempt(msg.target, msg.pool, msg.by, self.wall(), admin=msg.admin)
         victims = [
             self.book.reservations[e.id].info(state="preempted")
             for e in events

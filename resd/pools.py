@@ -40,6 +40,7 @@ from resd_client.errors import (
     ConflictError,
     ErrorCode,
     ExistsError,
+    ForbiddenError,
     InsufficientError,
     InvalidError,
     NotFoundError,
@@ -566,13 +567,24 @@ class PoolBook:
             return []
         return [Ended(rid, "expired", now, "ttl elapsed")]
 
-    def preempt(self, target: str, pool: str | None, by: str, now: float) -> list[PoolEvent]:
-        """Evict every live reservation of ``target`` (in ``pool``): at once, or after grace."""
+    def preempt(
+        self, target: str, pool: str | None, by: str, now: float, *, admin: bool = True
+    ) -> list[PoolEvent]:
+        """Evict every live reservation of ``target`` (in ``pool``): at once, or after
+        grace. A non-``admin`` evicts only in pools whose policy allows preemption
+        (``lower_priority``); naming a pool where it is ``off`` raises ForbiddenError."""
+        if pool is not None and not admin and self.pool(pool).preemption == "off":
+            raise ForbiddenError(
+                f"pool {pool!r} has preemption off; only an admin may preempt there",
+                {"pool": pool},
+            )
         if pool is not None:
             self.pool(pool)
         events: list[PoolEvent] = []
         for r in self.of_tenant(target, pool):
             if r.state != "active":
+                continue
+            if not admin and self.pools[r.pool].preemption == "off":
                 continue
             events.append(self.evict(r, by, now))
         return events

@@ -44,7 +44,7 @@ def test_defaults_without_file_or_env() -> None:
     assert cfg == Config()
     assert cfg.fsync == "always"
     assert cfg.max_frame == 1 << 20
-    assert cfg.default_priority == 5
+    assert cfg.default_priority == 1
     assert cfg.host_pool is True
     assert (
         cfg.oversub

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import trio
 
+from resd.config import Config
+from resd.pools import PoolBook
+from resd.records import Tenant
+from resd.tenants import Peer, TenantBook
+from resd_client.errors import ForbiddenError
+from resd_client.protocol import PoolCreate, Reserve, from_wire
 from tests.conftest import BASE_WALL, InProcess
 from tests.wire import WireClient
 
@@ -108,3 +117,50 @@ async def test_delete_and_remove_refuse_while_active_unless_forced(inproc: InPro
     assert below["error"]["code"] == "conflict"
     grown = await c.ok("pool.set", {"name": "q", "capacity": {"cpu": 6000}, "ratios": {"cpu": 2.0}})
     assert grown["resources"][0]["effective"] == 12000
+
+
+# --------------------------------------------------- who may preempt (issue 10)
+
+
+def _book_with(preemption: str) -> tuple[PoolBook, Any]:
+    book = PoolBook()
+    book.apply(
+        book.create_pool(
+            from_wire(
+                PoolCreate,
+                {
+                    "name": "p",
+                    "resources": {"cpu": {"capacity": 4}},
+                    "max_per_tenant": 0,
+                    "preemption": preemption,
+                },
+            ),
+            0.0,
+        )
+    )
+    events = book.reserve(
+        Reserve(pool="p", resources={"cpu": 1}),
+        Tenant("root", 1),
+        uid=0,
+        session="",
+        now=1.0,
+        rid="r-000000000001",
+    )
+    book.apply(events)
+    return book, events[0]
+
+
+def test_a_non_admin_cannot_preempt_in_a_pool_whose_policy_is_off() -> None:
+    book, _ = _book_with("off")
+    with pytest.raises(ForbiddenError, match="preemption off; only an admin"):
+        book.preempt("root", "p", "alice", 2.0, admin=False)
+    assert book.preempt("root", None, "alice", 2.0, admin=False) == [], "off pools skipped"
+    assert len(book.preempt("root", "p", "ops", 2.0, admin=True)) == 1, "an admin may"
+    book, _ = _book_with("lower_priority")
+    assert len(book.preempt("root", "p", "alice", 2.0, admin=False)) == 1
+
+
+def test_tenants_made_on_first_use_have_the_lowest_priority() -> None:
+    book = TenantBook(default_priority=Config().default_priority)
+    tenant, _ = book.resolve(None, Peer(uid=1000, gid=1000, pid=1, user="alice"), 0.0)
+    assert tenant.priority == 1, "nobody below it to preempt: that power comes from an admin"
