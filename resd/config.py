@@ -46,7 +46,9 @@ class Config:
     max_frame: int = 1 << 20
     max_connections: int = 1024
     max_pending: int = 64
-    default_priority: int = 5
+    #: priority of tenants created on first use: the lowest, so that the power to
+    #: preempt others always comes from an admin (SPEC §7)
+    default_priority: int = 1
     admin_group: str = ""
     history_limit: int = 100_000
     snapshot_every: int = 100_000
