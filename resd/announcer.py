@@ -17,7 +17,7 @@ import math
 import structlog
 import trio
 
-from resd.journal import Journal
+from resd.journal import Journal, JournalFailed
 from resd.messages import Outbox
 
 log = structlog.get_logger("resd.announcer")
@@ -38,10 +38,13 @@ class Announcer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async for lsn, outbox, frame in self._recv:
-            if lsn:
+            while lsn:
                 try:
                     await self.journal.wait_durable(lsn)
-                except Exception as exc:  # the journal failed: the daemon is stopping
-                    log.warning("push_dropped", error=str(exc))
-                    continue
+                    break
+                except JournalFailed:  # durable again once the state is written anew
+                    await self.journal.wait_synced()
+                except RuntimeError as exc:  # the journal is closed: resd is stopping
+                    log.warning("push_not_sent", error=str(exc))
+                    break
             outbox.push(frame)  # a full outbox closes its connection

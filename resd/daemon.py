@@ -31,7 +31,7 @@ from resd.announcer import Announcer
 from resd.config import Config
 from resd.discovery import discover, host_pool_resources
 from resd.inventory import HostInventory
-from resd.journal import Journal
+from resd.journal import Journal, JournalFailed
 from resd.ops import Services
 from resd.pool_actor import PoolActor
 from resd.pools import PoolBook
@@ -43,9 +43,13 @@ from resd.server import Limits, Server, admin_gid_of
 from resd.tenants import TenantBook
 from resd.timers import Arbiter, Reaper
 from resd_client import __version__
+from resd_client.errors import UnavailableError
 from resd_client.protocol import PoolCreate, from_wire
 
 log = structlog.get_logger("resd")
+#: pauses between attempts at a snapshot that failed (a full disk, an I/O error)
+SNAPSHOT_RETRY_FIRST: Final = 1.0
+SNAPSHOT_RETRY_MAX: Final = 60.0
 
 
 class StartupError(Exception):
@@ -191,7 +195,11 @@ class Daemon:
         return pools, tenants, fresh
 
     async def _run_locked(self, cfg: Config, task_status: trio.TaskStatus[Daemon]) -> None:
-        journal = Journal(cfg.state_path, cfg.fsync)  # type: ignore[arg-type]
+        journal = Journal(
+            cfg.state_path,
+            cfg.fsync,  # type: ignore[arg-type]
+            on_failure=lambda: self._snapshot_wanted.set(),  # write the state anew
+        )
         pool_book, tenant_book, fresh = self._recover(journal)
         reaper, arbiter = Reaper(self.wall), Arbiter(self.wall)
         announcer, watcher = Announcer(journal), ProcessWatcher()
@@ -260,10 +268,16 @@ class Daemon:
                 notify("STOPPING=1")
                 log.info("stopping")
                 await server.stop()
-                await self.snapshot()
+                try:
+                    await self.snapshot()
+                except (OSError, JournalFailed, ValueError) as exc:  # the WAL still holds it all
+                    log.error("final_snapshot_failed", error=str(exc))
                 journal_scope.cancel()
                 await journal_done.wait()
-                await journal.close()
+                try:
+                    await journal.close()
+                except JournalFailed as exc:
+                    log.error("journal_unsynced_at_stop", error=str(exc))
                 nursery.cancel_scope.cancel()
         finally:
             listener.close()
@@ -300,8 +314,12 @@ class Daemon:
                 "labels": {"source": "discovery"},
             },
         )
-        info, lsn = await pools.ask(m.CreatePool(args))
-        await journal.wait_durable(lsn)
+        try:
+            info, lsn = await pools.ask(m.CreatePool(args))
+            await journal.wait_durable(lsn)
+        except (UnavailableError, JournalFailed) as exc:  # e.g. a full disk: serve anyway
+            log.error("host_pool_not_created", error=str(exc), retry="at the next start")
+            return inventory
         log.info(
             "host_pool_created",
             resources={r.name: r.capacity for r in info.resources},
@@ -319,21 +337,36 @@ class Daemon:
                 self._stop.set()
 
     async def snapshot(self) -> None:
-        """Write a snapshot of both books and drop the journal segments it covers."""
+        """Write a snapshot of both books and drop the journal segments it covers; after a
+        failed fsync, the snapshot that writes the whole state anew (a resync).
+
+        Raises OSError (or JournalFailed) when it cannot be written; nothing is lost then.
+        """
         assert self.journal is not None and self.pools is not None and self.tenants is not None
-        if self.journal.entries_since_snapshot == 0:
+        resync = self.journal.unsynced
+        if self.journal.entries_since_snapshot == 0 and not resync:
             return
-        covered = self.journal.rotate()
+        covered = self.journal.last_lsn if resync else self.journal.rotate()
         domains: dict[str, tuple[int, Any]] = {
             "pools": await self.pools.ask(m.TakeSnapshot()),
             "tenants": await self.tenants.ask(m.TakeSnapshot()),
         }
-        await self.journal.write_snapshot(domains, covered)
-        log.info("snapshot_written", covered_lsn=covered)
+        await self.journal.write_snapshot(domains, covered, resync=resync)
+        log.info("snapshot_written", covered_lsn=covered, resync=resync)
 
     async def _snapshots(self) -> None:
-        """Snapshot whenever the pool actor says enough entries have accumulated."""
+        """Snapshot whenever the pool actor says enough entries have accumulated, or the
+        journal needs its state written anew; a failure (a full disk) is logged and
+        retried with growing pauses, never fatal."""
+        pause = SNAPSHOT_RETRY_FIRST
         while True:
             await self._snapshot_wanted.wait()
-            await self.snapshot()
+            try:
+                await self.snapshot()
+            except (OSError, JournalFailed) as exc:
+                log.error("snapshot_failed", error=str(exc), retry_in=pause)
+                await trio.sleep(pause)
+                pause = min(pause * 2, SNAPSHOT_RETRY_MAX)
+                continue
+            pause = SNAPSHOT_RETRY_FIRST
             self._snapshot_wanted = trio.Event()

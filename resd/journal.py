@@ -12,21 +12,30 @@ Layout of the state directory (format version 1; files written by any release mu
   a domain with lsn <= that domain's lsn. Written atomically (tmp file, fsync, rename, fsync dir).
 
 ``Journal`` owns one append-only file descriptor and a flusher task (``run``) doing group
-commit: everything appended while the previous write/fsync was in progress goes out in one
-``os.write`` and shares one fsync. Records are opaque msgpack-able values.
+commit: ``append`` writes its entry at once (so a full disk refuses *this* change, before the
+caller applies it), and every entry written while the previous fsync was in progress shares
+the next one. Records are opaque msgpack-able values.
 
-What can fail:
+What can fail, and what it costs (never the daemon):
 
 - ``recover`` raises ``JournalCorrupt`` for anything unreadable except a torn final entry of
   the last segment (truncated with a warning): resd refuses to start rather than reset state.
-- A failed write or fsync is sticky (after a failed fsync the page cache cannot be trusted):
-  ``run`` raises ``JournalFailed``, and so do pending and later ``wait_durable`` and ``append``.
+- A failed write (ENOSPC, EDQUOT, EIO) makes ``append`` raise ``JournalRefused`` and leaves
+  the file as it was (a partial entry is truncated away, or before the next write): nothing
+  was appended, and the next ``append`` simply tries again, so writes resume by themselves
+  once there is room.
+- A failed fsync cannot be retried (after it the page cache is not to be trusted): the
+  journal becomes *unsynced*. ``wait_durable`` of entries not yet durable raises
+  ``JournalFailed`` (their outcome is unknown), ``append`` raises ``JournalRefused`` and
+  ``on_failure`` is called, until ``write_snapshot(resync=True)`` has written the whole state
+  to a fresh snapshot and segment; then everything appended so far is durable again.
 - ``write_snapshot`` raises ``OSError`` if the snapshot cannot be written; the previous
-  snapshot and the WAL stay valid.
+  snapshot and the WAL stay valid, and the caller retries later.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -40,7 +49,14 @@ import msgpack
 import structlog
 import trio
 
-__all__ = ["FsyncMode", "Journal", "JournalCorrupt", "JournalFailed", "Recovered"]
+__all__ = [
+    "FsyncMode",
+    "Journal",
+    "JournalCorrupt",
+    "JournalFailed",
+    "JournalRefused",
+    "Recovered",
+]
 
 log = structlog.get_logger("resd.journal")
 
@@ -80,7 +96,34 @@ class JournalCorrupt(Exception):
 
 @final
 class JournalFailed(Exception):
-    """Writing or fsyncing the WAL failed; durability of later entries is unknown."""
+    """An fsync of the WAL failed: entries not yet durable may or may not survive a crash
+    until the state is written anew (``write_snapshot(resync=True)``)."""
+
+
+@final
+class JournalRefused(Exception):
+    """An entry was not appended (nothing was written); the message says why, e.g. the
+    state directory is full and how much is free."""
+
+    def __init__(self, directory: Path, cause: OSError | JournalFailed) -> None:
+        if isinstance(cause, JournalFailed):
+            message = f"{cause}; resd is writing its state anew and refuses changes until then"
+        elif cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            message = (
+                f"the state directory {directory} is full ({_free_bytes(directory)} bytes free):"
+                f" {cause.strerror or cause}"
+            )
+        else:
+            message = f"writing the journal in {directory} failed: {cause.strerror or cause}"
+        super().__init__(message)
+
+
+def _free_bytes(directory: Path) -> int | str:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return "unknown"
+    return st.f_bavail * st.f_frsize
 
 
 @final
@@ -245,25 +288,31 @@ class Journal:
     """The WAL and snapshots of one state directory; see the module docstring."""
 
     def __init__(
-        self, state_dir: Path, fsync: FsyncMode = "always", *, batch_interval: float = 0.1
+        self,
+        state_dir: Path,
+        fsync: FsyncMode = "always",
+        *,
+        batch_interval: float = 0.1,
+        on_failure: Callable[[], None] = lambda: None,
     ) -> None:
         if fsync not in ("always", "batch", "never"):
             raise ValueError(f"fsync must be always, batch or never, not {fsync!r}")
         self._dir = state_dir
         self._mode: FsyncMode = fsync
         self._batch_interval = batch_interval
+        self._on_failure = on_failure
         self._recovered = False
         self._closed = False
         self._running = False
         self._snapshot_lock = trio.Lock()  # snapshots are written one after the other
-        self._failure: OSError | None = None
+        self._failure: OSError | None = None  # a failed fsync, until a resync
         self._fd: int | None = None  # None: the last segment is not created yet
+        self._size = 0  # bytes of the current segment that hold whole entries
+        self._torn = False  # a failed write may have left bytes past _size
         self._retired: list[int] = []  # rotated-out fds awaiting fsync and close
         self._dir_dirty = False  # a segment was created since the last directory fsync
         self._segments: list[int] = []  # first lsn of each segment, the last one current
-        self._buffer: list[bytes] = []  # encoded entries last_lsn-len+1 .. last_lsn
-        self._last_lsn = 0
-        self._written_lsn = 0
+        self._last_lsn = 0  # appended, i.e. written
         self._durable_lsn = 0
         self._snapshot_lsn = 0
         self._work = trio.Event()  # set: the flusher has something to do
@@ -343,10 +392,11 @@ class Journal:
         self._segments = kept or [expected]
         if kept:
             self._fd = os.open(self._dir / _segment_name(kept[-1]), os.O_WRONLY | os.O_APPEND)
+            self._size = os.fstat(self._fd).st_size
             if self._mode != "never":
                 _fsync(self._fd)  # what we replay must not vanish after a later crash
                 _fsync_dir(self._dir)
-        self._last_lsn = self._written_lsn = self._durable_lsn = expected - 1
+        self._last_lsn = self._durable_lsn = expected - 1
         self._snapshot_lsn = covered
         self._recovered = True
         return Recovered(snapshots, entries, warnings, expected, replayed)
@@ -412,103 +462,128 @@ class Journal:
         """Entries appended after the last snapshot's covered lsn."""
         return self._last_lsn - self._snapshot_lsn
 
-    def append(self, domain: str, records: list[Any]) -> int:
-        """Buffer one entry and wake the flusher; never blocks. Returns its lsn.
+    @property
+    def unsynced(self) -> bool:
+        """An fsync failed and the state has not been written anew since."""
+        return self._failure is not None
 
-        Raises TypeError/ValueError if the entry cannot be encoded or would not decode again
-        (nothing is appended), JournalFailed after a write failure, RuntimeError if not
-        recovered or closed.
+    def append(self, domain: str, records: list[Any]) -> int:
+        """Write one entry now and wake the flusher; never blocks. Returns its lsn.
+
+        Raises JournalRefused when it cannot be written (disk full, I/O error) or the
+        journal is unsynced, TypeError/ValueError if the entry cannot be encoded or would
+        not decode again; nothing is appended then. RuntimeError if not recovered or closed.
         """
         self._check_open()
+        if self._failure is not None:
+            raise JournalRefused(self._dir, self._failed())
         lsn = self._last_lsn + 1
         payload = _packb({"lsn": lsn, "d": domain, "r": records})
         if len(payload) > MAX_ENTRY:
             raise ValueError(f"journal entry of {len(payload)} bytes exceeds {MAX_ENTRY}")
         if _decode_entry(payload)[0] is None:  # e.g. a tuple as a map key: would not replay
             raise ValueError(f"journal entry for {domain!r} would not replay: {records!r}")
-        self._buffer.append(_ENTRY_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        try:
+            self._write(_ENTRY_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        except OSError as exc:
+            log.error("journal.write_failed", dir=str(self._dir), error=str(exc))
+            raise JournalRefused(self._dir, exc) from exc
         self._last_lsn = lsn
-        self._work.set()
+        if self._mode == "always":
+            self._work.set()
+        else:
+            self._dirty.set()
+            self._notify()
         return lsn
+
+    def _write(self, entry: bytes) -> None:
+        """Write ``entry`` at the end of the current segment (created with its header if
+        needed). On OSError the segment holds exactly its whole entries again, or is
+        marked to be truncated to them before the next write."""
+        if self._fd is None:
+            path = self._dir / _segment_name(self._segments[-1])
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, _WAL_HEADER)
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+            self._fd, self._size, self._torn = fd, len(_WAL_HEADER), False
+            self._dir_dirty = True
+        if self._torn:
+            os.ftruncate(self._fd, self._size)
+            self._torn = False
+        try:
+            _write_all(self._fd, entry)
+        except OSError:
+            self._torn = True
+            try:
+                os.ftruncate(self._fd, self._size)
+                self._torn = False
+            except OSError:
+                pass  # tried again before the next write
+            raise
+        self._size += len(entry)
 
     async def wait_durable(self, lsn: int) -> None:
         """Return once entry ``lsn`` is durable: fsync'ed in mode always, written otherwise.
 
-        Raises JournalFailed if the WAL failed first, ValueError for an lsn never appended.
+        Raises JournalFailed if an fsync failed before it was durable (its outcome is
+        unknown until a resync), ValueError for an lsn never appended.
         """
         if lsn > self._last_lsn:
             raise ValueError(f"lsn {lsn} was never appended (last is {self._last_lsn})")
-        if self._mode != "always" and lsn > self._written_lsn and self._running:
-            # Only a write is owed: do it here, for everything buffered, rather than
-            # wait for the flusher task to be scheduled (two task switches per ack).
-            self._write_buffer()
-        if lsn <= self._acked_lsn:
+        if self._mode != "always" or lsn <= self._durable_lsn:
             await trio.lowlevel.checkpoint()
             return
-        while lsn > self._acked_lsn:
-            self._raise_if_failed()
+        while lsn > self._durable_lsn:
+            if self._failure is not None:
+                raise self._failed()
             if self._closed:
                 raise RuntimeError("the journal was closed before the entry was durable")
             await self._progress.wait()
 
-    @property
-    def _acked_lsn(self) -> int:
-        return self._durable_lsn if self._mode == "always" else self._written_lsn
+    async def wait_synced(self) -> None:
+        """Return once the journal is not unsynced (at once if it is not); raises
+        RuntimeError if it is closed unsynced."""
+        while self._failure is not None:
+            if self._closed:
+                raise RuntimeError("the journal was closed unsynced")
+            await self._progress.wait()
+        await trio.lowlevel.checkpoint()
 
     def _check_open(self) -> None:
         if not self._recovered:
             raise RuntimeError("call recover() first")
         if self._closed:
             raise RuntimeError("the journal is closed")
-        self._raise_if_failed()
 
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            message = f"the WAL in {self._dir} failed: {self._failure}"
-            raise JournalFailed(message) from self._failure
+    def _failed(self) -> JournalFailed:
+        failure = JournalFailed(f"fsync of the WAL in {self._dir} failed: {self._failure}")
+        failure.__cause__ = self._failure
+        return failure
 
     def _notify(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
 
     def _fail(self, exc: OSError) -> None:
-        """Record a write/fsync failure (sticky) and wake everyone so they see it."""
+        """Record an fsync failure and wake everyone so they see it."""
         self._failure = exc
-        log.error("journal.failed", dir=str(self._dir), error=str(exc))
-        self._work.set()
+        log.error("journal.fsync_failed", dir=str(self._dir), error=str(exc))
         self._notify()
-
-    def _write_buffer(self) -> None:
-        """os.write everything buffered, creating the current segment if needed; records a
-        failure instead of raising. Sync: the buffer and the file never disagree at an await."""
-        if not self._buffer or self._failure is not None:
-            return
-        data = b"".join(self._buffer)
-        self._buffer.clear()
-        try:
-            if self._fd is None:
-                path = self._dir / _segment_name(self._segments[-1])
-                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                self._fd = os.open(path, flags, 0o600)
-                self._dir_dirty = True
-                data = _WAL_HEADER + data
-            _write_all(self._fd, data)
-        except OSError as exc:
-            self._fail(exc)
-            return
-        self._written_lsn = self._last_lsn
-        self._dirty.set()
-        self._notify()
+        self._on_failure()
 
     async def _sync(self) -> None:
         """fsync in a worker thread the retired segments, the current one and, after a segment
         was created, the directory; records a failure instead of raising. Callers make sure
         two never overlap (the flusher, the batch syncer, or the owner when run() is not on)."""
         if self._failure is not None or (
-            self._durable_lsn >= self._written_lsn and not self._retired and not self._dir_dirty
+            self._durable_lsn >= self._last_lsn and not self._retired and not self._dir_dirty
         ):
             return
-        target, fd = self._written_lsn, self._fd
+        target, fd = self._last_lsn, self._fd
         retired, self._retired = self._retired, []
         directory = self._dir if self._dir_dirty else None
         self._dir_dirty = False
@@ -535,13 +610,13 @@ class Journal:
     # -- the flusher ------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The flusher: group-commits appended entries until cancelled.
+        """The flusher: group-commits written entries until cancelled; never raises for an
+        I/O error (see the module docstring).
 
-        Each cycle writes everything buffered with one os.write, then (mode always) fsyncs
-        once; entries appended meanwhile go in the next cycle. Mode batch fsyncs at most every
-        ``batch_interval`` in a second task; mode never uses no thread. Raises JournalFailed if
-        a write or fsync fails. Cancelling it loses nothing acknowledged; call ``close``
-        afterwards to write what is still buffered.
+        Mode always fsyncs whenever something was written since the last fsync; entries
+        written meanwhile go in the next one. Mode batch fsyncs at most every
+        ``batch_interval`` in a second task; mode never uses no thread. Cancelling it loses
+        nothing acknowledged; call ``close`` afterwards.
         """
         self._check_open()
         if self._running:
@@ -552,29 +627,27 @@ class Journal:
                 if self._mode == "batch":
                     nursery.start_soon(self._batch_sync_loop)
                 task_status.started()
-                while self._failure is None:
+                while True:
                     await self._work.wait()
                     self._work = trio.Event()
-                    self._write_buffer()
                     if self._mode == "always":
                         await self._sync()
-                nursery.cancel_scope.cancel()
         finally:
             self._running = False
-        self._raise_if_failed()
 
     async def _batch_sync_loop(self) -> None:
-        while self._failure is None:
+        while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
             await self._sync()
             await trio.sleep(self._batch_interval)
 
     async def close(self) -> None:
-        """Write what is buffered, fsync it (except in mode never) and close the files.
+        """fsync what was written (except in mode never) and close the files.
 
         Call after ``run`` has returned (RuntimeError otherwise); the fsync is shielded from
-        cancellation. Idempotent. Raises JournalFailed if the WAL failed (files closed anyway).
+        cancellation. Idempotent. Raises JournalFailed if the journal is unsynced (files
+        closed anyway).
         """
         if self._closed or not self._recovered:
             self._closed = True
@@ -583,7 +656,6 @@ class Journal:
         if self._running:
             raise RuntimeError("cancel run() before close()")
         try:
-            self._write_buffer()
             if self._mode != "never":
                 with trio.CancelScope(shield=True):
                     await self._sync()
@@ -593,7 +665,8 @@ class Journal:
             self._retired, self._fd = [], None
             self._closed = True
             self._notify()
-        self._raise_if_failed()
+        if self._failure is not None:
+            raise self._failed()
         await trio.lowlevel.checkpoint()
 
     # -- segments and snapshots -------------------------------------------------------------
@@ -601,26 +674,30 @@ class Journal:
     def rotate(self) -> int:
         """Start a new segment for the next entry; returns the last lsn of the old ones.
 
-        Writes what is buffered to the old segment first (its fsync is left to the flusher).
-        A no-op if the current segment is still empty. Raises JournalFailed on a write error.
+        The old segment's fsync is left to the flusher. A no-op if the current segment is
+        still empty.
         """
         self._check_open()
         if self._segments[-1] == self._last_lsn + 1:
             return self._last_lsn
-        self._write_buffer()
-        self._raise_if_failed()
-        if self._fd is not None:
-            if self._mode == "never":
-                os.close(self._fd)
-            else:
-                self._retired.append(self._fd)
-                self._work.set()
-                self._dirty.set()
-            self._fd = None
+        self._retire_current()
         self._segments.append(self._last_lsn + 1)
         return self._last_lsn
 
-    async def write_snapshot(self, domains: dict[str, tuple[int, Any]], covered_lsn: int) -> None:
+    def _retire_current(self) -> None:
+        if self._fd is None:
+            return
+        if self._mode == "never" or self._failure is not None:
+            os.close(self._fd)  # an unsynced segment is not fsync'ed again: it is replaced
+        else:
+            self._retired.append(self._fd)
+            self._work.set()
+            self._dirty.set()
+        self._fd = None
+
+    async def write_snapshot(
+        self, domains: dict[str, tuple[int, Any]], covered_lsn: int, *, resync: bool = False
+    ) -> None:
         """Write ``snapshot.msgpack`` atomically, then delete segments it makes redundant.
 
         Concurrent calls are serialized (lsns are checked once it is this call's turn).
@@ -628,9 +705,14 @@ class Journal:
         ``domains`` maps each domain to (lsn, state): the state reflects that domain's entries
         up to lsn. Every entry <= ``covered_lsn`` must be reflected in some domain's state.
         First makes the WAL durable up to the highest of these lsns, so the snapshot never
-        claims more than the WAL holds. Raises ValueError for lsns not yet appended or below
-        the previous snapshot, or a state that would not decode again; OSError if the file
-        cannot be written (nothing changes); JournalFailed if the WAL failed.
+        claims more than the WAL holds. With ``resync`` (after a failed fsync) the states must
+        cover every entry appended: the snapshot replaces the WAL, the next entry starts a
+        fresh segment, and once it is written everything appended is durable again.
+
+        Raises ValueError for lsns not yet appended or below the previous snapshot (with
+        ``resync``: not covering everything), or a state that would not decode again;
+        OSError if the file cannot be written (nothing changes); JournalFailed if the journal
+        is unsynced and this is no resync.
         """
         async with self._snapshot_lock:
             self._check_open()
@@ -639,6 +721,8 @@ class Journal:
                 raise ValueError(
                     f"snapshot lsns must be between {self._snapshot_lsn} and {self._last_lsn}"
                 )
+            if resync and covered_lsn != self._last_lsn:
+                raise ValueError(f"a resync snapshot must cover lsn {self._last_lsn}")
             body = {
                 "lsn": covered_lsn,
                 "domains": {
@@ -651,7 +735,12 @@ class Journal:
             except Exception as exc:  # e.g. a tuple as a map key: the snapshot would not load
                 raise ValueError(f"the snapshot would not load again: {exc}") from exc
             data = _SNAP_HEADER.pack(SNAP_MAGIC, FORMAT_VERSION, zlib.crc32(payload)) + payload
-            await self._wait_synced(high)
+            if resync:
+                if self._segments[-1] != self._last_lsn + 1:
+                    self._retire_current()
+                    self._segments.append(self._last_lsn + 1)
+            else:
+                await self._wait_synced(high)
             if self._mode == "never":
                 _write_snapshot_file(self._dir, data, sync=False)
             else:
@@ -659,14 +748,19 @@ class Journal:
             self._snapshot_lsn = covered_lsn
             while len(self._segments) > 1 and self._segments[1] - 1 <= covered_lsn:
                 (self._dir / _segment_name(self._segments.pop(0))).unlink(missing_ok=True)
+            if resync and self._failure is not None:
+                self._failure = None
+                self._durable_lsn = covered_lsn
+                log.warning("journal.resynced", dir=str(self._dir), lsn=covered_lsn)
+                self._notify()
 
     async def _wait_synced(self, lsn: int) -> None:
-        """Make entries up to ``lsn`` written, and fsync'ed unless mode never."""
-        self._write_buffer()
+        """Make entries up to ``lsn`` fsync'ed unless mode never."""
         if self._mode != "never" and not self._running:
             await self._sync()
         while self._mode != "never" and self._durable_lsn < lsn and self._failure is None:
             self._work.set()
             self._dirty.set()
             await self._progress.wait()
-        self._raise_if_failed()
+        if self._failure is not None:
+            raise self._failed()

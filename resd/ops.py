@@ -15,13 +15,13 @@ from typing import Any, Final
 import attrs
 
 from resd import messages as m
-from resd.journal import Journal
+from resd.journal import Journal, JournalFailed
 from resd.pool_actor import PoolActor
 from resd.procwatch import process_start, process_uid
 from resd.records import Tenant
 from resd.registry import TenantRegistry
 from resd.tenants import Peer, TenantBook
-from resd_client.errors import ForbiddenError, InvalidError, NotFoundError
+from resd_client.errors import ForbiddenError, InvalidError, NotFoundError, UnavailableError
 from resd_client.protocol import (
     PROTOCOL_VERSION,
     Attach,
@@ -88,9 +88,19 @@ Handler = Callable[[Services, Conn, Any], Awaitable[Any]]
 
 
 async def _durable(svc: Services, *lsns: int) -> None:
+    """Wait until what the actors journaled is durable. Raises UnavailableError when an
+    fsync failed first: the change is made, but may not survive a crash until resd has
+    written its state anew (it is doing so)."""
     lsn = max(lsns, default=0)
     if lsn:
-        await svc.journal.wait_durable(lsn)
+        try:
+            await svc.journal.wait_durable(lsn)
+        except JournalFailed as exc:
+            raise UnavailableError(
+                f"{exc}; the change was made but may not survive a crash until resd has"
+                " written its state anew",
+                {"outcome": "unknown"},
+            ) from exc
 
 
 async def _mutate(svc: Services, message: Any) -> Any:

@@ -30,6 +30,8 @@ holdings (``max_per_tenant``) holds nothing back.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,6 +123,8 @@ from resd_client.protocol import (
 
 log = structlog.get_logger("resd.pools")
 DOMAIN = "pools"
+#: seconds before a change the journal refused (a full disk) is tried again
+RETRY_AFTER = 1.0
 
 
 def new_reservation_id() -> str:
@@ -204,6 +208,9 @@ class PoolActor(Actor):
         self._removed: dict[str, float] = {}
         #: the connection whose own release is being committed (it gets no push)
         self._releaser: str | None = None
+        #: messages to handle again because the journal refused them (key → message)
+        self._later = TimerHeap()
+        self._later_ids = itertools.count()
         self._dirty = False
         self._queue_dirty = False
         #: the waiter whose own reserve call is being answered (gets a reply, no push)
@@ -218,14 +225,19 @@ class PoolActor(Actor):
             DoReserve: self._reserve,
             DoRelease: self._release,
             DoRenew: self._renew,
-            Expire: lambda m: self._commit(self.book.expire(m.id, m.expires_at, self.wall())),
+            Expire: lambda m: self._or_later(
+                m, lambda: self._commit(self.book.expire(m.id, m.expires_at, self.wall()))
+            ),
             PreemptTenant: self._preempt,
-            FinishGrace: lambda m: self._commit(self.book.finish_grace(m.id, self.wall())),
-            SessionClosed: self._session_closed,
+            FinishGrace: lambda m: self._or_later(
+                m, lambda: self._commit(self.book.finish_grace(m.id, self.wall()))
+            ),
+            SessionClosed: lambda m: self._or_later(m, lambda: self._session_closed(m)),
             DoAttach: self._attach,
             Recover: lambda m: self._recover(),
-            ProcessExited: lambda m: self._commit(
-                self.book.process_exited(m.id, m.pid, m.start, self.wall())
+            ProcessExited: lambda m: self._or_later(
+                m,
+                lambda: self._commit(self.book.process_exited(m.id, m.pid, m.start, self.wall())),
             ),
             WhyWaiting: self._why,
             PlanRequest: self._plan,
@@ -253,7 +265,13 @@ class PoolActor(Actor):
         sessions = {*self.book.by_session, *(w.session for w in self.queue.waiters.values())}
         lsn = 0
         for session in sorted(sessions):
-            lsn = max(lsn, self._orphan_session(session, "daemon restarted"))
+            closed = SessionClosed(session, orphan=True, why="daemon restarted")
+            try:  # a full disk must not stop the start: tried again until it goes
+                lsn = max(
+                    lsn, self._or_later(closed, functools.partial(self._session_closed, closed))
+                )
+            except UnavailableError as exc:
+                log.error("recovery_deferred", session=session, error=exc.message)
         for r in self.book.reservations.values():
             if r.expires_at is not None:
                 self.reaper.tell(Schedule(r.id, r.expires_at))
@@ -402,14 +420,25 @@ class PoolActor(Actor):
             self.announcer.push(outbox, frame, lsn)
 
     def next_deadline(self) -> float:
-        return min(self.queue.timeouts.earliest(), self.orphans.earliest())
+        return min(self.queue.timeouts.earliest(), self.orphans.earliest(), self._later.earliest())
 
     def on_deadline(self) -> None:
-        for rid, _ in self.orphans.pop_due(trio.current_time()):
-            self._abandon(rid)
-        for rid, _ in self.queue.timeouts.pop_due(trio.current_time()):
+        now = trio.current_time()
+        for _, message in self._later.pop_due(now):
+            try:
+                self.handlers[type(message)](message)  # refused again: it is re-queued
+            except ResdError as exc:
+                log.debug("retry_failed", message=type(message).__name__, error=exc.message)
+        for rid, _ in self.orphans.pop_due(now):
+            try:
+                self._abandon(rid)
+            except UnavailableError:
+                self.orphans.add(rid, now + RETRY_AFTER)
+        for rid, _ in self.queue.timeouts.pop_due(now):
             w = self.queue.waiters.get(rid)
-            if w is not None and w.args.timeout is not None:
+            if w is None or w.args.timeout is None:
+                continue
+            try:
                 self._end_waiter(
                     w,
                     TimeoutError_(
@@ -417,6 +446,19 @@ class PoolActor(Actor):
                         {"id": rid, "timeout": w.args.timeout, "reason": w.reason, **w.details},
                     ),
                 )
+            except UnavailableError:
+                self.queue.timeouts.add(rid, now + RETRY_AFTER)
+
+    def _or_later(self, message: Any, step: Callable[[], Any]) -> Any:
+        """Run ``step`` for a message that no requester retries (a timer fired, a
+        connection ended); if the journal refuses it, handle ``message`` again in
+        ``RETRY_AFTER`` seconds, so a full disk delays an expiry but never loses it."""
+        try:
+            return step()
+        except UnavailableError:
+            key = f"{type(message).__name__}:{next(self._later_ids)}"
+            self._later.add(key, trio.current_time() + RETRY_AFTER, message)
+            raise
 
     def after_batch(self) -> None:
         while self._queue_dirty:

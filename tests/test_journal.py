@@ -18,7 +18,14 @@ import trio
 import trio.testing
 
 from resd import journal as journal_mod
-from resd.journal import FsyncMode, Journal, JournalCorrupt, JournalFailed, Recovered
+from resd.journal import (
+    FsyncMode,
+    Journal,
+    JournalCorrupt,
+    JournalFailed,
+    JournalRefused,
+    Recovered,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -247,34 +254,114 @@ async def test_fsync_owed_when_cancelled_before_the_thread_started_is_done_by_cl
     await journal.wait_durable(1)
 
 
-async def test_write_failure_is_sticky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    journal = Journal(tmp_path, "always")
+async def test_a_failed_fsync_is_unsynced_until_a_resync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failures: list[str] = []
+    journal = Journal(tmp_path, "always", on_failure=lambda: failures.append("!"))
     journal.recover()
+    real = journal_mod._fsync
 
     def broken(fd: int) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(journal_mod, "_fsync", broken)
-    flusher_error: list[BaseException] = []
-
-    async def flusher() -> None:
-        try:
-            await journal.run()
-        except JournalFailed as exc:
-            flusher_error.append(exc)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(flusher)
+        await nursery.start(journal.run)
+        await commit(journal, "d", [0])
+        monkeypatch.setattr(journal_mod, "_fsync", broken)
         lsn = journal.append("d", [1])
         with pytest.raises(JournalFailed, match="I/O error"):
-            await journal.wait_durable(lsn)
-    assert len(flusher_error) == 1
-    assert isinstance(flusher_error[0].__cause__, OSError)
-    with pytest.raises(JournalFailed):
-        journal.append("d", [2])
-    with pytest.raises(JournalFailed):
-        await journal.close()
+            await journal.wait_durable(lsn)  # its outcome is unknown
+        assert journal.unsynced and failures == ["!"]
+        with pytest.raises(JournalRefused, match="writing its state anew"):
+            journal.append("d", [2])
+        await journal.wait_durable(1)  # what was durable before stays so
+        monkeypatch.setattr(journal_mod, "_fsync", real)
+        await journal.write_snapshot({"d": (lsn, "state-after-1")}, lsn, resync=True)
+        assert not journal.unsynced
+        await journal.wait_durable(lsn)
+        await commit(journal, "d", [3])  # writes resume, in a fresh segment
+        nursery.cancel_scope.cancel()
     await journal.close()
+    rec = recover(tmp_path)
+    assert rec.snapshots == {"d": (2, "state-after-1")}
+    assert [e[2] for e in rec.entries] == [[3]]
+
+
+class FullDisk:
+    """``_write_all`` that writes ``room`` bytes more, then fails with ENOSPC."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, room: int) -> None:
+        self.room = room
+        self.real = journal_mod._write_all
+        monkeypatch.setattr(journal_mod, "_write_all", self)
+
+    def __call__(self, fd: int, data: bytes) -> None:
+        if len(data) <= self.room:
+            self.room -= len(data)
+            self.real(fd, data)
+            return
+        self.real(fd, data[: self.room])  # a partial entry reaches the file
+        self.room = 0
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("mode", ["always", "batch", "never"])
+async def test_a_full_disk_refuses_the_entry_and_writes_resume_when_space_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: FsyncMode
+) -> None:
+    async with running(tmp_path, mode) as (journal, _):
+        await commit(journal, "d", [0])
+        full = FullDisk(monkeypatch, room=3)
+        for i in range(3):
+            with pytest.raises(JournalRefused, match=r"is full \(\d+ bytes free\)"):
+                journal.append("d", [i])
+        assert journal.last_lsn == 1 and not journal.unsynced
+        full.room = 1 << 20  # space returns
+        for i in range(1, 4):
+            await commit(journal, "d", [i])
+    assert [e[2] for e in recover(tmp_path).entries] == [[0], [1], [2], [3]]
+
+
+async def test_a_partial_entry_that_cannot_be_truncated_is_cut_before_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(tmp_path, "always") as (journal, _):
+        await commit(journal, "d", [0])
+        full = FullDisk(monkeypatch, room=5)
+        real_truncate = journal_mod.os.ftruncate
+        refused = 0
+
+        def no_truncate(fd: int, length: int) -> None:
+            nonlocal refused
+            refused += 1
+            raise OSError(errno.EIO, "I/O error")
+
+        monkeypatch.setattr(journal_mod.os, "ftruncate", no_truncate)
+        with pytest.raises(JournalRefused):
+            journal.append("d", [1])
+        assert refused == 1
+        with pytest.raises(JournalRefused):  # still cannot cut it: refused again
+            journal.append("d", [1])
+        monkeypatch.setattr(journal_mod.os, "ftruncate", real_truncate)
+        full.room = 1 << 20
+        await commit(journal, "d", [2])
+    assert [e[2] for e in recover(tmp_path).entries] == [[0], [2]]
+
+
+async def test_a_segment_whose_header_cannot_be_written_is_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(tmp_path, "always") as (journal, _):
+        await commit(journal, "d", [0])
+        journal.rotate()
+        full = FullDisk(monkeypatch, room=2)
+        with pytest.raises(JournalRefused, match="full"):
+            journal.append("d", [1])
+        assert len(list(tmp_path.glob("wal-*.log"))) == 1  # noqa: ASYNC240 - a test's look
+        full.room = 1 << 20
+        await commit(journal, "d", [1])
+    assert [e[2] for e in recover(tmp_path).entries] == [[0], [1]]
 
 
 # -- mode never under the mock clock -------------------------------------------------------
