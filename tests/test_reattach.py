@@ -164,3 +164,19 @@ async def test_attach_refuses_bad_tokens_and_changes_nothing(
     reply = await c.request("reserve", ask("low", 1000, token="no"))
     assert reply["error"]["code"] == "invalid" and "token" in reply["error"]["message"]
     assert (await c.ok("list"))["reservations"] == []
+
+
+async def test_a_retried_reserve_returns_what_the_first_attempt_made(
+    inproc: InProcess, mock_clock: trio.testing.MockClock
+) -> None:
+    """The reply to a detached reserve is lost in a crash; the client sends the same
+    request (same token) again: it gets the first reservation, not a second one."""
+    c = await WireClient.connect(inproc.socket)
+    await setup(c)
+    first = await c.ok("reserve", ask("low", 2000, token=TOKEN))
+    await inproc.restart()
+    c = await WireClient.connect(inproc.socket)
+    again = await c.ok("reserve", ask("low", 2000, token=TOKEN))
+    assert again["id"] == first["id"] and again["state"] == "active"
+    assert [r["id"] for r in (await c.ok("list"))["reservations"]] == [first["id"]]
+    assert (await c.ok("pool.show", {"name": "p"}))["resources"][0]["allocated"] == 2000
