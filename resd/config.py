@@ -45,6 +45,14 @@ class Config:
     fsync: str = "always"
     max_frame: int = 1 << 20
     max_connections: int = 1024
+    #: connections one non-admin uid may hold at once
+    max_connections_per_uid: int = 256
+    #: the last of ``max_connections`` that only admins may take; 0: none
+    admin_reserved_connections: int = 16
+    #: seconds a new connection has to say ``hello``
+    handshake_timeout: float = 5.0
+    #: seconds the rest of a frame has to arrive once its first bytes did
+    read_timeout: float = 30.0
     max_pending: int = 64
     #: priority of tenants created on first use: the lowest, so that the power to
     #: preempt others always comes from an admin (SPEC §7)
@@ -141,9 +149,27 @@ def _validate(cfg: Config) -> Config:
         )
     if not 1024 <= cfg.max_frame <= 64 << 20:
         raise ConfigError(f"max_frame: {cfg.max_frame} is out of range (1024 to {64 << 20} bytes)")
-    for key in ("max_connections", "max_pending", "history_limit", "snapshot_every"):
+    for key in (
+        "max_connections",
+        "max_connections_per_uid",
+        "max_pending",
+        "history_limit",
+        "snapshot_every",
+    ):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.admin_reserved_connections < cfg.max_connections:
+        raise ConfigError(
+            f"admin_reserved_connections: {cfg.admin_reserved_connections} is out of range "
+            f"(0 to max_connections - 1 = {cfg.max_connections - 1}); lower it with "
+            "max_connections, or 0 for no reserve"
+        )
+    for key, top in (("handshake_timeout", 3600), ("read_timeout", 86_400)):
+        value = getattr(cfg, key)
+        if not 0 < value <= top:  # NaN too
+            raise ConfigError(
+                f"{key}: {value:g} is out of range (more than 0, at most {top} seconds)"
+            )
     if not 0 <= cfg.reattach_grace <= 86_400:
         raise ConfigError(
             f"reattach_grace: {cfg.reattach_grace:g} is out of range (0 to 86400 seconds)"

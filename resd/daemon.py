@@ -3,8 +3,9 @@
 Start: lock the state directory, replay the journal into the books, start the
 journal flusher and the actors, restore the wait queue and hold the previous
 process's session leases and waiters for their clients to re-attach, create the ``host`` pool on first start, bind the socket (refusing when
-another daemon answers on it, removing it when it is stale), serve, tell systemd
-READY. Stop (SIGTERM/SIGINT or ``request_stop``): STOPPING, stop accepting, let
+another daemon answers on it or another user could swap it, removing it when it is
+stale), serve, tell systemd READY. Before all that, the soft descriptor limit is
+raised to the hard one. Stop (SIGTERM/SIGINT or ``request_stop``): STOPPING, stop accepting, let
 in-flight requests finish, snapshot, flush and close the journal, remove the
 socket, return.
 """
@@ -15,13 +16,15 @@ import contextlib
 import errno
 import fcntl
 import os
+import pwd
+import resource
 import socket
 import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 import trio
@@ -77,8 +80,145 @@ def state_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+#: what the soft descriptor limit is raised to when the hard one is unlimited and
+#: /proc/sys/fs/nr_open cannot be read
+FD_LIMIT_FALLBACK = 1 << 20
+#: descriptors resd needs besides one per connection (journal, snapshot, epoll, ...)
+FD_HEADROOM = 64
+
+
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit and log both: every
+    connection costs a descriptor and the usual soft default is 1,024. Returns the
+    soft limit now. Never fails: without it, ``accept`` backs off at the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel still caps it at fs.nr_open
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = FD_LIMIT_FALLBACK
+    now = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            now = target
+        except (ValueError, OSError) as exc:
+            log.warning("fd_limit_not_raised", soft=soft, hard=hard, error=str(exc))
+
+    def show(n: int) -> int | str:
+        return "unlimited" if n == resource.RLIM_INFINITY else n
+
+    log.info("fd_limit", soft=show(now), was=show(soft), hard=show(hard))
+    if now != resource.RLIM_INFINITY and max_connections + FD_HEADROOM > now:
+        log.warning(
+            "fd_limit_below_max_connections",
+            soft=now,
+            max_connections=max_connections,
+            hint="raise the hard limit (systemd LimitNOFILE=, ulimit -Hn) or lower "
+            "max_connections; at the limit new connections wait in the backlog",
+        )
+    return now
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_socket_dirs(directory: Path, sock: Path) -> None:
+    """Refuse a socket directory another user could swap: every directory on the way
+    to it (symlinks resolved) must belong to this user or root and be writable by
+    nobody else unless it is sticky like /tmp; a symlink on the way must belong to
+    this user or root (OpenSSH's StrictModes, applied to the socket's path).
+
+    Raises StartupError naming the directory, what is wrong and what to do.
+    """
+    trusted = {0, os.geteuid()}
+    seen: set[Path] = set()
+    for prefix in (directory, *directory.parents):
+        link = os.lstat(prefix)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+            raise StartupError(
+                f"{prefix} (on the way to the socket {sock}) is a symlink of "
+                f"{_owner(link.st_uid)}, who could point it elsewhere; use --socket with a "
+                "path in a directory of your own, such as $XDG_RUNTIME_DIR"
+            )
+        real = Path(os.path.realpath(prefix))
+        for d in (real, *real.parents):
+            if d in seen:
+                continue
+            seen.add(d)
+            st = os.stat(d)
+            if st.st_uid not in trusted:
+                raise StartupError(
+                    f"{d} (on the way to the socket {sock}) belongs to {_owner(st.st_uid)}, "
+                    "who could replace the socket with their own; use --socket with a path "
+                    "in a directory of your own, such as $XDG_RUNTIME_DIR"
+                )
+            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                raise StartupError(
+                    f"{d} (on the way to the socket {sock}) has mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}: others may write in it without the "
+                    f"sticky bit, so they could replace the socket; chmod go-w {d}, or use "
+                    "--socket with a path in a directory of your own"
+                )
+
+
+def claim_runtime_dir(directory: Path, shared: bool) -> None:
+    """The user-mode runtime directory (``$XDG_RUNTIME_DIR/resd``,
+    ``/tmp/resd-$UID``): created 0700 (0755 for a ``socket_mode`` open to others)
+    when missing; otherwise it must be a real directory of this user that nobody
+    else may write (nor enter, unless shared), as ssh-agent and tmux insist.
+    Someone else's ``mkdir -m 777 /tmp/resd-$UID`` would let them swap the socket
+    and receive this user's requests.
+
+    Raises StartupError saying what is wrong and what to do.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o755 if shared else 0o700)  # whatever the umask
+    except FileExistsError:
+        pass
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise StartupError(
+            f"runtime directory {directory} is {kind}, of {_owner(st.st_uid)}; remove it "
+            "(if it is not yours, another user may be trying to intercept resd's socket) "
+            "or use --socket to pick another path"
+        )
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise StartupError(
+            f"runtime directory {directory} belongs to {_owner(st.st_uid)}, not to you "
+            f"({_owner(euid)}): another user may have made it to intercept resd's socket. "
+            "Have it removed (by its owner or root), or set XDG_RUNTIME_DIR or --socket to "
+            "a directory of your own"
+        )
+    loose = 0o022 if shared else 0o077
+    if st.st_mode & loose:
+        want = "0755 or 0700" if shared else "0700"
+        raise StartupError(
+            f"runtime directory {directory} has mode {stat.S_IMODE(st.st_mode):04o}; it must "
+            f"be {want}, or others could replace resd's socket in it. Check that nothing in "
+            f"it is foreign, then chmod {want[:4]} {directory} (or remove it)"
+        )
+    if shared and not st.st_mode & 0o011:
+        log.warning(
+            "runtime_dir_not_reachable",
+            directory=str(directory),
+            mode=f"{stat.S_IMODE(st.st_mode):04o}",
+            hint="socket_mode lets others use the socket, but they cannot enter this directory",
+        )
+
+
 def claim_socket_path(path: Path) -> None:
-    """Refuse when a daemon answers on ``path`` or it is not a socket; remove a stale socket."""
+    """Refuse when a daemon answers on ``path``, it is not a socket, or it is another
+    user's socket (root excepted); remove a stale socket of ours."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -86,6 +226,12 @@ def claim_socket_path(path: Path) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise StartupError(
             f"{path} exists and is not a socket; remove it or use --socket to pick another path"
+        )
+    euid = os.geteuid()
+    if euid != 0 and st.st_uid != euid:
+        raise StartupError(
+            f"{path} is a socket of {_owner(st.st_uid)}, not yours; have it removed or use "
+            "--socket to pick another path"
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
@@ -104,10 +250,23 @@ def claim_socket_path(path: Path) -> None:
     )
 
 
-def bind_listener(path: Path, system: bool, mode: int) -> socket.socket:
-    """Bind the socket with ``mode`` from the start (umask), so it is never looser."""
-    shared = system or mode & 0o077
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if shared else 0o700)
+def bind_listener(
+    path: Path, system: bool, mode: int, *, runtime_dir: bool = False
+) -> socket.socket:
+    """Bind the socket with ``mode`` from the start (umask), so it is never looser.
+
+    ``runtime_dir``: the socket's directory is the user-mode default, resd's own
+    (``claim_runtime_dir``); otherwise a missing directory is created (0700, 0755 when
+    shared or in system mode). Either way the path must pass ``check_socket_dirs``.
+    Raises StartupError when the path is unsafe or taken.
+    """
+    path = Path(os.path.abspath(path))
+    shared = bool(system or mode & 0o077)
+    if runtime_dir:
+        claim_runtime_dir(path.parent, shared)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if shared else 0o700)
+    check_socket_dirs(path.parent, path)
     claim_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o777 & ~mode)
@@ -152,6 +311,7 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
+        raise_fd_limit(cfg.max_connections)
         try:
             with state_lock(cfg.state_path):
                 await self._run_locked(cfg, task_status)
@@ -230,13 +390,24 @@ class Daemon:
                 self.wall,
                 lambda: server.connection_count,
             ),
-            Limits(cfg.max_frame, cfg.max_connections, cfg.max_pending),
+            Limits(
+                max_frame=cfg.max_frame,
+                max_connections=cfg.max_connections,
+                max_pending=cfg.max_pending,
+                max_connections_per_uid=cfg.max_connections_per_uid,
+                admin_reserved_connections=cfg.admin_reserved_connections,
+                handshake_timeout=cfg.handshake_timeout,
+                read_timeout=cfg.read_timeout,
+            ),
             admin_gid=admin_gid_of(cfg.admin_group),
         )
         self.server = server
         activated = activated_socket()
         listener_sock = activated or bind_listener(
-            cfg.socket_path, cfg.system, cfg.socket_permissions
+            cfg.socket_path,
+            cfg.system,
+            cfg.socket_permissions,
+            runtime_dir=not cfg.system and not cfg.socket,
         )
         listener = trio.socket.from_stdlib_socket(listener_sock)
         try:

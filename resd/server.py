@@ -11,12 +11,25 @@ wait for re-attachment) rather than being dropped. Malformed input gets an
 ``invalid`` error and the connection goes on; only an oversized frame closes it.
 When the connection ends, the pool actor is told so that session-bound
 reservations are released (or, after an overflow, kept for re-attachment).
+
+Hostile or broken peers (SPEC §7): a connection is admitted by ``admission`` (the
+global ``max_connections``, its last ``admin_reserved_connections`` for admins
+only, ``max_connections_per_uid`` for everyone else) or gets an ``unavailable``
+frame naming the limit and is closed. It must say ``hello`` within
+``handshake_timeout``, and once part of a frame has arrived the rest must come
+within ``read_timeout``; a connection that stalls is closed (an idle one between
+frames is not: it may hold leases for days). ``accept`` failing for lack of file
+descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off and
+retries instead of ending the daemon; open connections are served meanwhile.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import grp
 import itertools
+import math
 import os
 import pwd
 import socket
@@ -51,13 +64,66 @@ from resd_client.protocol import (
 
 log = structlog.get_logger("resd.server")
 OUTBOX_FRAMES = 4096
+#: ``accept`` errors that mean the process or host is out of descriptors or kernel
+#: memory for now (trio's ``serve_listeners`` list): wait and retry, never exit
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: ``accept`` errors about one connection that died in the backlog: retry at once
+ACCEPT_IGNORED_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
+#: back-off after a capacity error: the first delay, doubled up to the cap (seconds)
+ACCEPT_BACKOFF_FIRST = 0.01
+ACCEPT_BACKOFF_CAP = 1.0
+#: at most one warning per limit this often about refused connections (seconds)
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 @attrs.define(eq=False)
 class Limits:
+    """What one connection, one uid and all connections may hold (config keys of the
+    same names; checked in ``resd.config``)."""
+
     max_frame: int = 1 << 20
     max_connections: int = 1024
     max_pending: int = 64
+    max_connections_per_uid: int = 256
+    admin_reserved_connections: int = 16
+    handshake_timeout: float = 5.0
+    read_timeout: float = 30.0
+
+
+def admission(limits: Limits, peer: Peer, total: int, of_uid: int) -> UnavailableError | None:
+    """Whether one more connection from ``peer`` may open when ``total`` are open,
+    ``of_uid`` of them from its uid; the refusal to send it otherwise (pure).
+
+    Admins (root, the daemon's uid, the admin group) are bound only by
+    ``max_connections``: the last ``admin_reserved_connections`` are theirs, so an
+    operator can always get in while users fill the rest, and a user's
+    ``max_connections_per_uid`` keeps one user from taking it all.
+    """
+    if total >= limits.max_connections:
+        return UnavailableError(
+            f"too many connections: max_connections is {limits.max_connections}",
+            {"limit": "max_connections", "value": limits.max_connections},
+        )
+    if peer.admin:
+        return None
+    if of_uid >= limits.max_connections_per_uid:
+        return UnavailableError(
+            f"too many connections from uid {peer.uid}: "
+            f"max_connections_per_uid is {limits.max_connections_per_uid}",
+            {
+                "limit": "max_connections_per_uid",
+                "value": limits.max_connections_per_uid,
+                "uid": peer.uid,
+            },
+        )
+    reserved = limits.admin_reserved_connections
+    if total >= limits.max_connections - reserved:
+        return UnavailableError(
+            f"too many connections: the last {reserved} of max_connections "
+            f"{limits.max_connections} are kept for admins (admin_reserved_connections)",
+            {"limit": "admin_reserved_connections", "value": reserved},
+        )
+    return None
 
 
 def peer_of(sock: trio.socket.SocketType, daemon_uid: int, admin_gid: int | None) -> Peer:
@@ -93,10 +159,15 @@ class _Connection:
         self.stream = stream
         self.greeted = False
         self.read_scope = trio.CancelScope()
-        #: the whole connection; cancelled when it overflows
+        #: the reader's deadline: ``handshake_timeout`` until ``hello``, then
+        #: ``read_timeout`` while it waits for the rest of a frame, else none
+        self.stall_scope = trio.CancelScope()
+        #: the whole connection; cancelled when it overflows or stalls
         self.scope = trio.CancelScope()
         #: it was closed because a push found its outbox full
         self.overflowed = False
+        #: why it was closed for stalling (no hello in time, a frame left half-sent)
+        self.stalled: str | None = None
         #: requests in flight on this connection, replies not yet queued included; the
         #: reader waits when none is free
         self.slots = trio.Semaphore(max_pending)
@@ -124,6 +195,9 @@ class Server:
         self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self._ids = itertools.count(1)
         self._connections: set[_Connection] = set()
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        #: limit → (when its last warning was logged, refusals since)
+        self._refusals: dict[str, tuple[float, int]] = {}
         self._accept_scope = trio.CancelScope()
         self._stopping = False
         self._idle = trio.Event()
@@ -139,12 +213,47 @@ class Server:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept until ``stop``; returns when every connection has finished."""
+        """Accept until ``stop``; returns when every connection has finished.
+
+        Out of descriptors or kernel memory (``ACCEPT_CAPACITY_ERRNOS``), it waits
+        (10 ms, doubling to 1 s) and tries again, with one warning per episode; the
+        connections waiting in the backlog are accepted once descriptors are free.
+        Other accept errors are raised.
+        """
         async with trio.open_nursery() as nursery:
             task_status.started()
             with self._accept_scope:
+                delay: float | None = None  # set while out of capacity
+                since, retries = 0.0, 0
                 while True:
-                    sock, _ = await listener.accept()
+                    try:
+                        sock, _ = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno in ACCEPT_IGNORED_ERRNOS:
+                            continue
+                        if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                            raise
+                        if delay is None:
+                            since, retries, delay = trio.current_time(), 0, ACCEPT_BACKOFF_FIRST
+                            log.warning(
+                                "accept_backing_off",
+                                error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                                detail=os.strerror(exc.errno or 0),
+                                connections=len(self._connections),
+                            )
+                        else:
+                            delay = min(delay * 2, ACCEPT_BACKOFF_CAP)
+                        retries += 1
+                        await trio.sleep(delay)
+                        continue
+                    if delay is not None:
+                        log.warning(
+                            "accept_recovered",
+                            after_s=round(trio.current_time() - since, 3),
+                            retries=retries,
+                            connections=len(self._connections),
+                        )
+                        delay = None
                     nursery.start_soon(self._run_connection, sock)
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -168,13 +277,18 @@ class Server:
         conn = _Connection(stream, self.limits.max_pending)
         outbox = m.Outbox(channel, conn.overflow)
         conn.conn = Conn(f"{self.svc.boot_id[:8]}-{next(self._ids)}", peer, outbox)
-        if len(self._connections) >= self.limits.max_connections:
-            error = UnavailableError(f"too many connections (limit {self.limits.max_connections})")
+        refusal = admission(self.limits, peer, len(self._connections), self._per_uid[peer.uid])
+        if refusal is not None:
+            self._log_refusal(refusal, peer)
             with trio.move_on_after(1):
-                await stream.send_all(encode_frame(reply_error(None, error)))
+                try:
+                    await stream.send_all(encode_frame(reply_error(None, refusal)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
             await stream.aclose()
             return
         self._connections.add(conn)
+        self._per_uid[peer.uid] += 1
         if self._idle.is_set():
             self._idle = trio.Event()
         log.debug("connected", conn=conn.conn.id, uid=peer.uid, pid=peer.pid)
@@ -188,17 +302,44 @@ class Server:
         finally:
             # Closed by resd itself (stopping for a restart, or an overflow): its
             # client's leases wait for it to re-attach.
-            why = "it did not read its pushes" if conn.overflowed else "resd stopped"
-            orphan = conn.overflowed or self._stopping
+            if conn.overflowed:
+                why = "it did not read its pushes"
+            else:
+                why = conn.stalled or "resd stopped"
+            orphan = conn.overflowed or conn.stalled is not None or self._stopping
             self.svc.pools.tell(m.SessionClosed(conn.conn.id, orphan=orphan, why=why))
             self.svc.pools.tell(m.Unsubscribe(outbox))
             channel.close()
             self._connections.discard(conn)
+            self._per_uid[peer.uid] -= 1
+            if self._per_uid[peer.uid] <= 0:
+                del self._per_uid[peer.uid]
             if not self._connections:
                 self._idle.set()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             log.debug("disconnected", conn=conn.conn.id)
+
+    def _log_refusal(self, refusal: UnavailableError, peer: Peer) -> None:
+        """Warn about refused connections at most once per ``REFUSAL_LOG_INTERVAL``
+        per limit (a client retrying in a loop must not flood the log)."""
+        limit = str(refusal.details.get("limit", "?"))
+        now = trio.current_time()
+        last, count = self._refusals.get(limit, (-math.inf, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusals[limit] = (last, count + 1)
+            return
+        self._refusals[limit] = (now, 0)
+        log.warning(
+            "connection_refused",
+            limit=limit,
+            value=refusal.details.get("value"),
+            uid=peer.uid,
+            pid=peer.pid,
+            connections=len(self._connections),
+            of_uid=self._per_uid[peer.uid],
+            refused_since_last=count,
+        )
 
     @staticmethod
     async def _write(stream: trio.SocketStream, frames: trio.MemoryReceiveChannel[bytes]) -> None:
@@ -216,30 +357,71 @@ class Server:
                 pass  # the client went away; the reader sees EOF
 
     async def _read(self, c: _Connection, handlers: trio.Nursery) -> None:
+        """Read frames until EOF or ``stop``. Before ``hello`` everything (reading and
+        answering) must fit in ``handshake_timeout``; after it, only waiting for the
+        rest of a frame is timed (``read_timeout`` from when the frame began, so a
+        trickle does not extend it). A stall cancels the whole connection."""
         decoder = FrameDecoder(self.limits.max_frame)
         with c.read_scope:
             if self._stopping:
                 return
+            c.stall_scope.deadline = trio.current_time() + self.limits.handshake_timeout
+            with c.stall_scope:
+                await self._read_frames(c, decoder, handlers)
+            if c.stall_scope.cancelled_caught:
+                self._stall(c, decoder.pending)
+
+    async def _read_frames(
+        self, c: _Connection, decoder: FrameDecoder, handlers: trio.Nursery
+    ) -> None:
+        partial_since: float | None = None  # when the frame now half-read began
+        while True:
+            if c.greeted:
+                c.stall_scope.deadline = (
+                    math.inf if partial_since is None else partial_since + self.limits.read_timeout
+                )
+            try:
+                data = await c.stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            if c.greeted:  # handling frames (waiting for a slot, say) is not a stall
+                c.stall_scope.deadline = math.inf
+            decoder.feed(data)
+            whole = 0
             while True:
                 try:
-                    data = await c.stream.receive_some(1 << 16)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    for frame in decoder.frames():
+                        whole += 1
+                        await self._on_frame(c, frame, handlers)
+                    break
+                except BadFrame as exc:
+                    whole += 1
+                    await self._send(c, reply_error(None, InvalidError(str(exc))))
+                except FrameTooLarge as exc:
+                    await self._send(
+                        c, reply_error(None, InvalidError(f"{exc}; closing the connection"))
+                    )
                     return
-                if not data:
-                    return
-                decoder.feed(data)
-                while True:
-                    try:
-                        for frame in decoder.frames():
-                            await self._on_frame(c, frame, handlers)
-                        break
-                    except BadFrame as exc:
-                        await self._send(c, reply_error(None, InvalidError(str(exc))))
-                    except FrameTooLarge as exc:
-                        await self._send(
-                            c, reply_error(None, InvalidError(f"{exc}; closing the connection"))
-                        )
-                        return
+            if not decoder.pending:
+                partial_since = None
+            elif whole or partial_since is None:
+                partial_since = trio.current_time()
+
+    def _stall(self, c: _Connection, pending: int) -> None:
+        """Close a connection that did not say hello in time, or left a frame half-sent."""
+        if c.greeted:
+            c.stalled = (
+                f"it sent part of a frame and not the rest within {self.limits.read_timeout:g}s"
+            )
+            event, limit = "read_timeout", self.limits.read_timeout
+        else:
+            c.stalled = f"it did not say hello within {self.limits.handshake_timeout:g}s"
+            event, limit = "handshake_timeout", self.limits.handshake_timeout
+        peer = c.conn.peer
+        log.info(event, conn=c.conn.id, uid=peer.uid, pid=peer.pid, limit_s=limit, pending=pending)
+        c.scope.cancel()
 
     async def _send(self, c: _Connection, frame: dict[str, object]) -> None:
         try:
@@ -278,6 +460,7 @@ class Server:
                 await self._send(c, reply_error(req.id, error))
                 return
             c.greeted = True
+            c.stall_scope.deadline = math.inf  # what follows hello may wait for slots
         elif req.op == "hello":
             await self._send(
                 c, reply_error(req.id, InvalidError("hello was already sent on this connection"))
@@ -304,4 +487,4 @@ class Server:
             c.slots.release()
 
 
-__all__ = ["Limits", "Server", "admin_gid_of", "peer_of"]
+__all__ = ["Limits", "Server", "admin_gid_of", "admission", "peer_of"]

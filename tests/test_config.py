@@ -126,6 +126,24 @@ def test_precedence_overrides_then_env_then_file(tmp_path: Path) -> None:
     assert flagged.socket == ""  # None means "flag not given"
 
 
+def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
+    """Issue 10's keys: defaults, from the file (ints accepted for seconds), from env."""
+    cfg = load(None, env={})
+    assert (cfg.max_connections_per_uid, cfg.admin_reserved_connections) == (256, 16)
+    assert (cfg.handshake_timeout, cfg.read_timeout) == (5.0, 30.0)
+    path = toml(
+        tmp_path,
+        "max_connections = 100\nmax_connections_per_uid = 10\n"
+        "admin_reserved_connections = 0\nhandshake_timeout = 2\nread_timeout = 0.5\n",
+    )
+    cfg = load(path, env={})
+    assert (cfg.max_connections_per_uid, cfg.admin_reserved_connections) == (10, 0)
+    assert (cfg.handshake_timeout, cfg.read_timeout) == (2.0, 0.5)
+    assert isinstance(cfg.handshake_timeout, float)
+    cfg = load(path, env={"RESD_HANDSHAKE_TIMEOUT": "1.5", "RESD_ADMIN_RESERVED_CONNECTIONS": "99"})
+    assert (cfg.handshake_timeout, cfg.admin_reserved_connections) == (1.5, 99)
+
+
 def test_variables_of_other_tools_are_ignored() -> None:
     # resctl run sets these in its child's environment; a daemon started there must not care
     cfg = load(None, env={"RESD_RESERVATION_ID": "r-0123456789ab", "RESD_GPUS": "0,1"})
@@ -154,6 +172,18 @@ def config_error(tmp_path: Path, text: str | None = None, **kwargs: Any) -> str:
         ("max_pending = 0\n", ["max_pending"]),
         ("max_connections = -5\n", ["max_connections"]),
         ("max_pending = true\n", ["max_pending"]),
+        ("max_connections_per_uid = 0\n", ["max_connections_per_uid", "at least 1"]),
+        ("admin_reserved_connections = -1\n", ["admin_reserved_connections", "-1", "0 to"]),
+        (
+            "max_connections = 10\nadmin_reserved_connections = 10\n",
+            ["admin_reserved_connections", "max_connections - 1 = 9"],
+        ),
+        ("handshake_timeout = 0\n", ["handshake_timeout", "out of range"]),
+        ("handshake_timeout = 3601\n", ["handshake_timeout", "3600"]),
+        ('handshake_timeout = "5s"\n', ["handshake_timeout", "5s"]),
+        ("read_timeout = -1.0\n", ["read_timeout", "-1"]),
+        ("read_timeout = 86401\n", ["read_timeout", "86400"]),
+        ("read_timeout = nan\n", ["read_timeout", "nan"]),
         ("fsync = 1\n", ["fsync"]),
         ('host_pool = "yes"\n', ["host_pool"]),
         ('log_level = "loud"\n', ["log_level", "loud"]),
@@ -186,6 +216,10 @@ def test_bad_file_values(tmp_path: Path, text: str, words: list[str]) -> None:
         ({"RESD_OVERSUB_CPU": "-2"}, ["oversub.cpu"]),
         ({"RESD_OVERSUB_CPU": "nan"}, ["oversub.cpu"]),
         ({"RESD_OVERSUB_CPU": "two"}, ["oversub.cpu", "two"]),
+        ({"RESD_HANDSHAKE_TIMEOUT": "inf"}, ["handshake_timeout", "inf"]),
+        ({"RESD_READ_TIMEOUT": "soon"}, ["read_timeout", "soon"]),
+        ({"RESD_MAX_CONNECTIONS_PER_UID": "1.5"}, ["max_connections_per_uid"]),
+        ({"RESD_ADMIN_RESERVED_CONNECTIONS": "2000"}, ["admin_reserved_connections", "2000"]),
     ],
 )
 def test_bad_env_values(tmp_path: Path, env: dict[str, str], words: list[str]) -> None:

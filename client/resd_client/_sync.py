@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -111,25 +112,96 @@ def backoff(first: float = RECONNECT_FIRST, cap: float = RECONNECT_CAP) -> Itera
         delay = min(delay * 2, cap)
 
 
-def connect_socket(
-    path: str | os.PathLike[str] | None = None, timeout: float = 5.0
-) -> tuple[socket.socket, Path]:
-    """Connect to the first listening daemon among the candidate paths.
+#: names one more uid (a number or a user name) whose daemon clients accept, besides
+#: root and their own
+DAEMON_UID_ENV: Final = "RESD_DAEMON_UID"
 
-    Raises UnavailableError saying where it looked when none is listening.
+
+def trusted_daemon_uids(daemon_uid: int | str | None = None) -> frozenset[int]:
+    """The uids a daemon may run as: root, this process's real and effective uid,
+    and ``daemon_uid`` (else ``$RESD_DAEMON_UID``) when given.
+
+    Raises InvalidError for a user name that does not exist or a negative uid.
     """
+    uids = {0, os.getuid(), os.geteuid()}
+    raw: int | str | None = daemon_uid
+    if raw is None:
+        raw = os.environ.get(DAEMON_UID_ENV, "").strip() or None
+    if raw is not None:
+        field = "daemon_uid" if daemon_uid is not None else DAEMON_UID_ENV
+        if isinstance(raw, int) or raw.isdigit():
+            uid = int(raw)
+        else:
+            import pwd
+
+            try:
+                uid = pwd.getpwnam(raw).pw_uid
+            except KeyError:
+                raise InvalidError(
+                    f"{field}: no user {raw!r}; give a uid or a user name", {"field": field}
+                ) from None
+        if uid < 0:
+            raise InvalidError(f"{field}: {uid} is not a uid", {"field": field})
+        uids.add(uid)
+    return frozenset(uids)
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process that listens at the other end (SO_PEERCRED, which the
+    kernel fills in at connect); None where the platform has no SO_PEERCRED."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def connect_socket(
+    path: str | os.PathLike[str] | None = None,
+    timeout: float = 5.0,
+    *,
+    daemon_uid: int | str | None = None,
+) -> tuple[socket.socket, Path]:
+    """Connect to the first listening daemon among the candidate paths that runs as
+    a trusted uid (``trusted_daemon_uids``: root, this user, ``daemon_uid`` or
+    ``$RESD_DAEMON_UID``). The daemon's uid is checked before anything is sent, so
+    a socket planted by another user learns nothing; it counts as a failed
+    candidate (and a failed attempt when reconnecting).
+
+    Raises UnavailableError saying where it looked and which daemon it refused;
+    InvalidError for a bad ``daemon_uid``.
+    """
+    trusted = trusted_daemon_uids(daemon_uid)
     tried: list[str] = []
+    refused: list[dict[str, Any]] = []
     for candidate in socket_candidates(path):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(str(candidate))
+            uid = peer_uid(sock)
         except OSError as exc:
             sock.close()
             tried.append(f"{candidate} ({exc.strerror or exc})")
             continue
+        if uid is not None and uid not in trusted:
+            sock.close()
+            tried.append(f"{candidate} (answered by uid {uid}, refused)")
+            refused.append({"socket": str(candidate), "uid": uid})
+            log.warning("refused the resd at %s: it runs as uid %d", candidate, uid)
+            continue
         sock.settimeout(None)
         return sock, candidate
+    if refused:
+        first = refused[0]
+        mine = os.geteuid()
+        raise UnavailableError(
+            f"refusing the resd at {first['socket']}: it runs as uid {first['uid']}, not as "
+            f"root or you (uid {mine}), so another user may be impersonating resd. If that "
+            f"daemon is the one you mean, set {DAEMON_UID_ENV}={first['uid']}; tried "
+            + ", ".join(tried),
+            {"tried": tried, "refused": refused, "trusted": sorted(trusted)},
+        )
     raise UnavailableError(
         "no resd daemon is listening; tried "
         + ", ".join(tried)
@@ -553,6 +625,8 @@ __all__ = [
     "Reconnected",
     "StateEvent",
     "connect_socket",
+    "peer_uid",
     "reconnect_limit",
     "resources_from",
+    "trusted_daemon_uids",
 ]
