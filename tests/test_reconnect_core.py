@@ -683,3 +683,15 @@ def test_the_reconnect_limit_comes_from_the_argument_the_environment_or_the_defa
         reconnect_limit(-1)
     delays = backoff()
     assert [next(delays) for _ in range(7)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_a_refusal_with_no_id_is_the_reason_the_connection_ended() -> None:
+    """resd refuses a connection (too many from this uid) with an error frame that has
+    no id, then closes: the client says why, not just that it closed."""
+    host = FakeHost()
+    error = UnavailableError("too many connections from uid 1000")
+    host.session.receive(encode_frame(reply_error(None, error)))
+    host.session.close("resd closed the connection")
+    assert host.session.closed == (
+        "resd closed the connection: unavailable: too many connections from uid 1000"
+    )

@@ -450,6 +450,13 @@ class Call:
         raise error_from_wire(frame.get("error"))
 
 
+def _error_text(error: Any) -> str:
+    """``code: message`` of a wire error map (whatever its shape)."""
+    if isinstance(error, dict):
+        return f"{error.get('code', 'error')}: {error.get('message', '')}"
+    return repr(error)
+
+
 def _reservation_id(event: Any) -> str | None:
     if isinstance(event, DeniedEvent):
         return event.reservation_id
@@ -501,6 +508,8 @@ class Session:
         self._back.set()
         #: why the session closed; None while it is open
         self.closed: str | None = None
+        #: what resd said in an error frame with no id, until the connection ends
+        self._refusal: str | None = None
         #: why the connection ended while the client reconnects; None when connected
         self.disconnected: str | None = None
         #: the connection requests go on; a new one after each reconnection
@@ -564,6 +573,8 @@ class Session:
             rid = frame.get("id")
             call = self._calls.pop(rid, None) if isinstance(rid, int) else None
             if call is None:
+                if rid is None and frame.get("ok") is False:  # e.g. "too many connections"
+                    self._refusal = _error_text(frame.get("error"))
                 continue
             call.frame = frame
             resume = self._resume
@@ -661,6 +672,7 @@ class Session:
         ``on_push`` gets ``Disconnected(reason)``. Idempotent; nothing once closed."""
         if self.closed is not None:
             return
+        reason = self._with_refusal(reason)
         self._resume = None
         first = self.disconnected is None
         if first:
@@ -764,6 +776,12 @@ class Session:
         self._back.set()
         self._on_push(Reconnected(resume.attempt))
 
+    def _with_refusal(self, reason: str) -> str:
+        """``reason``, with what resd said when it refused this connection (an error
+        frame with no id, e.g. ``too many connections from uid …``), said once."""
+        refusal, self._refusal = self._refusal, None
+        return reason if refusal is None else f"{reason}: {refusal}"
+
     # ---- the end
 
     def close(self, reason: str) -> None:
@@ -771,7 +789,7 @@ class Session:
         idempotent."""
         if self.closed is not None:
             return
-        self.closed = reason
+        self.closed = reason = self._with_refusal(reason)
         self._resume = None
         error = UnavailableError(reason)
         calls, self._calls = self._calls, {}
