@@ -152,7 +152,10 @@ class ProcessExited:
 
 @attrs.frozen
 class WhyWaiting:
+    """Why ``id`` waits; ``uid`` as for ``DoRelease`` (its owner, or checked)."""
+
     id: str
+    uid: int | None = None
 
 
 @attrs.frozen

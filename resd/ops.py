@@ -222,7 +222,8 @@ async def reserve(svc: Services, conn: Conn, args: Reserve) -> ReservationInfo:
 
 
 async def why(svc: Services, conn: Conn, args: ReservationRef) -> WaitInfo:
-    info: WaitInfo = await svc.pools.ask(m.WhyWaiting(args.id))
+    """Who holds what a request waits for is its owner's business, as for release."""
+    info: WaitInfo = await _as_holder(svc, conn, args.id, lambda uid: m.WhyWaiting(args.id, uid))
     return info
 
 

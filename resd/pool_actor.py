@@ -532,11 +532,18 @@ class PoolActor(Actor):
         if impossible is not None:  # waiting would be forever
             self._commit([self.book.denied(args, pools[0], w.tenant, now, impossible)])
             raise impossible
-        self._commit([Queued(w.record())])
+        if args.wait:
+            self._commit([Queued(w.record())])
+        # A request that will not wait joins the queue only for this one pass (it may
+        # preempt for itself): never journaled, so a crash cannot bring it back waiting.
         self.queue.add(w, self._trio_at(w.timeout_at))
         self._replying = w.id
         try:
             self._schedule()
+        except BaseException:
+            if not args.wait:
+                self.queue.remove(w.id)
+            raise
         finally:
             self._replying = None
         r = self.book.reservations.get(w.id)
@@ -804,7 +811,14 @@ class PoolActor(Actor):
             and (msg.tenant is None or h.tenant == msg.tenant)
         ]
 
-    def _why(self, msg: WhyWaiting) -> WaitInfo:
+    def _why(self, msg: WhyWaiting) -> tuple[WaitInfo, int] | OwnerCheck:
+        check = self._owner_check(msg.id, msg.uid)
+        if check is not None:
+            return check
+        return self._wait_info(msg.id), 0
+
+    def _wait_info(self, rid: str) -> WaitInfo:
+        msg = WhyWaiting(rid)
         w = self.queue.waiters.get(msg.id)
         if w is None:
             r = self.book.reservation(msg.id)

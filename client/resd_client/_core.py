@@ -620,7 +620,14 @@ class Session:
 
     def track(self, lease: L) -> L:
         """Route pushes about ``lease`` to it from now on, and apply those that came
-        before it was known."""
+        before it was known. On a session that closed meanwhile (its ``pending`` reply
+        was read just before the end), a pending lease ends at once, as those tracked
+        before the close did: no grant can reach it any more."""
+        if self.closed is not None:
+            if lease.pending:
+                lease.error = UnavailableError(self.closed)
+                lease._end("closed")
+            return lease
         self._leases[lease.id] = lease
         for event in self._early.pop(lease.id, []):
             self._apply(lease, event)
