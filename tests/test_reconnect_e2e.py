@@ -297,16 +297,6 @@ def run_argv(proc: Proc, *args: str) -> list[str]:
     return [sys.executable, "-m", "resctl", "run", "--socket", proc.socket, *args]
 
 
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.communicate(timeout=10)
-
-
 def start_run(
     procs: list[subprocess.Popen[str]], proc: Proc, *args: str, **env: str
 ) -> subprocess.Popen[str]:
