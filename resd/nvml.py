@@ -1,15 +1,21 @@
 """NVIDIA GPUs through NVML: the only module that imports ``pynvml`` (nvidia-ml-py).
 
-Exposes the ``NvmlBackend`` protocol (``devices() -> list[GpuDevice]``) and two
-backends: ``PynvmlBackend`` asks the driver, ``StaticBackend`` returns a fixed list
-(tests, and the devices of a ``gpus_file`` read by ``load_gpus_file``).
+Exposes the ``NvmlBackend`` protocol (``devices() -> list[GpuDevice]`` at discovery,
+``sample() -> list[GpuSample]`` for what the GPUs hold now) and three backends:
+``PynvmlBackend`` asks the driver, ``StaticBackend`` returns a fixed list (the devices
+of a ``gpus_file`` read by ``load_gpus_file``; nothing in use), and
+``ScriptedBackend`` plays scripted per-process usage timelines, so that everything
+built on samples is tested without a GPU.
 
 What can fail: every failure of the vendor library (nvidia-ml-py not installed,
 ``libnvidia-ml.so`` missing, driver not loaded, no permission, any ``NVMLError``,
 or a binding that misbehaves) leaves ``PynvmlBackend.devices()`` as one exception,
 ``NvmlUnavailable(reason)``; nothing else escapes. Facts a driver may not support
 (NUMA node, MIG mode) become ``None`` / ``False`` instead of failing the device.
-NVML is initialised and shut down inside each ``devices()`` call.
+NVML is initialised and shut down inside each ``devices()`` call; ``sample()``, called
+every few seconds, keeps it initialised between calls and starts again after a
+failure. A device whose utilization or process list the driver does not support gets
+``None`` / no processes rather than failing the sample.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Final, Protocol, final
 
 import attrs
 
+from resd.gpu_usage import GpuProcess, GpuSample
 from resd.inventory import GpuDevice
 from resd_client.quantity import parse_quantity
 
@@ -34,7 +41,9 @@ __all__ = [
     "NvmlBackend",
     "NvmlUnavailable",
     "PynvmlBackend",
+    "ScriptedBackend",
     "StaticBackend",
+    "Usage",
     "device_to_json",
     "load_gpus_file",
     "normalize_bus_id",
@@ -52,6 +61,10 @@ class NvmlUnavailable(Exception):
 class NvmlBackend(Protocol):
     def devices(self) -> list[GpuDevice]:
         """The host's GPUs in index order; raises NvmlUnavailable and nothing else."""
+        ...
+
+    def sample(self) -> list[GpuSample]:
+        """What each GPU holds now, in index order; raises NvmlUnavailable and nothing else."""
         ...
 
 
@@ -103,6 +116,7 @@ class PynvmlBackend:
 
     def __init__(self, sys_root: Path = Path("/sys")) -> None:
         self.sys_root = sys_root
+        self._sampling = False  # NVML is initialised for sample()
 
     def devices(self) -> list[GpuDevice]:
         """Init NVML, describe every device, shut NVML down (always, once init worked).
@@ -146,6 +160,87 @@ class PynvmlBackend:
             pci_bus_id=bus_id,
             mig=self._mig(lib, handle),
         )
+
+    def sample(self) -> list[GpuSample]:
+        """Memory, utilization and processes of every device. NVML stays initialised
+        between calls (a sample every few seconds); after any failure it is shut down
+        and initialised again at the next call. Raises NvmlUnavailable and nothing else.
+        """
+        lib: Any = pynvml
+        if lib is None:
+            raise NvmlUnavailable("nvidia-ml-py (pynvml) is not installed")
+        if not self._sampling:
+            try:
+                lib.nvmlInit()
+            except Exception as exc:  # any NVMLError, OSError from ctypes: all mean "no NVML"
+                raise NvmlUnavailable(_reason("nvmlInit", exc)) from None
+            self._sampling = True
+        stage = "nvmlDeviceGetCount"
+        try:
+            samples = []
+            for index in range(int(lib.nvmlDeviceGetCount())):
+                stage = f"GPU {index}"
+                samples.append(self._sample(lib, index))
+            return samples
+        except Exception as exc:  # the vendor boundary: nothing but NvmlUnavailable leaves
+            self.close()
+            raise NvmlUnavailable(_reason(stage, exc)) from None
+
+    def close(self) -> None:
+        """Shut NVML down if ``sample`` left it initialised."""
+        if self._sampling:
+            self._sampling = False
+            try:
+                pynvml.nvmlShutdown()
+            except Exception:  # nothing to do about it
+                pass
+
+    def _sample(self, lib: Any, index: int) -> GpuSample:
+        handle = lib.nvmlDeviceGetHandleByIndex(index)
+        memory = lib.nvmlDeviceGetMemoryInfo(handle)
+        return GpuSample(
+            index=index,
+            uuid=_text(lib.nvmlDeviceGetUUID(handle)),
+            memory_total=int(memory.total),
+            memory_used=int(memory.used),
+            utilization=self._utilization(lib, handle),
+            processes=self._processes(lib, handle),
+        )
+
+    @staticmethod
+    def _utilization(lib: Any, handle: object) -> int | None:
+        try:
+            return int(lib.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception as exc:
+            if type(exc).__name__ in _OPTIONAL_ERRORS:
+                return None
+            raise
+
+    @staticmethod
+    def _processes(lib: Any, handle: object) -> tuple[GpuProcess, ...]:
+        """Compute and graphics processes, one entry per pid (a process in both lists
+        counts once, with the larger figure)."""
+        used: dict[int, int | None] = {}
+        for name in (
+            "nvmlDeviceGetComputeRunningProcesses",
+            "nvmlDeviceGetGraphicsRunningProcesses",
+        ):
+            get = getattr(lib, name, None)
+            if get is None:
+                continue
+            try:
+                found = get(handle)
+            except Exception as exc:
+                if type(exc).__name__ in _OPTIONAL_ERRORS:
+                    continue
+                raise
+            for proc in found:
+                memory = getattr(proc, "usedGpuMemory", None)
+                memory = None if memory is None or memory >= 1 << 63 else int(memory)
+                pid = int(proc.pid)
+                before = used.get(pid)
+                used[pid] = memory if before is None else max(before, memory or 0)
+        return tuple(GpuProcess(pid, memory) for pid, memory in sorted(used.items()))
 
     def _numa_node(self, lib: Any, handle: object, bus_id: str) -> int | None:
         get = getattr(lib, "nvmlDeviceGetNumaNodeId", None)
@@ -203,6 +298,71 @@ class StaticBackend:
 
     def devices(self) -> list[GpuDevice]:
         return list(self.fixed)
+
+    def sample(self) -> list[GpuSample]:
+        """Configured GPUs cannot be asked: nothing is seen in use."""
+        return [_idle(d) for d in self.fixed]
+
+
+def _idle(device: GpuDevice) -> GpuSample:
+    return GpuSample(device.index, device.uuid, device.memory_total, 0, 0)
+
+
+@attrs.frozen
+class Usage:
+    """One step of a scripted timeline: from ``at`` (seconds on the backend's clock)
+    device ``device`` shows these ``processes`` (pid → bytes), ``utilization``
+    percent, and ``other`` bytes used by nobody listed (a driver's own, say)."""
+
+    at: float
+    device: int
+    processes: dict[int, int] = attrs.Factory(dict)
+    utilization: int = 0
+    other: int = 0
+
+
+def _usage_tuple(steps: Iterable[Usage]) -> tuple[Usage, ...]:
+    return tuple(sorted(steps, key=lambda u: u.at))
+
+
+@final
+@attrs.define
+class ScriptedBackend:
+    """Fixed devices whose usage follows a script: each device shows its latest step
+    whose ``at`` has come (on ``clock``), idle before its first. A test drives the
+    clock (trio's, usually) and the reconciler sees the timeline unfold."""
+
+    fixed: tuple[GpuDevice, ...] = attrs.field(converter=_device_tuple)
+    script: tuple[Usage, ...] = attrs.field(converter=_usage_tuple, default=())
+    clock: Callable[[], float] = lambda: 0.0
+    #: a reason to raise NvmlUnavailable with (a driver that went away), or ""
+    failing: str = ""
+
+    def devices(self) -> list[GpuDevice]:
+        return list(self.fixed)
+
+    def sample(self) -> list[GpuSample]:
+        if self.failing:
+            raise NvmlUnavailable(self.failing)
+        now = self.clock()
+        samples = []
+        for device in self.fixed:
+            steps = [u for u in self.script if u.device == device.index and u.at <= now]
+            if not steps:
+                samples.append(_idle(device))
+                continue
+            step = steps[-1]
+            samples.append(
+                GpuSample(
+                    index=device.index,
+                    uuid=device.uuid,
+                    memory_total=device.memory_total,
+                    memory_used=min(device.memory_total, sum(step.processes.values()) + step.other),
+                    utilization=step.utilization,
+                    processes=tuple(GpuProcess(p, m) for p, m in sorted(step.processes.items())),
+                )
+            )
+        return samples
 
 
 # ------------------------------------------------------------------ the GPU file
