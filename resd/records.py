@@ -15,7 +15,6 @@ from typing import Any, Final, Protocol
 
 import attrs
 import cattrs
-import structlog
 
 from resd_client.errors import UnavailableError
 from resd_client.protocol import ReservationInfo, Reserve, TenantInfo, from_wire, to_wire
@@ -335,10 +334,7 @@ def journal_events(journal: Appends, domain: str, events: Sequence[Event]) -> in
     """
     try:
         return journal.append(domain, [encode(e) for e in events])
-    except Exception as exc:  # JournalFailed, RuntimeError, or an encoding bug
-        structlog.get_logger("resd.journal").error(
-            "append_refused", domain=domain, error=f"{type(exc).__name__}: {exc}"
-        )
+    except Exception as exc:  # JournalRefused, RuntimeError, or an encoding bug
         raise UnavailableError(
             f"resd cannot write its journal, so nothing was changed: {exc}",
             {"journal": type(exc).__name__},

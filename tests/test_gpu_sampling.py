@@ -8,9 +8,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from resd import nvml
-from resd.gpu_usage import GpuProcess, GpuSample
+from resd.gpu_usage import GpuProcess, GpuSample, LeaseGpus, Overuse, attribute
 from resd.inventory import GpuDevice
 from resd.nvml import NvmlUnavailable, PynvmlBackend, ScriptedBackend, StaticBackend, Usage
 from tests.test_nvml import (
@@ -156,3 +158,90 @@ def test_a_scripted_timeline_unfolds_on_its_clock() -> None:
 
 def test_configured_gpus_are_seen_idle() -> None:
     assert [s.memory_used for s in StaticBackend(DEVICES).sample()] == [0, 0]
+
+
+# ------------------------------------------------------------------- attribution
+
+
+def sample(uuid: str, *procs: tuple[int, int | None], total: int = 80 * GiB) -> GpuSample:
+    return GpuSample(
+        index=0,
+        uuid=uuid,
+        memory_total=total,
+        memory_used=sum(m or 0 for _, m in procs),
+        processes=tuple(GpuProcess(p, m) for p, m in procs),
+    )
+
+
+def test_processes_are_attributed_to_the_lease_of_their_nearest_root() -> None:
+    # 10 (a resctl run's CMD) → 11 → 12 (a dataloader worker); 20 is a pid lease;
+    # 30 nobody's; 40's parent chain loops (a stale table) and reaches no root
+    parent = {11: 10, 12: 11, 10: 1, 20: 1, 30: 1, 40: 41, 41: 40}
+    leases = [
+        LeaseGpus("r-run", roots=(10,), reserved={"GPU-a": 20 * GiB}),
+        LeaseGpus("r-pid", roots=(20,), reserved={"GPU-b": 80 * GiB}),
+    ]
+    got = attribute(
+        [
+            sample("GPU-a", (12, 30 * GiB), (30, 5 * GiB), (40, GiB)),
+            sample("GPU-b", (20, 10 * GiB), (11, 2 * GiB)),
+        ],
+        leases,
+        parent,
+    )
+    run, pid = got.leases["r-run"], got.leases["r-pid"]
+    assert run.used == {"GPU-a": 30 * GiB, "GPU-b": 2 * GiB} and run.pids == (11, 12)
+    assert run.overuse == (
+        Overuse("GPU-a", 30 * GiB, 20 * GiB),  # more than its slice
+        Overuse("GPU-b", 2 * GiB, 0),  # a device it does not hold
+    )
+    assert pid.used == {"GPU-b": 10 * GiB} and pid.overuse == ()
+    assert got.foreign == {"GPU-a": 6 * GiB} and got.foreign_pids == {"GPU-a": (30, 40)}
+
+
+def test_leases_of_one_process_are_judged_together_per_device() -> None:
+    """One worker holding two 20 GiB slices of GPU-a may use 40 GiB there."""
+    leases = [
+        LeaseGpus("r-1", roots=(7,), reserved={"GPU-a": 20 * GiB}),
+        LeaseGpus("r-2", roots=(7,), reserved={"GPU-a": 20 * GiB}),
+        LeaseGpus("r-3", roots=(7,), reserved={"GPU-b": 10 * GiB}),
+    ]
+    fine = attribute([sample("GPU-a", (7, 40 * GiB))], leases, {})
+    assert all(u.overuse == () for u in fine.leases.values())
+    assert fine.leases["r-1"].used == fine.leases["r-2"].used == {"GPU-a": 20 * GiB}
+    assert fine.leases["r-3"].used == {}, "charged to the leases that hold the device"
+    over = attribute([sample("GPU-a", (7, 41 * GiB))], leases, {})
+    assert over.leases["r-1"].overuse == (Overuse("GPU-a", 41 * GiB, 40 * GiB),)
+    assert over.leases["r-3"].overuse == ()
+
+
+@given(
+    procs=st.lists(
+        st.tuples(st.integers(1, 30), st.sampled_from(["GPU-a", "GPU-b"]), st.integers(0, 10)),
+        max_size=20,
+    ),
+    parents=st.dictionaries(st.integers(1, 30), st.integers(1, 30), max_size=30),
+    roots=st.lists(st.integers(1, 30), max_size=6),  # a root may hold several leases
+    reserve=st.lists(st.sampled_from([None, "GPU-a", "GPU-b"]), min_size=6, max_size=6),
+)
+def test_every_byte_is_either_some_lease_s_or_foreign(
+    procs: list[tuple[int, str, int]],
+    parents: dict[int, int],
+    roots: list[int],
+    reserve: list[str | None],
+) -> None:
+    samples = [
+        sample(uuid, *[(p, m * GiB) for p, u, m in procs if u == uuid])
+        for uuid in ("GPU-a", "GPU-b")
+    ]
+    leases = [
+        LeaseGpus(f"r-{i}", roots=(r,), reserved={} if d is None else {d: (i + 1) * GiB})
+        for i, (r, d) in enumerate(zip(roots, reserve, strict=False))
+    ]
+    got = attribute(samples, leases, parents)
+    for s in samples:
+        charged = sum(u.used.get(s.uuid, 0) for u in got.leases.values())
+        assert charged + got.foreign.get(s.uuid, 0) == s.memory_used
+    for usage in got.leases.values():
+        for o in usage.overuse:
+            assert o.used > o.reserved
