@@ -490,10 +490,9 @@ class Journal:
             raise JournalRefused(self._dir, exc) from exc
         self._last_lsn = lsn
         if self._mode == "always":
-            self._work.set()
-        else:
-            self._dirty.set()
-            self._notify()
+            self._work.set()  # the flusher fsyncs
+        elif self._mode == "batch":
+            self._dirty.set()  # the batch syncer fsyncs soon; written is acknowledged
         return lsn
 
     def _write(self, entry: bytes) -> None:

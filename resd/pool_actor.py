@@ -818,10 +818,9 @@ class PoolActor(Actor):
         return self._wait_info(msg.id), 0
 
     def _wait_info(self, rid: str) -> WaitInfo:
-        msg = WhyWaiting(rid)
-        w = self.queue.waiters.get(msg.id)
+        w = self.queue.waiters.get(rid)
         if w is None:
-            r = self.book.reservation(msg.id)
+            r = self.book.reservation(rid)
             return WaitInfo(
                 id=r.id,
                 state=r.state,
