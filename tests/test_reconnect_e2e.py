@@ -311,14 +311,14 @@ def start_run(
     return p
 
 
-@pytest.mark.parametrize("how", RESTARTS)
-def test_resctl_run_keeps_cmd_running_across_a_restart(
-    how: str, proc: Proc, started: list[subprocess.Popen[str]], tmp_path: Path
-) -> None:
+def run_on_one_cpu(
+    procs: list[subprocess.Popen[str]], proc: Proc, ready: Path, script: str, **env: str
+) -> tuple[str, subprocess.Popen[str]]:
+    """``resctl run --cpu 1 -- sh -c 'touch READY; SCRIPT'`` in a fresh pool; returns
+    the pool and the process once CMD runs."""
     pool = make_pool(proc)
-    ready = tmp_path / "ready"
     p = start_run(
-        started,
+        procs,
         proc,
         "--pool",
         pool,
@@ -327,9 +327,18 @@ def test_resctl_run_keeps_cmd_running_across_a_restart(
         "--",
         "sh",
         "-c",
-        f"touch {ready}; sleep 4; exit 3",
+        f"touch {ready}; {script}",
+        **env,
     )
     wait_for(ready.exists, 15, "CMD to start")
+    return pool, p
+
+
+@pytest.mark.parametrize("how", RESTARTS)
+def test_resctl_run_keeps_cmd_running_across_a_restart(
+    how: str, proc: Proc, started: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    pool, p = run_on_one_cpu(started, proc, tmp_path / "ready", "sleep 4; exit 3")
     (before,) = listed(proc, pool)
     restart(proc, how)
     wait_for(lambda: "reattached" in proc.log_text(), 10, "resctl to re-attach its lease")
@@ -345,21 +354,7 @@ def test_resctl_run_keeps_cmd_running_across_a_restart(
 def test_resctl_run_ends_cmd_when_its_lease_is_released_by_someone_else(
     proc: Proc, started: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
-    pool = make_pool(proc)
-    ready = tmp_path / "ready"
-    p = start_run(
-        started,
-        proc,
-        "--pool",
-        pool,
-        "--cpu",
-        "1",
-        "--",
-        "sh",
-        "-c",
-        f"touch {ready}; exec sleep 30",
-    )
-    wait_for(ready.exists, 15, "CMD to start")
+    pool, p = run_on_one_cpu(started, proc, tmp_path / "ready", "exec sleep 30")
     (lease,) = listed(proc, pool)
     resctl(proc, "release", "--id", lease.id)
     _, stderr = p.communicate(timeout=20)
@@ -370,22 +365,7 @@ def test_resctl_run_ends_cmd_when_its_lease_is_released_by_someone_else(
 def test_resctl_run_ends_cmd_when_reconnecting_gives_up(
     proc: Proc, started: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
-    pool = make_pool(proc)
-    ready = tmp_path / "ready"
-    p = start_run(
-        started,
-        proc,
-        "--pool",
-        pool,
-        "--cpu",
-        "1",
-        "--",
-        "sh",
-        "-c",
-        f"touch {ready}; exec sleep 30",
-        RESD_RECONNECT="1",
-    )
-    wait_for(ready.exists, 15, "CMD to start")
+    _, p = run_on_one_cpu(started, proc, tmp_path / "ready", "exec sleep 30", RESD_RECONNECT="1")
     assert proc.stop() == 0
     t0 = time.monotonic()
     _, stderr = p.communicate(timeout=20)
