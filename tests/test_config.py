@@ -141,6 +141,13 @@ def test_connection_limits_and_timeouts(tmp_path: Path) -> None:
     assert (cfg.handshake_timeout, cfg.read_timeout) == (2.0, 0.5)
     assert isinstance(cfg.handshake_timeout, float)
     cfg = load(path, env={"RESD_HANDSHAKE_TIMEOUT": "1.5", "RESD_ADMIN_RESERVED_CONNECTIONS": "99"})
+    assert (
+        load(None, env={"RESD_REATTACH_GRACE": "0"}).reattach_grace,
+        Config().reattach_grace,
+    ) == (
+        0.0,
+        60.0,
+    )
     assert (cfg.handshake_timeout, cfg.admin_reserved_connections) == (1.5, 99)
 
 
@@ -184,6 +191,10 @@ def config_error(tmp_path: Path, text: str | None = None, **kwargs: Any) -> str:
         ("read_timeout = -1.0\n", ["read_timeout", "-1"]),
         ("read_timeout = 86401\n", ["read_timeout", "86400"]),
         ("read_timeout = nan\n", ["read_timeout", "nan"]),
+        ("reattach_grace = -1\n", ["reattach_grace", "-1", "0 to 86400"]),
+        ("reattach_grace = 90000\n", ["reattach_grace", "90000"]),
+        ("reattach_grace = inf\n", ["reattach_grace", "inf"]),
+        ('reattach_grace = "1m"\n', ["reattach_grace", "1m"]),
         ("fsync = 1\n", ["fsync"]),
         ('host_pool = "yes"\n', ["host_pool"]),
         ('log_level = "loud"\n', ["log_level", "loud"]),
