@@ -41,12 +41,18 @@ MEMBER: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 MAX_LABEL: Final = 256
 MAX_TTL: Final = 10 * 365 * 86400.0
 MAX_GRACE: Final = 86400.0
+#: the longest ``idle_after`` (30 days)
+MAX_IDLE_AFTER: Final = 30 * 86400.0
 MAX_PRIORITY: Final = 10
 MIN_PRIORITY: Final = 1
 
 Binding = Literal["detached", "session", "pid"]
 Preemption = Literal["off", "lower_priority"]
 Placement = Literal["binpack", "spread", "least_used"]
+#: what resd does with a lease whose processes use more GPU memory than it reserved
+OverusePolicy = Literal["warn", "terminate"]
+#: the strongest guard the host gives a reservation (SPEC §10), strongest first
+Enforcement = Literal["mig", "mps", "cgroup", "framework", "watch", "none"]
 ReservationState = Literal[
     "pending", "active", "terminating", "released", "expired", "preempted", "cancelled"
 ]
@@ -461,6 +467,14 @@ def check_grace(value: float) -> None:
         )
 
 
+def check_idle_after(value: float) -> None:
+    if not 0 <= value <= MAX_IDLE_AFTER:
+        raise InvalidError(
+            f"idle_after must be 0 (off) to {MAX_IDLE_AFTER:g} seconds, got {value:g}",
+            {"field": "idle_after", "value": value},
+        )
+
+
 def check_max_per_tenant(value: int) -> None:
     if not 0 <= value <= 1_000_000:
         raise InvalidError(
@@ -601,9 +615,13 @@ class PoolCreate:
     placement: Placement = "binpack"
     grace: float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
+    overuse: OverusePolicy = "warn"
+    idle_after: float = 0.0
+    adopt_foreign: bool = False
 
     def check(self) -> None:
         check_name("pool", self.name)
+        check_idle_after(self.idle_after)
         for k, v in self.resources.items():
             v.check_as(k)
             check_ratio(k, v.ratio)
@@ -631,9 +649,14 @@ class PoolSet:
     placement: Placement | None = None
     grace: float | None = None
     labels: dict[str, str] | None = None
+    overuse: OverusePolicy | None = None
+    idle_after: float | None = None
+    adopt_foreign: bool | None = None
 
     def check(self) -> None:
         check_name("pool", self.name)
+        if self.idle_after is not None:
+            check_idle_after(self.idle_after)
         check_amounts(self.capacity, allow_zero=True, what="capacity")
         for k, r in self.ratios.items():
             check_resource_name(k)
@@ -890,8 +913,15 @@ class ListReservations:
     pool: str | None = None
     tenant: str | None = None
     pending: bool = False
+    #: only leases marked idle (``idle_after``)
+    idle: bool = False
 
     def check(self) -> None:
+        if self.pending and self.idle:
+            raise InvalidError(
+                "pending and idle cannot be combined: a waiting request holds no GPU",
+                {"field": "idle"},
+            )
         if self.pool is not None:
             check_name("pool", self.pool)
         if self.tenant is not None:
@@ -935,7 +965,25 @@ class Export:
 class Subscribe:
     """Ask for ``state`` pushes (a fresh status after every change)."""
 
-    topics: list[Literal["state"]] = field(default_factory=lambda: ["state"])
+    topics: list[Literal["state", "top"]] = field(default_factory=lambda: ["state"])
+
+    def check(self) -> None:
+        if not self.topics:
+            raise InvalidError("topics: name at least one of state, top", {"field": "topics"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Register:
+    """Add process ``pid`` (and its descendants) to lease ``id``'s processes, for GPU
+    attribution (SPEC §10): ``resctl run`` registers its CMD. The process must be
+    alive and belong to the caller's uid (or the caller be an admin)."""
+
+    id: str
+    pid: int
+
+    def check(self) -> None:
+        check_reservation_id(self.id)
+        check_pid(self.pid)
 
 
 #: op name → argument type. The daemon's dispatch table must cover exactly these.
@@ -963,6 +1011,8 @@ OPS: Final[dict[str, type]] = {
     "why": ReservationRef,
     "plan": Plan,
     "attach": Attach,
+    "register": Register,
+    "top": Empty,
 }
 
 
@@ -1020,6 +1070,13 @@ class PoolInfo:
     labels: dict[str, str]
     created_at: float
     active: int
+    overuse: str = "warn"
+    idle_after: float = 0.0
+    adopt_foreign: bool = False
+    #: live GPU figures from the last sample (empty when nothing is sampled)
+    devices: list[DeviceUse] = field(default_factory=list)
+    #: how many leases carry each mark now (``overuse``, ``idle``)
+    marks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1059,6 +1116,12 @@ class ReservationInfo:
     reason: str = ""
     #: for a ``terminating`` lease: when its grace ends
     deadline: float | None = None
+    #: the strongest guard the host gives it (SPEC §10): mig, mps, framework, watch, none
+    enforcement: str = "none"
+    #: ``overuse`` / ``idle`` → what was seen, while the mark stands
+    marks: dict[str, str] = field(default_factory=dict)
+    #: processes registered to it (``register``), besides its pid / session peer
+    processes: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1088,6 +1151,24 @@ class ResourceStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceUse:
+    """One GPU (or MIG instance) as the last sample saw it: ``member`` is its name in
+    the pool's ``gpu`` set; ``foreign`` the bytes held by no lease's processes
+    (unmanaged work, the driver's own); ``overuse`` bytes leases hold beyond what they
+    reserved here; ``utilization`` percent (None: not reported)."""
+
+    member: str
+    uuid: str
+    memory_total: int
+    memory_used: int
+    foreign: int
+    overuse: int = 0
+    utilization: int | None = None
+    foreign_pids: list[int] = field(default_factory=list)
+    at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GpuStatus:
     """One GPU of the pool's ``gpu`` set: its memory and who holds it."""
 
@@ -1100,6 +1181,10 @@ class GpuStatus:
     vram_allocated: int
     whole: bool
     holders: int
+    #: live, from the last sample (None when it is not sampled)
+    memory_used: int | None = None
+    foreign_bytes: int = 0
+    utilization: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1117,6 +1202,9 @@ class Allocation:
     gpus: list[str]
     vram_bytes: int
     other: dict[str, int]
+    #: live GPU memory its processes hold (from the last sample), and its marks
+    vram_used_bytes: int = 0
+    marks: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1199,6 +1287,45 @@ class PlanResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopRow:
+    """One lease as ``resctl top`` shows it: what it reserved and what its processes
+    use now. ``cpu_percent`` is of one core (200.0 = two cores busy); ``rss`` bytes;
+    ``gpu_memory`` / ``gpu_utilization`` by gpu member name; ``idle_for`` seconds its
+    GPUs and processes have been idle (0: busy, or not a GPU lease)."""
+
+    id: str
+    tenant: str
+    pool: str
+    state: str
+    label: str
+    priority: int
+    resources: dict[str, int]
+    members: dict[str, list[str]] = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)
+    cpu_percent: float = 0.0
+    rss: int = 0
+    gpu_memory: dict[str, int] = field(default_factory=dict)
+    gpu_utilization: dict[str, int] = field(default_factory=dict)
+    marks: dict[str, str] = field(default_factory=dict)
+    enforcement: str = "none"
+    idle_for: float = 0.0
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopSnapshot:
+    """Every lease's live use at ``at``, sampled every ``interval`` seconds;
+    ``devices`` per pool (pool → its GPUs); ``gpu_sampling`` says why GPUs are not
+    sampled ("" when they are)."""
+
+    at: float
+    interval: float
+    rows: list[TopRow] = field(default_factory=list)
+    devices: dict[str, list[DeviceUse]] = field(default_factory=dict)
+    gpu_sampling: str = ""
+
+
 #: op name → result type; the client decodes replies through this.
 RESULTS: Final[dict[str, type]] = {
     "hello": HelloResult,
@@ -1224,6 +1351,8 @@ RESULTS: Final[dict[str, type]] = {
     "why": WaitInfo,
     "plan": PlanResult,
     "attach": ReservationInfo,
+    "register": ReservationInfo,
+    "top": TopSnapshot,
 }
 
 
@@ -1286,6 +1415,25 @@ class StateEvent:
     at: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MarkedEvent:
+    """The reconciler put a mark on the lease (``on``) or took it off: ``mark`` is
+    ``overuse`` (its processes hold more GPU memory than it reserved, or use a GPU
+    not assigned to it) or ``idle``; ``detail`` says what was seen."""
+
+    reservation: ReservationInfo
+    mark: str
+    on: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopEvent:
+    """A new sample for ``top`` subscribers."""
+
+    snapshot: TopSnapshot
+
+
 #: event name → push type.
 EVENTS: Final[dict[str, type]] = {
     "granted": GrantedEvent,
@@ -1295,6 +1443,8 @@ EVENTS: Final[dict[str, type]] = {
     "preempted": PreemptedEvent,
     "released": ReleasedEvent,
     "state": StateEvent,
+    "marked": MarkedEvent,
+    "top": TopEvent,
 }
 EVENT_NAMES: Final[dict[type, str]] = {v: k for k, v in EVENTS.items()}
 
