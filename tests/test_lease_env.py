@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from resd_client import Lease
-from resd_client.env import assigned, cores, gpu_ids, lease_env, render_values
+from resd_client.env import GpuIds, assigned, cores, gpu_ids, lease_env, render_values
 from resd_client.protocol import ReservationInfo
 
 GIB = 1 << 30
@@ -181,3 +181,28 @@ def test_lease_properties() -> None:
 def test_bad_gpu_ids() -> None:
     with pytest.raises(ValueError, match="gpu_ids"):
         lease_env(whole_gpus(0), "serial")  # type: ignore[arg-type]
+
+
+def mig_instance(i: int, parent: int) -> dict[str, str]:
+    return device(i, mig="instance", parent=str(parent), uuid=f"MIG-fake-{parent}-{i}")
+
+
+@pytest.mark.parametrize("kind", ["index", "uuid"])
+def test_mig_instances_by_uuid_whatever_gpu_ids(kind: GpuIds) -> None:
+    r = info(resources={"gpu": 1}, members={"gpu": ["7"]}, devices=[mig_instance(7, parent=0)])
+    env = lease_env(r, kind)
+    assert env["CUDA_VISIBLE_DEVICES"] == "MIG-fake-0-7"  # CUDA takes MIG devices by uuid only
+    assert env["RESD_GPUS"] == "7"
+    assert "CUDA_DEVICE_ORDER" not in env  # a uuid does not depend on the order
+
+
+def test_mig_instance_beside_a_whole_gpu() -> None:
+    r = info(
+        resources={"gpu": 2},
+        members={"gpu": ["1", "9"]},
+        devices=[device(1, mig="off"), mig_instance(9, parent=0)],
+    )
+    env = lease_env(r)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,MIG-fake-0-9"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # for the GPU given by index
+    assert lease_env(r, "uuid")["CUDA_VISIBLE_DEVICES"] == "GPU-fake-1,MIG-fake-0-9"

@@ -7,7 +7,9 @@
 ``TrioClient`` (``resd_client.trio.Client``) and ``AsyncioClient``
 (``resd_client.asyncio.Client``) are the async clients; they are imported on first
 use, so that ``import resd_client`` never imports trio or asyncio's client. The
-errors and their codes are those of ``resd_client.errors``.
+errors and their codes are those of ``resd_client.errors``. ``limit_torch``
+(``resd_client.frameworks``) applies a VRAM slice as PyTorch's memory fraction; it
+imports torch only when called.
 """
 
 from importlib import metadata as _metadata
@@ -37,6 +39,7 @@ from resd_client.errors import (
     UnavailableError,
     UnsupportedVersionError,
 )
+from resd_client.frameworks import limit_torch
 
 if TYPE_CHECKING:
     from resd_client.asyncio import AsyncioClient
@@ -80,4 +83,5 @@ __all__ = [
     "UnavailableError",
     "UnsupportedVersionError",
     "__version__",
+    "limit_torch",
 ]
