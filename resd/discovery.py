@@ -212,9 +212,7 @@ def host_pool_resources(
     """The ``resources`` of the ``host`` pool: ``{name: {capacity, ratio, source}}``.
 
     Ratios come from ``oversub`` (hypeman's defaults in the config), 1.0 for others.
-    GPUs become the ``gpu`` set: one member per device, named by its index, with its
-    memory as capacity (so ``vram`` slices can be reserved) and its uuid, model,
-    NUMA node, PCI bus id and MIG mode as labels. A set is never oversubscribed.
+    GPUs become the ``gpu`` set (see ``gpu_members``). A set is never oversubscribed.
     """
     resources: dict[str, dict[str, Any]] = {
         f.resource: {
@@ -224,17 +222,23 @@ def host_pool_resources(
         }
         for f in inventory.figures
     }
-    if inventory.gpus:
-        resources["gpu"] = {
-            "kind": "set",
-            "source": inventory.gpu_source,
-            "members": [gpu_member(g) for g in inventory.gpus],
-        }
+    members = [m for g in inventory.gpus for m in gpu_members(g)]
+    if members:  # a set needs members: MIG GPUs without instances offer none
+        resources["gpu"] = {"kind": "set", "source": inventory.gpu_source, "members": members}
     return resources
 
 
-def gpu_member(gpu: GpuDevice) -> dict[str, Any]:
-    """A GPU as a member of the ``gpu`` set (the labels ``resctl run`` turns into env)."""
+def gpu_members(gpu: GpuDevice) -> list[dict[str, Any]]:
+    """A GPU as members of the ``gpu`` set (labels that ``resctl run`` turns into env).
+
+    A plain GPU is one member named by its index, its memory the capacity (so
+    ``vram`` slices can be reserved), labelled with uuid, model, NUMA node, PCI bus
+    id and MIG mode. A GPU in MIG mode runs work only in its MIG instances, so each
+    instance is a member instead: named ``<index>-mig<MIG device index>`` (member
+    names cannot hold "/"), its memory the capacity, labelled like its parent plus
+    ``mig=instance``, its own ``uuid``, ``parent`` (the GPU's index) and ``profile``.
+    A GPU in MIG mode without instances offers nothing (logged).
+    """
     labels = {
         "index": str(gpu.index),
         "uuid": gpu.uuid,
@@ -243,7 +247,29 @@ def gpu_member(gpu: GpuDevice) -> dict[str, Any]:
         "pci_bus": gpu.pci_bus_id,
         "mig": "on" if gpu.mig else "off",
     }
-    return {"name": str(gpu.index), "capacity": gpu.memory_total, "labels": labels}
+    if not gpu.mig:
+        return [{"name": str(gpu.index), "capacity": gpu.memory_total, "labels": labels}]
+    if not gpu.mig_instances:
+        log.warning(
+            "mig_gpu_without_instances",
+            gpu=gpu.index,
+            uuid=gpu.uuid,
+            detail="a GPU in MIG mode runs work only in MIG instances; create some",
+        )
+    return [
+        {
+            "name": f"{gpu.index}-mig{m.index}",
+            "capacity": m.memory_total,
+            "labels": {
+                **labels,
+                "mig": "instance",
+                "uuid": m.uuid,
+                "parent": str(gpu.index),
+                "profile": m.profile,
+            },
+        }
+        for m in gpu.mig_instances
+    ]
 
 
 def describe(inventory: HostInventory, oversub: Mapping[str, float]) -> dict[str, Any]:

@@ -7,6 +7,13 @@ Pure and synchronous. ``PoolHoldings.place`` decides without changing anything;
 * ``gpu=N`` (any set resource ``=N``) takes N members that nobody holds in any way;
   ``vram=B`` takes B bytes of one GPU that is not held whole. A member with slices
   cannot be taken whole, and a whole member cannot be sliced.
+* MIG instances (members labelled ``mig=instance``) are never sliced: ``vram=B``
+  takes the smallest free instance of at least B bytes, whole, before it slices a
+  plain GPU (the hardware enforces an instance; a slice is kept by honour).
+  ``gpu=N`` takes instances only when the request names them or constrains
+  ``mig=instance``.
+* ``outside`` (member → bytes held outside the ledger: foreign processes, over-use,
+  set from live GPU samples) is taken off a plain GPU's free bytes for new slices.
 * ``constraints`` (e.g. ``model=H100``, ``numa=0``) filter set members by label.
 * Two or more whole members prefer one NUMA node when one has enough free.
 * Policies: ``binpack`` fills what is already used (the fullest GPU that fits a
@@ -19,6 +26,7 @@ Pure and synchronous. ``PoolHoldings.place`` decides without changing anything;
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,10 +39,17 @@ from resd_client.protocol import MemberUsage, Reserve
 
 GPU = "gpu"
 VRAM = "vram"
+_DIGITS = re.compile(r"(\d+)")
 
 
-def _order(name: str) -> tuple[int, int | str]:
-    return (0, int(name)) if name.isdigit() else (1, name)
+def _order(name: str) -> tuple[int | str, ...]:
+    """Natural order: "2" before "10", and "2-mig0" before "10-mig0"."""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(_DIGITS.split(name)))
+
+
+def _is_mig(member: Member) -> bool:
+    """A MIG instance: isolated by the hardware, so held only whole."""
+    return member.labels.get("mig") == "instance"
 
 
 @attrs.define(eq=False)
@@ -66,6 +81,9 @@ class PoolHoldings:
     members: dict[str, dict[str, Member]] = attrs.Factory(dict)
     use: dict[str, dict[str, MemberUse]] = attrs.Factory(dict)
     free: dict[str, IntervalSet] = attrs.Factory(dict)
+    #: GPU member → bytes held outside the ledger (foreign processes, over-use), as
+    #: the daemon last saw them; new slices are admitted against what is left
+    outside: dict[str, int] = attrs.Factory(dict)
 
     @classmethod
     def of(cls, pool: Pool) -> PoolHoldings:
@@ -196,7 +214,12 @@ class PoolHoldings:
             named_free = [m for m in wanted if use[m].free_whole]
             return (tuple(wanted) if len(named_free) == len(wanted) else None), len(named_free)
         n = args.resources[name]
-        free = [m for m in self._candidates(name, args.constraints) if use[m.name].free_whole]
+        mig_ok = args.constraints.get("mig") == "instance"
+        free = [
+            m
+            for m in self._candidates(name, args.constraints)
+            if use[m.name].free_whole and (mig_ok or not _is_mig(m))
+        ]
         if len(free) < n:
             return None, len(free)
         if n >= 2:
@@ -212,16 +235,24 @@ class PoolHoldings:
     def _slice(
         self, amount: int, constraints: dict[str, str], policy: str
     ) -> tuple[str | None, int]:
+        """The member for ``amount`` bytes of VRAM (the smallest free MIG instance that
+        holds it, else a slice of a plain GPU by ``policy``), and the most any one
+        member could give (for the shortfall)."""
         if GPU not in self.members:
             return None, 0
+        candidates = [m for m in self._candidates(GPU, constraints) if m.capacity > 0]
+        instances = [m for m in candidates if _is_mig(m) and self.use[GPU][m.name].free_whole]
+        available = max((m.capacity for m in instances), default=0)
+        fitting = [m for m in instances if m.capacity >= amount]
+        if fitting:
+            return min(fitting, key=lambda m: (m.capacity, _order(m.name))).name, available
         best: tuple[Any, ...] | None = None
         chosen: str | None = None
-        available = 0
-        for m in self._candidates(GPU, constraints):
+        for m in candidates:
             u = self.use[GPU][m.name]
-            if u.whole is not None or m.capacity <= 0:
+            if u.whole is not None or _is_mig(m):
                 continue
-            free = m.capacity - u.used
+            free = max(0, m.capacity - u.used - self.outside.get(m.name, 0))
             available = max(available, free)
             if free < amount:
                 continue
@@ -251,8 +282,11 @@ class PoolHoldings:
         return picked, available
 
     def _labels(self, resource: str, member: str) -> dict[str, str]:
+        """What a reservation's ``devices`` (and so the lease's env) say of a member;
+        ``memory`` (bytes, when known) lets clients turn a slice into a fraction."""
         m = self.members[resource][member]
-        return {"name": m.name, **m.labels}
+        memory = {"memory": str(m.capacity)} if m.capacity > 0 else {}
+        return {"name": m.name, **m.labels, **memory}
 
     # ---------------------------------------------------------------- holding
 
@@ -260,7 +294,7 @@ class PoolHoldings:
         for name, names in r.members.items():
             for m in names:
                 u = self.use[name][m]
-                if VRAM in r.resources and name == GPU:
+                if VRAM in r.resources and name == GPU and not _is_mig(self.members[name][m]):
                     u.slices[r.id] = r.resources[VRAM]
                 else:
                     u.whole = r.id

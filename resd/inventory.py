@@ -22,8 +22,21 @@ class Figure:
 
 
 @attrs.frozen
+class MigInstance:
+    """A MIG device of a GPU in MIG mode: a hardware-isolated slice that CUDA sees as
+    a GPU of its own (by ``uuid``, ``MIG-...``). ``index`` is its MIG device index
+    within the parent; ``profile`` the instance profile (``1g.10gb``) or ""."""
+
+    uuid: str
+    memory_total: int  # bytes
+    profile: str = ""
+    index: int = 0
+
+
+@attrs.frozen
 class GpuDevice:
-    """One GPU as NVML (or a configured GPU file) describes it."""
+    """One GPU as NVML (or a configured GPU file) describes it. In MIG mode its work
+    runs only in ``mig_instances`` (none listed: it cannot run work at all)."""
 
     index: int
     uuid: str
@@ -32,6 +45,7 @@ class GpuDevice:
     numa_node: int | None = None
     pci_bus_id: str = ""
     mig: bool = False
+    mig_instances: tuple[MigInstance, ...] = ()
 
 
 @attrs.frozen

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from resd.inventory import GpuDevice
+from resd.inventory import GpuDevice, MigInstance
 from resd.nvml import NvmlUnavailable, PynvmlBackend, device_to_json
 from tests.conftest import subprocess_env
 
@@ -24,6 +24,8 @@ H100S = [
         numa_node=i // 4,
         pci_bus_id=f"0000:{0x18 + 0x10 * i:02x}:00.0",
         mig=i == 7,
+        # a GPU in MIG mode offers its instances: one here, so the set still has 8
+        mig_instances=(MigInstance("MIG-7", 10 * GiB, "1g.10gb", 0),) if i == 7 else (),
     )
     for i in range(8)
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -61,6 +62,26 @@ class NVMLError_GpuIsLost(NVMLError):
         return "GPU is lost"
 
 
+class NVMLError_NotFound(NVMLError):  # an empty MIG slot
+    pass
+
+
+MAX_MIG = 7  # what nvmlDeviceGetMaxMigDeviceCount says of an A100 / H100 in MIG mode
+
+
+@attrs.define
+class FakeMig:
+    """A MIG device: a handle of its own, with its memory and processes."""
+
+    uuid: str
+    name: str
+    memory: int
+    used: int = 0
+    compute: list[tuple[int, int | None]] = attrs.Factory(list)
+    graphics: list[tuple[int, int | None]] = attrs.Factory(list)
+    broken: str = ""  # the name of a call that fails on this MIG device
+
+
 @attrs.define
 class FakeGpu:
     uuid: str
@@ -70,6 +91,8 @@ class FakeGpu:
     numa: int | None = None  # None: nvmlDeviceGetNumaNodeId is not supported
     mig: bool | None = False  # None: nvmlDeviceGetMigMode is not supported
     broken: str = ""  # the name of a call that fails on this device
+    #: its MIG slots (in MIG mode); None or past the end: an empty slot
+    mig_devices: list[FakeMig | None] = attrs.Factory(list)
 
 
 @attrs.define
@@ -115,11 +138,17 @@ class FakeNvml:
     def _out(self, text: str) -> Any:
         return text.encode() if self.as_bytes else text
 
-    def _gpu(self, handle: Any, call: str) -> FakeGpu:
+    def _device(self, handle: Any, call: str) -> FakeGpu | FakeMig:
+        """The GPU or MIG device behind ``handle`` (the calls both answer)."""
         assert self.live, f"{call} outside nvmlInit/nvmlShutdown"
-        gpu: FakeGpu = handle
-        if gpu.broken == call:
+        device: FakeGpu | FakeMig = handle
+        if device.broken == call:
             raise NVMLError_GpuIsLost()
+        return device
+
+    def _gpu(self, handle: Any, call: str) -> FakeGpu:
+        gpu = self._device(handle, call)
+        assert isinstance(gpu, FakeGpu), f"{call} on a MIG device"
         return gpu
 
     def nvmlInit(self) -> None:
@@ -143,13 +172,36 @@ class FakeNvml:
         return self.gpus[index]
 
     def nvmlDeviceGetUUID(self, handle: Any) -> Any:
-        return self._out(self._gpu(handle, "uuid").uuid)
+        return self._out(self._device(handle, "uuid").uuid)
 
     def nvmlDeviceGetName(self, handle: Any) -> Any:
-        return self._out(self._gpu(handle, "name").name)
+        return self._out(self._device(handle, "name").name)
 
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Memory:
-        return Memory(self._gpu(handle, "memory").memory)
+        device = self._device(handle, "memory")
+        used = device.used if isinstance(device, FakeMig) else 0
+        return Memory(device.memory, device.memory - used, used)
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: Any) -> int:
+        return MAX_MIG if self._gpu(handle, "mig_count").mig else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, slot: int) -> FakeMig:
+        slots = self._gpu(handle, "mig_handle").mig_devices
+        mig = slots[slot] if slot < len(slots) else None
+        if mig is None:
+            raise NVMLError_NotFound()
+        return mig
+
+    def _running(self, handle: Any, kind: str) -> list[Any]:
+        device = self._device(handle, "procs")
+        found = getattr(device, kind) if isinstance(device, FakeMig) else []
+        return [SimpleNamespace(pid=pid, usedGpuMemory=memory) for pid, memory in found]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
+        return self._running(handle, "compute")
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: Any) -> list[Any]:
+        return self._running(handle, "graphics")
 
     def nvmlDeviceGetPciInfo(self, handle: Any) -> PciInfo:
         return PciInfo(self._out(self._gpu(handle, "pci").bus_id))
