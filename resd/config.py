@@ -68,6 +68,12 @@ class Config:
     disk_limit: str = ""  # "" = statvfs of the state directory
     network_limit: str = ""  # "" = speed of the uplink NIC
     gpus_file: str = ""  # "" = ask NVML
+    #: seconds between looks at what the GPUs and lease processes really use
+    #: (SPEC §10); 0: never look
+    gpu_sample_interval: float = 2.0
+    #: GPU memory (a size: "512M") kept free on each sampled GPU beyond what the
+    #: ledger and foreign use take, when admitting VRAM slices
+    gpu_memory_margin: str = "0"
     log_format: str = "auto"
     log_level: str = "info"
     oversub: dict[str, float] = attrs.Factory(lambda: dict(DEFAULT_OVERSUB))
@@ -174,6 +180,13 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(
             f"reattach_grace: {cfg.reattach_grace:g} is out of range (0 to 86400 seconds)"
         )
+    if not (cfg.gpu_sample_interval == 0 or 0.1 <= cfg.gpu_sample_interval <= 3600):
+        raise ConfigError(
+            f"gpu_sample_interval: {cfg.gpu_sample_interval:g} is out of range "
+            "(0 to turn sampling off, or 0.1 to 3600 seconds)"
+        )
+    if gpu_margin(cfg) < 0:  # pragma: no cover - parse_quantity refuses negatives
+        raise ConfigError("gpu_memory_margin: must not be negative")
     if not 1 <= cfg.default_priority <= 10:
         raise ConfigError(f"default_priority: {cfg.default_priority} is out of range (1 to 10)")
     if cfg.socket_mode:
@@ -199,6 +212,20 @@ def _validate(cfg: Config) -> Config:
         except ValueError as exc:
             raise ConfigError(f"gpus_file: {exc}") from None
     return cfg
+
+
+def gpu_margin(cfg: Config) -> int:
+    """``gpu_memory_margin`` in bytes; raises ConfigError naming the key."""
+    text = cfg.gpu_memory_margin.strip()
+    if text in ("", "0"):
+        return 0
+    try:
+        return parse_quantity("vram", text)
+    except Exception as exc:
+        detail = str(exc).removeprefix("vram: ")
+        raise ConfigError(
+            f"gpu_memory_margin: {detail}; use a size like 512M or 1G, or 0"
+        ) from None
 
 
 def check_limit(key: str, resource: str, text: str) -> int | None:

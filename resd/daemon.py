@@ -24,21 +24,25 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import structlog
 import trio
 
 from resd import messages as m
 from resd.announcer import Announcer
-from resd.config import Config
+from resd.config import Config, gpu_margin
 from resd.discovery import discover, host_pool_resources
 from resd.inventory import HostInventory
 from resd.journal import Journal, JournalFailed
+from resd.mps import mps_active
+from resd.nvml import NvmlBackend
 from resd.ops import Services
 from resd.pool_actor import PoolActor
 from resd.pools import PoolBook
-from resd.procwatch import ProcessWatcher
+from resd.procwatch import ProcessWatcher, process_table
+from resd.reconcile import ProcInfo
+from resd.reconciler import Offload, Reconciler, choose_backend
 from resd.records import decode
 from resd.registry import TenantRegistry
 from resd.sdnotify import activated_socket, notify
@@ -293,8 +297,16 @@ class Daemon:
         *,
         wall: Callable[[], float] = time.time,
         handle_signals: bool = True,
+        gpu_backend: NvmlBackend | Literal["auto"] | None = "auto",
+        process_table: Callable[[], dict[int, ProcInfo]] = process_table,
+        offload: Offload | None = None,
     ) -> None:
+        """``gpu_backend``, ``process_table`` and ``offload``: what the reconciler
+        samples and how (tests give scripted ones and sample inline)."""
         self.config = config
+        self.gpu_backend = gpu_backend
+        self.process_table = process_table
+        self.offload = offload
         self.wall = wall
         self.handle_signals = handle_signals
         self.boot_id = uuid.uuid4().hex
@@ -305,6 +317,7 @@ class Daemon:
         self.journal: Journal | None = None
         self.pools: PoolActor | None = None
         self.tenants: TenantRegistry | None = None
+        self.reconciler: Reconciler | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -361,6 +374,9 @@ class Daemon:
             on_failure=lambda: self._snapshot_wanted.set(),  # write the state anew
         )
         pool_book, tenant_book, fresh = self._recover(journal)
+        pool_book.mps = mps_active()  # decides the ``enforcement`` of new VRAM slices
+        if pool_book.mps:
+            log.info("mps_detected", detail="VRAM slices get MPS pinned-memory limits")
         reaper, arbiter = Reaper(self.wall), Arbiter(self.wall)
         announcer, watcher = Announcer(journal), ProcessWatcher()
         pools = PoolActor(
@@ -378,6 +394,7 @@ class Daemon:
         reaper.pool_actor = arbiter.pool_actor = watcher.pool_actor = pools
         tenants = TenantRegistry(tenant_book, journal, self.wall)
         self.journal, self.pools, self.tenants = journal, pools, tenants
+        reconciler = self.reconciler = await self._reconciler(cfg, pools)
         started_at = self.wall()
         server = Server(
             Services(
@@ -389,6 +406,7 @@ class Daemon:
                 started_at,
                 self.wall,
                 lambda: server.connection_count,
+                reconciler,
             ),
             Limits(
                 max_frame=cfg.max_frame,
@@ -424,6 +442,7 @@ class Daemon:
                 if self.handle_signals:
                     nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._snapshots)
+                await nursery.start(reconciler.run)
                 await nursery.start(server.serve, listener)
                 log.info(
                     "ready",
@@ -456,6 +475,32 @@ class Daemon:
                 with contextlib.suppress(FileNotFoundError):
                     cfg.socket_path.unlink()
         log.info("stopped")
+
+    async def _reconciler(self, cfg: Config, pools: PoolActor) -> Reconciler:
+        """The GPU reconciler, on the given backend or the one the host has."""
+        backend: NvmlBackend | None = None
+        why_not = ""
+        if self.gpu_backend != "auto":
+            backend = self.gpu_backend
+        elif cfg.gpu_sample_interval > 0:
+            backend, why_not = await trio.to_thread.run_sync(choose_backend, cfg)
+        extra: dict[str, Any] = {} if self.offload is None else {"offload": self.offload}
+        log.info(
+            "gpu_sampling",
+            interval=cfg.gpu_sample_interval,
+            backend=type(backend).__name__ if backend else None,
+            why_not=why_not or None,
+        )
+        return Reconciler(
+            pools,
+            backend,
+            cfg.gpu_sample_interval,
+            self.wall,
+            margin=gpu_margin(cfg),
+            why_not=why_not,
+            table=self.process_table,
+            **extra,
+        )
 
     @staticmethod
     async def _run_journal(

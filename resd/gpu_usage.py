@@ -161,3 +161,26 @@ def _owning_root(pid: int, roots: dict[int, list[LeaseGpus]], parent: dict[int, 
             return None
         pid = up
     return None
+
+
+# ------------------------------------------------------------------- enforcement
+
+
+def enforcement_of(
+    binding: str, devices: tuple[dict[str, str], ...], resources: dict[str, int], mps: bool
+) -> str:
+    """The strongest guard the host gives a reservation (SPEC §10), decided at grant:
+    ``mig`` when it holds MIG instances (the hardware caps its memory); ``watch`` for
+    a ``pid`` lease (its process runs already, with whatever environment it had);
+    ``mps`` for a VRAM slice on a host whose MPS daemon pins device memory per
+    client; ``framework`` for other GPU leases (CUDA_VISIBLE_DEVICES and the
+    frameworks' memory caps in the lease's environment); ``none`` without a GPU."""
+    if not devices:
+        return "none"
+    if any(d.get("mig") == "instance" for d in devices):
+        return "mig"
+    if binding == "pid":
+        return "watch"
+    if "vram" in resources and mps:
+        return "mps"
+    return "framework"

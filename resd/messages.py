@@ -7,6 +7,7 @@ to a client by sending into it, never by touching its socket.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -194,6 +195,8 @@ class DoAttach:
     uid: int | None
     session: str
     outbox: Outbox | None = attrs.field(eq=False, default=None)
+    #: the connection's peer process (a session lease's attribution root)
+    peer: int | None = None
 
 
 @attrs.frozen
@@ -201,6 +204,7 @@ class ListActive:
     pool: str | None = None
     tenant: str | None = None
     pending: bool = False
+    idle: bool = False
 
 
 @attrs.frozen
@@ -334,3 +338,31 @@ class Watch:
 @attrs.frozen
 class Unwatch:
     id: str
+
+
+# ------------------------------------------------------------------ GPU truth
+
+
+@attrs.frozen
+class DoRegister:
+    """Add process ``pid`` (started at ``start``) to lease ``id``; ``uid`` None: an
+    admin (any lease), else the caller, who must hold it."""
+
+    id: str
+    pid: int
+    start: float
+    uid: int | None
+
+
+@attrs.frozen
+class GpuLeases:
+    """For the reconciler: every live lease as a ``LeaseView`` and every pool GPU
+    with a uuid as a ``DeviceRef``."""
+
+
+@attrs.frozen
+class GpuReport:
+    """The reconciler's verdict on one sample (``reconcile.Verdict``) at wall ``at``."""
+
+    verdict: Any = attrs.field(eq=False)
+    at: float = 0.0

@@ -18,6 +18,7 @@ from resd import messages as m
 from resd.journal import Journal, JournalFailed
 from resd.pool_actor import PoolActor
 from resd.procwatch import process_start, process_uid
+from resd.reconciler import Reconciler
 from resd.records import Tenant
 from resd.registry import TenantRegistry
 from resd.tenants import Peer, TenantBook
@@ -43,6 +44,7 @@ from resd_client.protocol import (
     PoolSet,
     Preempt,
     Preempted,
+    Register,
     Renew,
     ReservationInfo,
     ReservationList,
@@ -57,6 +59,7 @@ from resd_client.protocol import (
     TenantName,
     TenantRemove,
     TenantSet,
+    TopSnapshot,
     WaitInfo,
 )
 
@@ -73,6 +76,7 @@ class Services:
     started_at: float
     wall: Callable[[], float]
     connections: Callable[[], int]
+    reconciler: Reconciler
 
 
 @attrs.define(eq=False)
@@ -254,6 +258,20 @@ async def _as_holder(svc: Services, conn: Conn, rid: str, make: Callable[[int | 
     return result
 
 
+async def register(svc: Services, conn: Conn, args: Register) -> ReservationInfo:
+    """Add a process tree to a lease for GPU attribution (SPEC §10): the holder's own
+    process only, since ``overuse = terminate`` signals what a lease owns."""
+    pid, start = _bound_process(conn.peer, args.pid)
+    info: ReservationInfo = await _as_holder(
+        svc, conn, args.id, lambda uid: m.DoRegister(args.id, pid, start, uid)
+    )
+    return info
+
+
+async def top(svc: Services, conn: Conn, args: Empty) -> TopSnapshot:
+    return svc.reconciler.snapshot()
+
+
 async def release(svc: Services, conn: Conn, args: ReservationRef) -> ReservationInfo:
     info: ReservationInfo = await _as_holder(
         svc, conn, args.id, lambda uid: m.DoRelease(args.id, uid, conn.id)
@@ -265,7 +283,9 @@ async def attach(svc: Services, conn: Conn, args: Attach) -> ReservationInfo:
     """Re-bind a lease or waiter to this connection by its token (SPEC §9): only the
     uid that made it (or an admin) may."""
     uid = None if conn.peer.admin else conn.peer.uid
-    info: ReservationInfo = await _mutate(svc, m.DoAttach(args, uid, conn.id, conn.outbox))
+    info: ReservationInfo = await _mutate(
+        svc, m.DoAttach(args, uid, conn.id, conn.outbox, conn.peer.pid)
+    )
     return info
 
 
@@ -299,7 +319,9 @@ async def preempt(svc: Services, conn: Conn, args: Preempt) -> Preempted:
 
 async def list_reservations(svc: Services, conn: Conn, args: ListReservations) -> ReservationList:
     return ReservationList(
-        reservations=await svc.pools.ask(m.ListActive(args.pool, args.tenant, args.pending))
+        reservations=await svc.pools.ask(
+            m.ListActive(args.pool, args.tenant, args.pending, args.idle)
+        )
     )
 
 
@@ -327,7 +349,10 @@ async def resources(svc: Services, conn: Conn, args: ResourcesOf) -> HostResourc
 
 
 async def subscribe(svc: Services, conn: Conn, args: Subscribe) -> Status:
-    await svc.pools.ask(m.Subscribe(conn.outbox))
+    if "state" in args.topics:
+        await svc.pools.ask(m.Subscribe(conn.outbox))
+    if "top" in args.topics:
+        svc.reconciler.subscribe(conn.outbox)
     return await status(svc, conn, Empty())
 
 
@@ -355,4 +380,6 @@ HANDLERS: Final[dict[str, Handler]] = {
     "why": why,
     "plan": plan,
     "attach": attach,
+    "register": register,
+    "top": top,
 }

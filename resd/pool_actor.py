@@ -33,13 +33,14 @@ import dataclasses
 import functools
 import itertools
 import secrets
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 import trio
 
-from resd import preemption
+from resd import gpu_policy, preemption
 from resd.actor import Actor, TimerHeap
 from resd.announcer import Announcer
 from resd.journal import Journal
@@ -50,6 +51,7 @@ from resd.messages import (
     CreatePool,
     DeletePool,
     DoAttach,
+    DoRegister,
     DoRelease,
     DoRenew,
     DoReserve,
@@ -57,6 +59,8 @@ from resd.messages import (
     ExportHistory,
     FinishGrace,
     ForgetTenant,
+    GpuLeases,
+    GpuReport,
     ListActive,
     ListPools,
     Outbox,
@@ -79,12 +83,16 @@ from resd.messages import (
     WhyWaiting,
 )
 from resd.pools import PoolBook, denial_error
+from resd.procwatch import signal_processes
+from resd.reconcile import ProcInfo
 from resd.records import (
     Denied,
     Ended,
+    Marked,
     PoolEvent,
     Queued,
     Rebound,
+    Registered,
     Renewed,
     Reservation,
     Reserved,
@@ -105,10 +113,12 @@ from resd_client.errors import (
 from resd_client.protocol import (
     Attach,
     DeniedEvent,
+    DeviceUse,
     Done,
     ExpiredEvent,
     GrantedEvent,
     HistoryEvent,
+    MarkedEvent,
     PlanResult,
     PoolInfo,
     PreemptedEvent,
@@ -215,6 +225,8 @@ class PoolActor(Actor):
         self._queue_dirty = False
         #: the waiter whose own reserve call is being answered (gets a reply, no push)
         self._replying: str | None = None
+        #: leases ended for over-use → their processes, SIGKILLed when the grace ends
+        self._doomed: dict[str, tuple[tuple[ProcInfo, ...], int]] = {}
         self.handlers = {
             CreatePool: self._create_pool,
             SetPool: self._set_pool,
@@ -250,6 +262,9 @@ class PoolActor(Actor):
             ReleaseTenant: self._release_tenant,
             ForgetTenant: self._forget_tenant,
             TakeSnapshot: lambda m: (self.journal.last_lsn, self.book.snapshot()),
+            DoRegister: self._register,
+            GpuLeases: lambda m: gpu_policy.lease_views(self.book),
+            GpuReport: self._gpu_report,
         }
 
     # --------------------------------------------------------------- startup
@@ -388,6 +403,9 @@ class PoolActor(Actor):
                 if gone[rid].pid is not None and self.watcher is not None:
                     self.watcher.tell(Unwatch(rid))
                 self.orphans.discard(rid)
+                doomed = self._doomed.pop(rid, None)
+                if doomed is not None:
+                    signal_processes(doomed[0], signal.SIGKILL, doomed[1])
                 holder = self.holders.drop(rid)
                 if holder is not None:
                     connection, outbox = holder
@@ -402,7 +420,16 @@ class PoolActor(Actor):
                     if note is not None:
                         self._push(outbox, note, lsn)
                 self._dirty = True
-            case Denied() | Queued() | Rebound():
+            case Marked(id=rid, mark=mark, on=on, detail=detail):
+                (log.warning if on else log.info)(
+                    "marked" if on else "unmarked", reservation=rid, mark=mark, detail=detail
+                )
+                info = self.book.reservations[rid].info()
+                self._notify(
+                    rid, MarkedEvent(reservation=info, mark=mark, on=on, detail=detail), lsn
+                )
+                self._dirty = True
+            case Denied() | Queued() | Rebound() | Registered():
                 pass
             case _:
                 self._dirty = True
@@ -499,7 +526,9 @@ class PoolActor(Actor):
         if args.token is not None and args.token in self.book.by_token:
             # The same request again (its reply was lost with a connection): re-attach.
             uid = None if msg.peer.admin else msg.peer.uid
-            return self._attach(DoAttach(Attach(token=args.token), uid, msg.session, msg.outbox))
+            return self._attach(
+                DoAttach(Attach(token=args.token), uid, msg.session, msg.outbox, msg.peer.pid)
+            )
         if self._removed.get(msg.tenant.name) == msg.tenant.created_at:
             raise NotFoundError(
                 f"tenant {msg.tenant.name!r} was removed", {"tenant": msg.tenant.name}
@@ -517,6 +546,7 @@ class PoolActor(Actor):
             arrived=now,
             seq=self.queue.next_seq(),
             pid=msg.pid,
+            peer=msg.peer.pid or None,
             timeout_at=None if args.timeout is None else now + args.timeout,
         )
         if not self.queue.touches(w.keys):
@@ -565,7 +595,14 @@ class PoolActor(Actor):
 
     def _decide(self, w: Waiter, now: float) -> list[PoolEvent]:
         return self.book.reserve(
-            w.args, w.tenant, uid=w.uid, session=w.session, now=now, rid=w.id, pid=w.pid
+            w.args,
+            w.tenant,
+            uid=w.uid,
+            session=w.session,
+            now=now,
+            rid=w.id,
+            pid=w.pid,
+            peer=w.peer,
         )
 
     @staticmethod
@@ -662,6 +699,36 @@ class PoolActor(Actor):
             self._push(w.outbox, DeniedEvent(reservation_id=w.id, error=error.to_wire()), lsn)
         return lsn
 
+    def _register(self, msg: DoRegister) -> tuple[ReservationInfo, int] | OwnerCheck:
+        check = self._owner_check(msg.id, msg.uid)
+        if check is not None:
+            return check
+        lsn = self._commit(self.book.register(msg.id, msg.pid, msg.start, self.wall()))
+        return self.book.reservation(msg.id).info(), lsn
+
+    def _gpu_report(self, msg: GpuReport) -> None:
+        """Act on the reconciler's verdict (SPEC §10): journal changed marks,
+        terminate over-users whose pool says so (SIGTERM now, SIGKILL when the grace
+        ends), ask idle reclaimable leases back, adopt foreign use, and let waiters
+        try again when memory held outside the ledger shrank."""
+        seen = _figures(self.book.live_devices)
+        decision = gpu_policy.decide(self.book, msg.verdict, self.wall(), self.new_id())
+        try:
+            self._commit(decision.events)
+        except UnavailableError as exc:  # a full disk: the next sample decides again
+            log.error("gpu_report_not_journaled", error=exc.message)
+            return
+        for rid, procs in decision.terminate.items():
+            uid = self.book.reservations[rid].uid
+            sent = signal_processes(procs, signal.SIGTERM, uid)
+            log.warning("overuse_terminating", reservation=rid, signalled=sent)
+            if rid in self.book.reservations:
+                self._doomed[rid] = (procs, uid)
+        if decision.outside_changed:
+            self._queue_dirty = True
+        if seen != _figures(self.book.live_devices):
+            self._dirty = True
+
     def _owner_check(self, rid: str, uid: int | None) -> OwnerCheck | None:
         """Whether the caller (``uid``) must be checked against the tenant's owners."""
         if uid is None:
@@ -730,11 +797,11 @@ class PoolActor(Actor):
             raise ForbiddenError(
                 f"{rid} belongs to uid {holder}; uid {msg.uid} may not attach to it", {"id": rid}
             )
-        lsn = self._commit(self.book.rebind(rid, msg.session, self.wall()))
+        lsn = self._commit(self.book.rebind(rid, msg.session, self.wall(), msg.peer))
         self.orphans.discard(rid)
         log.info("reattached", reservation=rid, session=msg.session)
         if w is not None:
-            w.session, w.outbox = msg.session, msg.outbox
+            w.session, w.outbox, w.peer = msg.session, msg.outbox, msg.peer
             order = self.queue.ordered(self.book.tenant_live)
             return dataclasses.replace(w.info(), position=order.index(w) + 1), lsn
         self.holders.drop(rid)
@@ -801,6 +868,7 @@ class PoolActor(Actor):
             for r in sorted(self.book.reservations.values(), key=lambda r: r.created_at)
             if (msg.pool is None or r.pool == msg.pool)
             and (msg.tenant is None or r.tenant == msg.tenant)
+            and (not msg.idle or "idle" in r.marks)
         ]
 
     def _export(self, msg: ExportHistory) -> list[HistoryEvent]:
@@ -877,6 +945,15 @@ class PoolActor(Actor):
     def _subscribe(self, msg: Subscribe) -> list[PoolInfo]:
         self.subscribers.add(msg.outbox)
         return self.book.pool_infos()
+
+
+def _figures(devices: dict[str, list[DeviceUse]]) -> list[tuple[Any, ...]]:
+    """What a ``state`` subscriber sees of live GPU figures (not the sample time)."""
+    return [
+        (pool, d.member, d.memory_used, d.foreign, d.overuse, d.utilization)
+        for pool, ds in sorted(devices.items())
+        for d in ds
+    ]
 
 
 def _reason(error: ResdError) -> tuple[str, str, dict[str, Any]]:

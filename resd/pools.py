@@ -15,11 +15,13 @@ from typing import Any
 
 import attrs
 
+from resd.gpu_usage import enforcement_of
 from resd.holdings import GPU, VRAM, PoolHoldings, members_of, shortfall
 from resd.records import (
     Capacity,
     Denied,
     Ended,
+    Marked,
     Pool,
     PoolChanged,
     PoolCreated,
@@ -27,6 +29,7 @@ from resd.records import (
     PoolEvent,
     Queued,
     Rebound,
+    Registered,
     Renewed,
     Reservation,
     Reserved,
@@ -48,6 +51,7 @@ from resd_client.errors import (
 )
 from resd_client.protocol import (
     Allocation,
+    DeviceUse,
     GpuStatus,
     HistoryEvent,
     HostResources,
@@ -63,6 +67,8 @@ from resd_client.protocol import (
 from resd_client.quantity import render_quantity, unit_of
 
 LIVE = ("active", "terminating")
+#: processes one lease may have registered (resctl run registers one)
+MAX_PROCS = 64
 
 
 @attrs.define(eq=False)
@@ -87,6 +93,12 @@ class PoolBook:
     waiting: dict[str, Waiting] = attrs.Factory(dict)
     #: attach token → the live reservation or waiter that carries it
     by_token: dict[str, str] = attrs.Factory(dict)
+    #: whether an MPS control daemon serves this host's GPUs (decides ``enforcement``)
+    mps: bool = False
+    #: what the last GPU sample saw (not journaled; the reconciler sets it):
+    #: pool → its devices, and live lease → GPU memory its processes hold
+    live_devices: dict[str, list[DeviceUse]] = attrs.Factory(dict)
+    live_vram: dict[str, int] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -189,6 +201,7 @@ class PoolBook:
             )
             for row in self.usage(pool)
         }
+        live = {d.member: d for d in self.live_devices.get(pool.name, ())}
         gpus = [
             GpuStatus(
                 name=m.name,
@@ -200,8 +213,12 @@ class PoolBook:
                 vram_allocated=m.allocated,
                 whole=m.whole,
                 holders=m.holders,
+                memory_used=None if seen is None else seen.memory_used,
+                foreign_bytes=0 if seen is None else seen.foreign,
+                utilization=None if seen is None else seen.utilization,
             )
             for m in self.holdings[pool.name].member_usage(GPU)
+            for seen in [live.get(m.name)]
         ]
         known = {"cpu", "memory", "disk", "net", "disk_io", GPU, VRAM}
         allocations = [
@@ -217,12 +234,15 @@ class PoolBook:
                 gpus=list(r.members.get(GPU, ())),
                 vram_bytes=r.resources.get(VRAM, 0),
                 other={k: v for k, v in r.resources.items() if k not in known},
+                vram_used_bytes=self.live_vram.get(r.id, 0),
+                marks=dict(r.marks),
             )
             for r in sorted(self.active_in(pool.name), key=lambda r: r.created_at)
         ]
         return HostResources(pool=pool.name, resources=statuses, gpus=gpus, allocations=allocations)
 
     def pool_info(self, pool: Pool) -> PoolInfo:
+        active = self.active_in(pool.name)
         return PoolInfo(
             name=pool.name,
             resources=self.usage(pool),
@@ -232,7 +252,12 @@ class PoolBook:
             grace=pool.grace,
             labels=dict(pool.labels),
             created_at=pool.created_at,
-            active=sum(1 for _ in self.active_in(pool.name)),
+            active=len(active),
+            overuse=pool.overuse,
+            idle_after=pool.idle_after,
+            adopt_foreign=pool.adopt_foreign,
+            devices=list(self.live_devices.get(pool.name, ())),
+            marks=dict(Counter(mark for r in active for mark in r.marks)),
         )
 
     def pool_infos(self) -> list[PoolInfo]:
@@ -262,6 +287,9 @@ class PoolBook:
             grace=args.grace,
             labels=dict(args.labels),
             created_at=now,
+            overuse=args.overuse,
+            idle_after=args.idle_after,
+            adopt_foreign=args.adopt_foreign,
         )
         return [PoolCreated(pool)]
 
@@ -300,6 +328,9 @@ class PoolBook:
             placement=args.placement or pool.placement,
             grace=pool.grace if args.grace is None else args.grace,
             labels=pool.labels if args.labels is None else dict(args.labels),
+            overuse=args.overuse or pool.overuse,
+            idle_after=pool.idle_after if args.idle_after is None else args.idle_after,
+            adopt_foreign=pool.adopt_foreign if args.adopt_foreign is None else args.adopt_foreign,
         )
         return [PoolChanged(changed)]
 
@@ -398,6 +429,7 @@ class PoolBook:
         rid: str,
         pools: list[Pool] | None = None,
         pid: tuple[int, float] | None = None,
+        peer: int | None = None,
     ) -> list[PoolEvent]:
         """Events of granting ``args``; raises InvalidError/NotFoundError for bad input.
 
@@ -415,6 +447,8 @@ class PoolBook:
             outcome = self._try(
                 pool, args, tenant, uid=uid, session=session, now=now, rid=rid, pid=pid
             )
+            if isinstance(outcome, Reservation) and args.binding == "session":
+                outcome = attrs.evolve(outcome, peer=peer)
             if isinstance(outcome, ResdError):
                 refusals.append(outcome)
             else:
@@ -485,6 +519,7 @@ class PoolBook:
             pid=None if pid is None else pid[0],
             pid_start=None if pid is None else pid[1],
             token=args.token or "",
+            enforcement=enforcement_of(args.binding, placement.devices, args.resources, self.mps),
         )
 
     def never_fits(self, args: Reserve, pools: list[Pool] | None = None) -> ResdError | None:
@@ -629,11 +664,43 @@ class PoolBook:
             Ended(rid, "released", now, reason) for rid in sorted(self.by_session.get(session, ()))
         ]
 
-    def rebind(self, rid: str, session: str, now: float) -> list[PoolEvent]:
-        """Events of re-attaching lease or waiter ``rid`` to connection ``session``."""
+    def rebind(
+        self, rid: str, session: str, now: float, peer: int | None = None
+    ) -> list[PoolEvent]:
+        """Events of re-attaching lease or waiter ``rid`` to connection ``session``
+        (whose peer process ``peer`` becomes a session lease's attribution root)."""
         if rid not in self.reservations and rid not in self.waiting:
             raise NotFoundError(f"{rid} is neither active nor waiting", {"id": rid})
-        return [Rebound(rid, session, now)]
+        return [Rebound(rid, session, now, peer)]
+
+    def register(self, rid: str, pid: int, start: float, now: float) -> list[PoolEvent]:
+        """Events of adding process ``pid`` to live lease ``rid``'s processes (none
+        when it is there already)."""
+        r = self.reservations.get(rid)
+        if r is None:
+            raise NotFoundError(f"{rid} is not an active reservation", {"id": rid})
+        if (pid, start) in r.procs or r.pid == pid:
+            return []
+        if len(r.procs) >= MAX_PROCS:
+            raise InvalidError(
+                f"{rid} has {MAX_PROCS} processes registered already; register the"
+                " parent of a process tree, not each process",
+                {"id": rid, "max": MAX_PROCS},
+            )
+        return [Registered(rid, pid, start, now)]
+
+    def mark(self, rid: str, wanted: dict[str, str], now: float) -> list[PoolEvent]:
+        """Events that make live lease ``rid``'s marks those ``wanted`` (mark → what
+        was seen): only what changes, so a standing mark is journaled once."""
+        r = self.reservations.get(rid)
+        if r is None:
+            return []
+        events: list[PoolEvent] = []
+        for mark in sorted(set(r.marks) | set(wanted)):
+            if (mark in wanted) != (mark in r.marks):
+                on = mark in wanted
+                events.append(Marked(rid, mark, on, wanted[mark] if on else r.marks[mark], now))
+        return events
 
     def last_event(self, rid: str) -> HistoryEvent | None:
         """The latest history event of ``rid`` (how it ended), None if forgotten."""
@@ -659,19 +726,35 @@ class PoolBook:
                 self.waiting[w.id] = w
                 if w.args.token:
                     self.by_token[w.args.token] = w.id
-            case Rebound(id=rid, session=session, at=at):
+            case Rebound(id=rid, session=session, at=at, peer=peer):
                 if rid in self.waiting:
-                    self.waiting[rid] = attrs.evolve(self.waiting[rid], session=session)
+                    self.waiting[rid] = attrs.evolve(self.waiting[rid], session=session, peer=peer)
                 else:
                     r = self.reservations[rid]
                     self._unhold(r)
-                    r = attrs.evolve(r, session=session if r.binding == "session" else "")
+                    session_bound = r.binding == "session"
+                    r = attrs.evolve(
+                        r,
+                        session=session if session_bound else "",
+                        peer=peer if session_bound else r.peer,
+                    )
                     self._hold(r)
                     self._record(at, "reattached", r, "re-attached after a reconnect")
             case Ended(id=rid, state=state, at=at, reason=reason):
                 r = self.reservations[rid]
                 self._unhold(r)
                 self._record(at, state, r, reason)
+            case Registered(id=rid, pid=pid, start=start, at=at):
+                r = self.reservations[rid]
+                r = self.reservations[rid] = attrs.evolve(r, procs=(*r.procs, (pid, start)))
+                self._record(at, "registered", r, f"process {pid}")
+            case Marked(id=rid, mark=mark, on=on, detail=detail, at=at):
+                r = self.reservations[rid]
+                marks = {k: v for k, v in r.marks.items() if k != mark}
+                if on:
+                    marks[mark] = detail
+                r = self.reservations[rid] = attrs.evolve(r, marks=marks)
+                self._record(at, mark if on else f"{mark}_cleared", r, detail)
             case Renewed(id=rid, ttl=ttl, expires_at=expires_at, at=at):
                 r = attrs.evolve(self.reservations[rid], ttl=ttl, expires_at=expires_at)
                 self.reservations[rid] = r
@@ -702,7 +785,9 @@ class PoolBook:
                 self.holdings[pool.name] = PoolHoldings.of(pool)
             case PoolChanged(pool=pool):
                 self.pools[pool.name] = pool
+                outside = self.holdings[pool.name].outside
                 holdings = self.holdings[pool.name] = PoolHoldings.of(pool)
+                holdings.outside = outside
                 for r in self.active_in(pool.name):
                     holdings.hold(r)
             case PoolDeleted(name=name):

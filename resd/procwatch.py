@@ -20,6 +20,7 @@ import structlog
 import trio
 
 from resd.messages import ProcessExited, Unwatch, Watch
+from resd.reconcile import ProcInfo
 
 log = structlog.get_logger("resd.procwatch")
 
@@ -41,6 +42,48 @@ def process_uid(pid: int) -> int | None:
         return int(psutil.Process(pid).uids().real)
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return None
+
+
+def process_table() -> dict[int, ProcInfo]:
+    """Every process the kernel shows: parent, start time, uid, CPU seconds, RSS
+    (for GPU attribution and ``resctl top``). Processes that vanish or deny a field
+    midway are skipped or get zeros; never raises for one process."""
+    table: dict[int, ProcInfo] = {}
+    fields = ["pid", "ppid", "create_time", "uids", "cpu_times", "memory_info"]
+    for proc in psutil.process_iter(fields, ad_value=None):
+        info = proc.info
+        if info["create_time"] is None or info["ppid"] is None:
+            continue
+        cpu = info["cpu_times"]
+        memory = info["memory_info"]
+        table[info["pid"]] = ProcInfo(
+            pid=info["pid"],
+            ppid=info["ppid"],
+            start=round(float(info["create_time"]), 3),
+            uid=-1 if info["uids"] is None else int(info["uids"].real),
+            cpu=0.0 if cpu is None else float(cpu.user + cpu.system),
+            rss=0 if memory is None else int(memory.rss),
+        )
+    return table
+
+
+def signal_processes(procs: tuple[ProcInfo, ...], signum: int, owner_uid: int) -> list[int]:
+    """Send ``signum`` to each of ``procs`` that is still the same process (pid and
+    start time) and belongs to ``owner_uid`` (any, for a root-owned lease); never to
+    resd itself. Returns the pids signalled."""
+    sent = []
+    for p in procs:
+        if p.pid in (os.getpid(), os.getppid()) or (owner_uid != 0 and p.uid != owner_uid):
+            continue
+        if process_start(p.pid) != p.start:
+            continue
+        try:
+            os.kill(p.pid, signum)
+        except (ProcessLookupError, PermissionError) as exc:
+            log.warning("signal_failed", pid=p.pid, signal=signum, error=str(exc))
+            continue
+        sent.append(p.pid)
+    return sent
 
 
 def has_pidfd() -> bool:

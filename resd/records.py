@@ -74,6 +74,11 @@ class Pool:
     grace: float
     labels: dict[str, str]
     created_at: float
+    #: GPU truth policy (SPEC §10): what over-use gets, when a GPU lease counts as
+    #: idle (0: never), whether foreign GPU use becomes an ``unmanaged`` reservation
+    overuse: str = "warn"
+    idle_after: float = 0.0
+    adopt_foreign: bool = False
 
 
 @attrs.frozen
@@ -126,6 +131,23 @@ class Reservation:
     reclaim: bool = False
     #: the holder's attach token (SPEC §9); "" when it gave none. Never shown.
     token: str = ""
+    #: a session lease's peer process (SO_PEERCRED), whose tree its GPU use is
+    peer: int | None = None
+    #: processes registered to it (``resctl run``'s CMD): (pid, start time)
+    procs: tuple[tuple[int, float], ...] = ()
+    #: the strongest guard the host gives it (SPEC §10), decided at grant
+    enforcement: str = "none"
+    #: reconciler marks standing now: ``overuse`` / ``idle`` → what was seen
+    marks: dict[str, str] = attrs.Factory(dict)
+
+    def roots(self) -> tuple[int, ...]:
+        """The processes whose trees are this lease's own (SPEC §10 attribution)."""
+        pids = [p for p, _ in self.procs]
+        if self.pid is not None:
+            pids.append(self.pid)
+        if self.peer is not None and self.binding == "session":
+            pids.append(self.peer)
+        return tuple(dict.fromkeys(pids))
 
     def info(self, *, state: str | None = None, ended_at: float | None = None) -> ReservationInfo:
         return ReservationInfo(
@@ -148,6 +170,9 @@ class Reservation:
             priority=self.priority,
             pid=self.pid,
             deadline=self.deadline if self.state == "terminating" else None,
+            enforcement=self.enforcement,
+            marks=dict(self.marks),
+            processes=[p for p, _ in self.procs],
         )
 
 
@@ -168,6 +193,8 @@ class Waiting:
     timeout_at: float | None = None
     pid: int | None = None
     pid_start: float | None = None
+    #: the session peer's process (see ``Reservation.peer``)
+    peer: int | None = None
 
 
 # ------------------------------------------------------------------------ events
@@ -238,6 +265,30 @@ class Rebound:
     id: str
     session: str
     at: float
+    #: the new connection's peer process (a session lease's attribution root)
+    peer: int | None = None
+
+
+@attrs.frozen
+class Registered:
+    """Process ``pid`` (started at ``start``) was added to lease ``id``'s processes."""
+
+    id: str
+    pid: int
+    start: float
+    at: float
+
+
+@attrs.frozen
+class Marked:
+    """The GPU reconciler put ``mark`` (``overuse``, ``idle``) on lease ``id``
+    (``on``) or took it off, having seen ``detail``."""
+
+    id: str
+    mark: str
+    on: bool
+    detail: str
+    at: float
 
 
 @attrs.frozen
@@ -276,6 +327,8 @@ PoolEvent = (
     | Denied
     | Queued
     | Rebound
+    | Registered
+    | Marked
 )
 TenantEvent = TenantSaved | TenantRemoved
 Event = PoolEvent | TenantEvent
@@ -291,6 +344,8 @@ TAGS: Final[dict[str, type]] = {
     "denied": Denied,
     "queued": Queued,
     "rebound": Rebound,
+    "registered": Registered,
+    "marked": Marked,
     "tenant_saved": TenantSaved,
     "tenant_removed": TenantRemoved,
 }

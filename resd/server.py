@@ -309,6 +309,7 @@ class Server:
             orphan = conn.overflowed or conn.stalled is not None or self._stopping
             self.svc.pools.tell(m.SessionClosed(conn.conn.id, orphan=orphan, why=why))
             self.svc.pools.tell(m.Unsubscribe(outbox))
+            self.svc.reconciler.unsubscribe(outbox)
             channel.close()
             self._connections.discard(conn)
             self._per_uid[peer.uid] -= 1

@@ -49,6 +49,8 @@ class Waiter:
     arrived: float
     seq: int
     pid: tuple[int, float] | None = None
+    #: the session peer's process (a session lease's attribution root)
+    peer: int | None = None
     #: wall time its ``timeout`` passes
     timeout_at: float | None = None
     position: int = 0
@@ -76,6 +78,7 @@ class Waiter:
             arrived=record.arrived,
             seq=record.seq,
             pid=pid,
+            peer=record.peer,
             timeout_at=record.timeout_at,
         )
 
@@ -92,6 +95,7 @@ class Waiter:
             timeout_at=self.timeout_at,
             pid=None if self.pid is None else self.pid[0],
             pid_start=None if self.pid is None else self.pid[1],
+            peer=self.peer,
         )
 
     def rank(self, live: Mapping[str, int]) -> tuple[int, float, float, int]:

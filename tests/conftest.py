@@ -54,6 +54,7 @@ def make_config(tmp: Path, **changes: object) -> Config:
         fsync="never",
         host_pool=False,
         log_level="warning",
+        gpu_sample_interval=0,  # GPU tests turn the reconciler on with a scripted host
     )
     return attrs.evolve(base, **changes)  # type: ignore[arg-type]
 

@@ -316,6 +316,9 @@ def test_resources_json_is_hypemans_shape(host: Proc) -> None:
             "gpus": whole["members"]["gpu"],
             "vram_bytes": 0,
             "other": {},
+            # resd's additions: live GPU memory of its processes, reconciler marks
+            "vram_used_bytes": 0,
+            "marks": {},
         },
         {
             "reservation_id": part["id"],
@@ -329,6 +332,8 @@ def test_resources_json_is_hypemans_shape(host: Proc) -> None:
             "gpus": [sliced],
             "vram_bytes": 40 * GIB,
             "other": {},
+            "vram_used_bytes": 0,
+            "marks": {},
         },
     ]
 

@@ -216,6 +216,44 @@ STATUS = p.Status(
     connections=4,
 )
 
+DEVICE = p.DeviceUse(
+    member="0",
+    uuid="GPU-0",
+    memory_total=80 << 30,
+    memory_used=70 << 30,
+    foreign=10 << 30,
+    overuse=10 << 30,
+    utilization=93,
+    foreign_pids=[4242],
+    at=1_800_000_004.0,
+)
+TOP = p.TopSnapshot(
+    at=1_800_000_004.0,
+    interval=2.0,
+    rows=[
+        p.TopRow(
+            id="r-0123456789ab",
+            tenant="alice",
+            pool="host",
+            state="active",
+            label="train",
+            priority=5,
+            resources={"vram": 20 << 30},
+            members={"gpu": ["0"]},
+            pids=[100, 101],
+            cpu_percent=150.5,
+            rss=2 << 30,
+            gpu_memory={"0": 30 << 30},
+            gpu_utilization={"0": 93},
+            marks={"overuse": "holds 30.0 GiB on gpu 0 where it reserved 20.0 GiB"},
+            enforcement="framework",
+            idle_for=0.0,
+            created_at=1_800_000_000.0,
+        )
+    ],
+    devices={"host": [DEVICE]},
+)
+
 SAMPLES: dict[type, list[Any]] = {
     p.HelloResult: [
         p.HelloResult(
@@ -275,6 +313,17 @@ SAMPLES: dict[type, list[Any]] = {
         p.PreemptedEvent(reservation=ENDED, by="bob"),
     ],
     p.StateEvent: [p.StateEvent(pools=[POOL], active=2, at=1_800_000_003.0)],
+    p.MarkedEvent: [
+        p.MarkedEvent(
+            reservation=RESERVATION,
+            mark="overuse",
+            on=True,
+            detail="holds 30.0 GiB on gpu 0 where it reserved 20.0 GiB",
+        ),
+        p.MarkedEvent(reservation=RESERVATION, mark="idle", on=False),
+    ],
+    p.TopSnapshot: [TOP, p.TopSnapshot(at=1_800_000_004.0, interval=2.0, gpu_sampling="no GPUs")],
+    p.TopEvent: [p.TopEvent(snapshot=TOP)],
     p.HostResources: [
         p.HostResources(
             pool="host",
@@ -414,7 +463,9 @@ ARG_SAMPLES: dict[str, Any] = {
     "list": p.ListReservations(pool="gpu-box"),
     "status": p.Empty(),
     "export": p.Export(since=1_800_000_000.0, tenant="alice"),
-    "subscribe": p.Subscribe(),
+    "subscribe": p.Subscribe(topics=["state", "top"]),
+    "register": p.Register(id="r-0123456789ab", pid=4242),
+    "top": p.Empty(),
     "resources": p.ResourcesOf(pool="host"),
     "why": p.ReservationRef(id="r-0123456789ab"),
     "plan": p.Plan(request=p.Reserve(pool="gpu-box", resources={"gpu": 2}), priority=9),

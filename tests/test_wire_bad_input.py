@@ -11,6 +11,7 @@ survive it and stop cleanly.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -240,6 +241,9 @@ POOL_CREATE_FIELDS = {
     "placement": ("literal", False, False),
     "grace": ("float", False, False),
     "labels": ("map", False, False),
+    "overuse": ("literal", False, False),
+    "idle_after": ("float", False, False),
+    "adopt_foreign": ("bool", False, False),
 }
 RESOURCE_SPEC_FIELDS = {"capacity": ("int", False, True), "ratio": ("float", False, False)}
 
@@ -587,6 +591,45 @@ add("reserve binding forever", "reserve", with_(RESERVE, binding="forever"), "bi
 add("list unknown field", "list", {"state": "active"}, "state")
 add("status with an argument", "status", {"verbose": True}, "verbose")
 add("subscribe unknown topic", "subscribe", {"topics": ["everything"]}, "topics")
+add("subscribe no topics", "subscribe", {"topics": []}, "topics")
+add("list pending and idle", "list", {"pending": True, "idle": True}, "idle")
+add("list idle str", "list", {"idle": "yes"}, "idle")
+add("top with an argument", "top", {"sort": "gpu"}, "sort")
+for _what, _value in (("-1", -1.0), ("inf", float("inf")), ("31 days", 31 * 86400.0)):
+    add(
+        f"pool.create idle_after {_what}",
+        "pool.create",
+        with_(POOL_CREATE, idle_after=_value),
+        "idle_after",
+    )
+    add(
+        f"pool.set idle_after {_what}",
+        "pool.set",
+        {"name": "p", "idle_after": _value},
+        "idle_after",
+    )
+add("pool.create overuse kill", "pool.create", with_(POOL_CREATE, overuse="kill"), "overuse")
+add("pool.set overuse kill", "pool.set", {"name": "p", "overuse": "kill"}, "overuse")
+add("pool.set adopt_foreign 1", "pool.set", {"name": "p", "adopt_foreign": 1}, "adopt_foreign")
+add("register no pid", "register", {"id": RID}, "pid")
+add("register pid str", "register", {"id": RID, "pid": "1"}, "pid")
+add("register pid 0", "register", {"id": RID, "pid": 0}, "pid")
+add("register pid huge", "register", {"id": RID, "pid": 1 << 40}, "pid")
+add("register bad id", "register", {"id": "r-XYZ", "pid": 1}, "id")
+add(
+    "register unknown id",
+    "register",
+    {"id": "r-000000000000", "pid": os.getpid()},
+    "r-000000000000",
+    codes=("not_found",),
+)
+add(
+    "register a process that is gone",
+    "register",
+    {"id": RID, "pid": 4_000_000},
+    "4000000",
+    codes=("not_found",),
+)
 add("subscribe topics str", "subscribe", {"topics": "state"}, "topics")
 add_raw(
     "subscribe topic 1000 nested arrays",
