@@ -18,6 +18,8 @@ PURE = [
     "resd.intervals",
     "resd.preemption",
     "resd.gpu_usage",
+    "resd.reconcile",
+    "resd.gpu_policy",
 ]
 # (socket and threading come with resd_client's own package, the sync client)
 BANNED = ["trio", "psutil", "pynvml", "structlog"]
