@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
+import os
+import threading
+import types
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -20,23 +26,42 @@ from resctl.options import (
     parse_resources,
     parse_since,
 )
+from resctl.pools import gpu_policy, parse_idle_after
 from resctl.render import (
     GREEN,
     RED,
     YELLOW,
     bar_colour,
+    compact_bytes,
     duration,
+    host_resources_view,
     insufficient_lines,
     is_plain,
     make_console,
+    mark_counts,
+    marks_text,
+    pool_detail,
+    pools_table,
     reservations_table,
+    status_view,
     usage_bar,
     utilization_table,
 )
 from resctl.reservations import wait_fields
+from resctl.run import Supervisor
 from resctl.watch import Throttle
-from resd_client.errors import InvalidError
-from resd_client.protocol import HistoryEvent, PoolInfo, ReservationInfo, ResourceUsage
+from resd_client.errors import ForbiddenError, InvalidError, UnavailableError
+from resd_client.protocol import (
+    Allocation,
+    DeviceUse,
+    GpuStatus,
+    HistoryEvent,
+    HostResources,
+    PoolInfo,
+    ReservationInfo,
+    ReservationList,
+    ResourceUsage,
+)
 
 GIB = 1024**3
 NOW = 1_800_000_000.0
@@ -88,6 +113,17 @@ BAD_FLAGS = [
     (["export", "--since", "last tuesday"], "--since: 'last tuesday' is not a time"),
     (["watch", "--interval", "-1"], "interval must be 0 or more"),
     (["list", "--pool", "no/slash"], "pool name 'no/slash' is not valid"),
+    (["list", "--pending", "--idle"], "pending and idle cannot be combined"),
+    (["pool", "create", "--name", "p", "--overuse", "kill"], "--overuse: 'kill' is not supported"),
+    (["pool", "set", "--name", "p", "--overuse", "Warn"], "use one of warn, terminate"),
+    (["pool", "set", "--name", "p", "--preemption", "x"], "use one of off, lower_priority"),
+    (["pool", "set", "--name", "p", "--placement", "x"], "use one of binpack, spread, least_used"),
+    (["pool", "create", "--name", "p", "--idle-after", "soon"], "--idle-after: 'soon' is not a"),
+    (["pool", "set", "--name", "p", "--idle-after", "-1"], "--idle-after: '-1' is out of range"),
+    (["pool", "set", "--name", "p", "--idle-after", "31d"], "up to 30d"),
+    (["pool", "set", "--name", "p", "--idle-after", "inf"], "--idle-after: must be a finite"),
+    (["top", "--sort", "memory"], "--sort: 'memory' is not supported; use one of id, tenant"),
+    (["top", "--pool", "no/slash"], "pool name 'no/slash' is not valid"),
 ]
 
 
@@ -134,6 +170,11 @@ def test_wrong_flag_type_is_a_usage_error(missing_socket: str) -> None:
         ["pool", "create", "--name", "pool1", "--cpu", "32", "--memory", "65536", "--gpu", "8"],
         ["export", "--format", "csv"],
         ["watch"],
+        ["top"],
+        ["list", "--idle"],
+        ["pool", "set", "--name", "p", "--overuse", "terminate", "--idle-after", "off"],
+        ["pool", "set", "--name", "p", "--no-adopt-foreign"],
+        ["pool", "create", "--name", "p", "--gpu", "1", "--adopt-foreign", "--idle-after", "2h"],
     ],
 )
 def test_no_daemon_is_unavailable_exit_12(argv: list[str], missing_socket: str) -> None:
@@ -170,6 +211,7 @@ def test_version_without_daemon_exits_0(missing_socket: str) -> None:
         ["tenant"],
         *[[c, "--help"] for c in ("reserve", "unreserve", "release", "renew", "preempt")],
         *[[c, "--help"] for c in ("list", "status", "export", "watch", "version", "resources")],
+        ["top", "--help"],
         *[["pool", c, "--help"] for c in ("create", "list", "show", "set", "delete")],
         *[["tenant", c, "--help"] for c in ("add", "list", "show", "set", "remove")],
     ],
@@ -508,3 +550,275 @@ def test_wait_flags_are_refused_before_connecting(tmp_path: Path) -> None:
     ):
         result = CliRunner().invoke(app, [*argv, "--socket", sock])
         assert result.exit_code == 2, (argv, result.output)
+
+
+# ------------------------------------------------------------ GPU truth (SPEC §10)
+
+
+def test_parse_idle_after() -> None:
+    assert parse_idle_after(None) is None
+    assert parse_idle_after("off") == parse_idle_after("OFF") == parse_idle_after("0") == 0.0
+    assert parse_idle_after("90m") == 5400.0
+    assert parse_idle_after("30d") == 30 * 86400.0
+    for bad, message in (("31d", "out of range"), ("-1", "out of range"), ("never", "duration")):
+        with pytest.raises(InvalidError, match=message):
+            parse_idle_after(bad)
+
+
+def test_gpu_policy_fields() -> None:
+    assert gpu_policy(None, None, None) == {
+        "overuse": None,
+        "idle_after": None,
+        "adopt_foreign": None,
+    }
+    assert gpu_policy("terminate", "2h", False) == {
+        "overuse": "terminate",
+        "idle_after": 7200.0,
+        "adopt_foreign": False,
+    }
+
+
+def test_compact_bytes_and_marks() -> None:
+    assert [compact_bytes(n) for n in (0, 512, 1536, 8 * GIB, GIB * 61 // 2, 117 << 20)] == [
+        "0",
+        "512",
+        "1.5K",
+        "8G",
+        "30G",
+        "117M",
+    ]
+    assert marks_text({"idle": "x", "overuse": "y"}, plain=True).plain == "OVERUSE,IDLE"
+    assert marks_text({}, plain=True).plain == "-"
+    assert mark_counts({"overuse": 1, "idle": 0}) == "1 overuse"
+    assert mark_counts({}) == ""
+
+
+def gpu_pool() -> PoolInfo:
+    return dataclasses.replace(
+        sample_pool(),
+        overuse="terminate",
+        idle_after=3600.0,
+        adopt_foreign=True,
+        devices=[
+            DeviceUse(
+                member="0",
+                uuid="GPU-0",
+                memory_total=80 * GIB,
+                memory_used=32 * GIB,
+                foreign=2 * GIB,
+                overuse=10 * GIB,
+                utilization=97,
+            ),
+            DeviceUse(member="1", uuid="GPU-1", memory_total=80 * GIB, memory_used=0, foreign=0),
+        ],
+        marks={"overuse": 1, "idle": 2},
+    )
+
+
+def plain(renderable: Any) -> str:
+    stream = io.StringIO()
+    make_console(stream, plain=True).print(renderable)
+    return stream.getvalue()
+
+
+def test_status_shows_each_sampled_gpu_and_the_marks() -> None:
+    def view(pool: PoolInfo) -> str:
+        return plain(
+            status_view(
+                server_version="1",
+                boot_id="b",
+                started_at=NOW,
+                pools=[pool],
+                tenants=1,
+                active=2,
+                connections=1,
+                now=NOW,
+                plain=True,
+            )
+        )
+
+    lines = view(gpu_pool()).splitlines()
+    assert "pool pool1 gpu 0: 32G/80G used, foreign 2G, overuse 10G, util 97%" in lines
+    assert "pool pool1 gpu 1: 0/80G used" in lines
+    assert "pool pool1 marks: 2 idle, 1 overuse" in lines
+    assert "gpu 0" not in view(sample_pool()) and "marks" not in view(sample_pool())
+
+
+def test_pool_show_and_list_show_the_gpu_policy() -> None:
+    def fields(pool: PoolInfo) -> dict[str, str]:
+        lines = plain(pool_detail(pool, plain=True)).splitlines()
+        pairs = (line.partition(":  ") for line in lines if ":  " in line)
+        return {key: value.strip() for key, _, value in pairs}
+
+    shown = fields(gpu_pool())
+    assert shown["overuse"] == "terminate" and shown["idle after"] == "1h00m"
+    assert shown["foreign use"] == "adopt" and shown["marks"] == "2 idle, 1 overuse"
+    detail = plain(pool_detail(gpu_pool(), plain=True))
+    assert "pool pool1 gpu 0: 32G/80G used" in detail and "pool pool1 marks" not in detail
+    calm = fields(sample_pool())
+    assert (calm["overuse"], calm["idle after"], calm["foreign use"]) == ("warn", "off", "show")
+    assert calm["marks"] == "-"
+    header, row = plain(pools_table([gpu_pool(), sample_pool()], plain=True)).splitlines()[:2]
+    assert header.split()[-4:] == ["OVERUSE", "IDLE", "AFTER", "FOREIGN"]
+    assert row.split()[-3:] == ["terminate", "1h00m", "adopt"]
+    last = plain(pools_table([sample_pool()], plain=True)).splitlines()[1]
+    assert last.split()[-3:] == ["warn", "off", "show"]
+
+
+def reservation(**fields: Any) -> ReservationInfo:
+    values: dict[str, Any] = {
+        "id": "r-0123456789ab",
+        "tenant": "t1",
+        "pool": "pool1",
+        "resources": {"vram": 20 * GIB},
+        "label": "",
+        "created_at": NOW,
+        "ttl": None,
+        "expires_at": None,
+        "binding": "session",
+        "reclaimable": False,
+        "state": "active",
+        "uid": 1000,
+    }
+    values.update(fields)
+    return ReservationInfo(**values)
+
+
+def test_list_shows_a_marks_column_only_when_a_lease_is_marked() -> None:
+    calm = reservation()
+    assert "MARKS" not in plain(reservations_table([calm], NOW, plain=True))
+    marked = reservation(id="r-0123456789ac", marks={"overuse": "30 GiB", "idle": "1h"})
+    lines = plain(reservations_table([calm, marked], NOW, plain=True)).splitlines()
+    assert lines[0].split()[-1] == "MARKS"
+    assert lines[1].split()[-1] == "-" and lines[2].split()[-1] == "OVERUSE,IDLE"
+
+
+def test_resources_shows_live_gpu_use_and_marks_only_when_sampled() -> None:
+    gpu = GpuStatus(
+        name="0",
+        index="0",
+        uuid="GPU-0",
+        model="H100",
+        numa="0",
+        memory_bytes=80 * GIB,
+        vram_allocated=20 * GIB,
+        whole=False,
+        holders=1,
+    )
+    alloc = Allocation(
+        reservation_id="r-0123456789ab",
+        name="train",
+        tenant="t1",
+        cpu=0,
+        memory_bytes=0,
+        disk_bytes=0,
+        network_bps=0,
+        disk_io_bps=0,
+        gpus=["0"],
+        vram_bytes=20 * GIB,
+        other={},
+    )
+    quiet = HostResources(pool="host", resources={}, gpus=[gpu], allocations=[alloc])
+    text = plain(host_resources_view(quiet, plain=True))
+    assert "FOREIGN" not in text and "VRAM USED" not in text and "MARKS" not in text
+    live = HostResources(
+        pool="host",
+        resources={},
+        gpus=[
+            dataclasses.replace(gpu, memory_used=32 * GIB, foreign_bytes=2 * GIB, utilization=97)
+        ],
+        allocations=[
+            dataclasses.replace(alloc, vram_used_bytes=30 * GIB, marks={"overuse": "30 GiB"})
+        ],
+    )
+    lines = plain(host_resources_view(live, plain=True)).splitlines()
+    gpu_row = next(line.split() for line in lines if line.startswith("0 "))
+    assert gpu_row[-3:] == ["32GiB", "2GiB", "97%"]
+    alloc_row = next(line.split() for line in lines if line.startswith("r-"))
+    assert alloc_row[-2:] == ["30GiB", "OVERUSE"]
+
+
+class FakeListClient:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Any]] = []
+
+    def call(self, op: str, args: Any) -> Any:
+        self.asked.append((op, args))
+        return ReservationList(
+            reservations=[reservation(enforcement="mps", marks={"idle": "1h"}, processes=[7])]
+        )
+
+
+def test_list_idle_asks_for_idle_leases_and_json_has_enforcement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = FakeListClient()
+    monkeypatch.setattr(
+        "resctl.reservations.connect", lambda socket: contextlib.nullcontext(client)
+    )
+    code, stdout, stderr = invoke("list", "--idle", "--json")
+    assert code == 0, stderr
+    ((op, args),) = client.asked
+    assert op == "list" and args.idle and not args.pending
+    (listed,) = json.loads(stdout)["reservations"]
+    assert listed["enforcement"] == "mps"
+    assert listed["marks"] == {"idle": "1h"} and listed["processes"] == [7]
+    code, stdout, _ = invoke("list", "--idle")
+    assert code == 0 and stdout.splitlines()[1].split()[-1] == "IDLE"
+
+
+# ------------------------------------------------------------ run registers CMD
+
+
+class FakeRunClient:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.registered: list[tuple[str, int]] = []
+        self.called = threading.Event()
+
+    def register(self, reservation_id: str, pid: int) -> None:
+        self.registered.append((reservation_id, pid))
+        self.called.set()
+        if self.error is not None:
+            raise self.error
+
+
+def registered(error: Exception | None, *, finished: bool = False) -> tuple[list[str], Any]:
+    """Run ``Supervisor._register`` against a fake client; the warnings and the client."""
+    client = FakeRunClient(error)
+    warnings: list[str] = []
+    lease: Any = types.SimpleNamespace(id="r-0123456789ab")
+    fake: Any = client
+    supervisor = Supervisor(fake, lease, ["true"], {}, kill_after=1.0, warn=warnings.append)
+    try:
+        if finished:
+            supervisor.finished.set()
+        before = set(threading.enumerate())
+        supervisor._register(4242)
+        assert client.called.wait(5)
+        for thread in set(threading.enumerate()) - before:
+            thread.join(5)
+    finally:
+        os.close(supervisor._wake_r)
+        os.close(supervisor._wake_w)
+    assert client.registered == [("r-0123456789ab", 4242)]
+    return warnings, client
+
+
+def test_run_registers_cmd_with_the_lease() -> None:
+    warnings, _ = registered(None)
+    assert warnings == []
+
+
+def test_run_says_once_when_registering_fails() -> None:
+    warnings, _ = registered(ForbiddenError("pid 4242 is not yours"))
+    assert warnings == [
+        "could not register CMD (pid 4242) with r-0123456789ab: forbidden: pid 4242 is not"
+        " yours; its GPU use may count as foreign"
+    ]
+
+
+def test_run_is_quiet_with_an_older_resd_or_once_cmd_is_done() -> None:
+    old = InvalidError("unknown op 'register'; known ops: hello", {"field": "op"})
+    assert registered(old)[0] == []
+    assert registered(UnavailableError("client closed"), finished=True)[0] == []

@@ -13,7 +13,18 @@ import sys
 
 from tests.conftest import Proc, subprocess_env
 
-BLOCKED = ["trio", "psutil", "pynvml", "typer", "rich", "attrs", "cattrs", "structlog", "torch", "jax"]
+BLOCKED = [
+    "trio",
+    "psutil",
+    "pynvml",
+    "typer",
+    "rich",
+    "attrs",
+    "cattrs",
+    "structlog",
+    "torch",
+    "jax",
+]
 
 CHILD = r"""
 import json, sys

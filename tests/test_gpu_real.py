@@ -85,7 +85,7 @@ def test_resctl_run_cmd_is_attributed_and_overuse_flagged(short_tmp: Path) -> No
     )
     try:
         assert run.stdout is not None and run.stdout.readline().strip() == "allocated"
-        leases = json.loads(resctl(proc, "list", "--json").stdout)
+        leases = json.loads(resctl(proc, "list", "--json").stdout)["reservations"]
         (lease,) = [r for r in leases if r["resources"].get("vram")]
         rid = lease["id"]
 

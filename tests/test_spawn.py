@@ -241,6 +241,7 @@ class StandIn:
         self.id = "r-test"
         self.closed = False
         self.released = 0
+        self.registered: tuple[str, int] | None = None
         self.done = threading.Event()
 
     def events(self) -> Iterator[object]:
@@ -249,6 +250,10 @@ class StandIn:
 
     def release(self, *args: Any, **kwargs: Any) -> None:
         self.released += 1
+
+    def register(self, reservation_id: str, pid: int) -> None:
+        """CMD's pid, for GPU attribution (SPEC §10)."""
+        self.registered = (reservation_id, pid)
 
 
 def supervise(cmd: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, Supervisor, list[str]]:

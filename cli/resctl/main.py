@@ -1,7 +1,7 @@
 """The ``resctl`` application: the command table, ``status`` and ``version``.
 
 Each command lives in the module named for what it manages (``pools``,
-``tenants``, ``reservations``, ``export``, ``watch``); this module only mounts
+``tenants``, ``reservations``, ``export``, ``watch``, ``top``); this module only mounts
 them, so the whole command surface can be read here. Command lines of resgate
 work unchanged with ``resctl`` in its place.
 """
@@ -12,7 +12,7 @@ import time
 
 import typer
 
-from resctl import export, pools, reservations, run, tenants, waiting, watch
+from resctl import export, pools, reservations, run, tenants, top, waiting, watch
 from resctl.options import JsonOpt, SocketOpt
 from resctl.render import status_view
 from resctl.session import Output, connect, guard
@@ -43,6 +43,7 @@ app.command("why")(waiting.why)
 app.command("plan")(waiting.plan)
 app.command("export")(export.export)
 app.command("watch")(watch.watch)
+app.command("top")(top.top)
 app.command(
     "run",
     cls=run.RunCommand,
@@ -52,7 +53,8 @@ app.command(
 
 @app.command("status")
 def status(json_out: JsonOpt = False, socket: SocketOpt = None) -> None:
-    """Daemon version, uptime, counts, and utilization of every pool."""
+    """Daemon version, uptime, counts, utilization of every pool, and each sampled
+    GPU's live use (used/total, foreign) with the pool's over-use and idle marks."""
     out = Output(json_out)
     with guard(out), connect(socket) as client:
         result: Status = client.call("status", Empty())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated
 
 import typer
@@ -20,20 +21,25 @@ from resctl.options import (
     parse_labels,
     parse_ratios,
     parse_resources,
+    require_choice,
     split_pair,
 )
 from resctl.render import capacity_summary, pool_detail, pools_table, utilization_table
 from resctl.session import Output, connect, guard
 from resd_client.errors import InvalidError
 from resd_client.protocol import (
+    MAX_IDLE_AFTER,
     Done,
     Empty,
+    OverusePolicy,
+    Placement,
     PoolCreate,
     PoolDelete,
     PoolInfo,
     PoolList,
     PoolName,
     PoolSet,
+    Preemption,
 )
 
 app = typer.Typer(no_args_is_help=True, help="Create, inspect, change and delete pools.")
@@ -68,6 +74,33 @@ LabelOpt = Annotated[
     list[str] | None,
     typer.Option("--label", metavar="K=V", help="Pool label (repeatable)."),
 ]
+OveruseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--overuse",
+        metavar="warn|terminate",
+        help="What resd does with a lease whose processes use more GPU memory than it"
+        " reserved (or a GPU not assigned to it): mark it, or also end its processes"
+        " after the grace (default: warn).",
+    ),
+]
+IdleAfterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--idle-after",
+        metavar="DURATION",
+        help="Mark a GPU lease idle after its GPUs and processes were idle this long"
+        " (30m, 2h, at most 30d); 0 or off: never (the default).",
+    ),
+]
+AdoptForeignOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--adopt-foreign/--no-adopt-foreign",
+        help="Record GPU memory held by processes of no lease as a reservation of the"
+        " unmanaged tenant (default: only show it and keep it out of new grants).",
+    ),
+]
 MaxPerTenantOpt = Annotated[
     int | None,
     typer.Option(
@@ -80,6 +113,41 @@ MaxPerTenantOpt = Annotated[
 
 def _grace(value: str | None) -> float | None:
     return None if value is None else parse_duration(value, "grace")
+
+
+def parse_idle_after(value: str | None) -> float | None:
+    """``--idle-after``: seconds, 0 for ``0``/``off``, None when not given. Raises
+    InvalidError for what is not a duration or lies outside 0 to 30 days."""
+    if value is None:
+        return None
+    if value.strip().lower() == "off":
+        return 0.0
+    seconds = parse_duration(value, "--idle-after")
+    if not 0 <= seconds <= MAX_IDLE_AFTER:
+        raise InvalidError(
+            f"--idle-after: {value!r} is out of range; use off (or 0) or a duration"
+            f" up to {MAX_IDLE_AFTER / 86400:g}d",
+            {"field": "idle_after", "value": value},
+        )
+    return seconds
+
+
+def choice(value: str | None, flag: str, allowed: object) -> str | None:
+    """``value`` if it is one of the ``Literal`` type ``allowed``'s values (None: not
+    given); raises InvalidError listing them."""
+    return None if value is None else require_choice(value, flag, typing.get_args(allowed))
+
+
+def gpu_policy(
+    overuse: str | None, idle_after: str | None, adopt_foreign: bool | None
+) -> dict[str, object]:
+    """The ``PoolCreate``/``PoolSet`` fields of the GPU policy flags (SPEC §10); None
+    for a flag not given. Raises InvalidError for a bad ``--overuse`` or ``--idle-after``."""
+    return {
+        "overuse": choice(overuse, "--overuse", OverusePolicy),
+        "idle_after": parse_idle_after(idle_after),
+        "adopt_foreign": adopt_foreign,
+    }
 
 
 def parse_kinds(ranges: list[str] | None, sets: list[str] | None) -> dict[str, dict[str, object]]:
@@ -129,6 +197,9 @@ def create(
         ),
     ] = "binpack",
     grace: GraceOpt = None,
+    overuse: OveruseOpt = None,
+    idle_after: IdleAfterOpt = None,
+    adopt_foreign: AdoptForeignOpt = None,
     label: LabelOpt = None,
     range_: Annotated[
         list[str] | None,
@@ -179,6 +250,7 @@ def create(
                 "placement": placement,
                 "grace": _grace(grace),
                 "labels": parse_labels(label),
+                **gpu_policy(overuse, idle_after, adopt_foreign),
             },
         )
         with connect(socket) as client:
@@ -230,6 +302,9 @@ def set_(
     preemption: PreemptionOpt = None,
     placement: PlacementOpt = None,
     grace: GraceOpt = None,
+    overuse: OveruseOpt = None,
+    idle_after: IdleAfterOpt = None,
+    adopt_foreign: AdoptForeignOpt = None,
     label: Annotated[
         list[str] | None,
         typer.Option(
@@ -248,10 +323,11 @@ def set_(
             "ratios": parse_ratios(oversub),
             "remove": remove_res or [],
             "max_per_tenant": max_per_tenant,
-            "preemption": preemption,
-            "placement": placement,
+            "preemption": choice(preemption, "--preemption", Preemption),
+            "placement": choice(placement, "--placement", Placement),
             "grace": _grace(grace),
             "labels": parse_labels(label),
+            **gpu_policy(overuse, idle_after, adopt_foreign),
         }
         if all(v in (None, {}, []) for k, v in fields.items() if k != "name"):
             raise InvalidError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import IO, Any, Final
 
@@ -23,6 +23,7 @@ from rich.text import Text
 from resctl.options import group_name, resource_order, user_name
 from resd_client.protocol import (
     Allocation,
+    DeviceUse,
     GpuStatus,
     HostResources,
     PoolInfo,
@@ -146,6 +147,76 @@ def ttl_left(info: ReservationInfo, now: float) -> str:
 
 def seconds(value: float) -> str:
     return f"{value:g}s"
+
+
+def idle_after_text(value: float) -> str:
+    """A pool's ``idle_after``: ``off`` (0) or a compact duration."""
+    return "off" if value <= 0 else duration(value)
+
+
+def compact_bytes(amount: int) -> str:
+    """Bytes in at most four characters and a binary unit letter, for live figures
+    where width matters more than the last digit: ``1.5G``, ``30G``, ``117M``, ``0``."""
+    value, unit = float(amount), ""
+    for bigger in ("K", "M", "G", "T", "P"):
+        if abs(value) < 1024:
+            break
+        value, unit = value / 1024, bigger
+    if not unit:
+        return str(amount)
+    if abs(value) < 10 and round(value, 1) != round(value):
+        return f"{value:.1f}{unit}"
+    return f"{value:.0f}{unit}"
+
+
+#: how marks look in tables, and their colour (SPEC §10)
+MARK_STYLES: Final = {"overuse": RED, "idle": YELLOW}
+
+
+def marks_text(marks: Iterable[str], *, plain: bool) -> Text:
+    """``OVERUSE,IDLE`` (overuse first), coloured unless ``plain``; ``-`` when none."""
+    known = list(MARK_STYLES)
+    names = sorted(marks, key=lambda m: (known.index(m) if m in known else len(known), m))
+    if not names:
+        return Text("-")
+    text = Text()
+    for i, name in enumerate(names):
+        if i:
+            text.append(",")
+        text.append(name.upper(), style="" if plain else MARK_STYLES.get(name, YELLOW))
+    return text
+
+
+def mark_counts(marks: Mapping[str, int]) -> str:
+    """A pool's ``{"overuse": 1, "idle": 2}`` as ``1 overuse, 2 idle``; ``""`` when none."""
+    return ", ".join(f"{n} {name}" for name, n in sorted(marks.items()) if n)
+
+
+def device_line(pool: str, d: DeviceUse, *, plain: bool) -> Text:
+    """One GPU as the last sample saw it: ``pool host gpu 0: 30.0G/80.0G used,
+    foreign 2.0G, overuse 10.0G, util 95%`` (foreign in yellow, overuse in red)."""
+    text = Text(
+        f"pool {pool} gpu {d.member}: "
+        f"{compact_bytes(d.memory_used)}/{compact_bytes(d.memory_total)} used"
+    )
+    if d.foreign:
+        text.append(f", foreign {compact_bytes(d.foreign)}", style="" if plain else YELLOW)
+    if d.overuse:
+        text.append(f", overuse {compact_bytes(d.overuse)}", style="" if plain else RED)
+    if d.utilization is not None:
+        text.append(f", util {d.utilization}%")
+    return text
+
+
+def gpu_lines(pools: Sequence[PoolInfo], *, plain: bool) -> list[Text]:
+    """Per pool: one ``device_line`` per sampled GPU, then its mark counts if any."""
+    lines: list[Text] = []
+    for pool in pools:
+        lines += [device_line(pool.name, d, plain=plain) for d in pool.devices]
+        counts = mark_counts(pool.marks)
+        if counts:
+            lines.append(Text(f"pool {pool.name} marks: {counts}", style="" if plain else YELLOW))
+    return lines
 
 
 # ------------------------------------------------------------------- the bar
@@ -298,17 +369,19 @@ def _gpu_bar(g: GpuStatus, *, plain: bool) -> Text:
 
 
 def gpus_table(view: HostResources, *, plain: bool) -> Table:
-    """One row per GPU: model, NUMA node, memory, VRAM in use, and who holds it."""
+    """One row per GPU: model, NUMA node, memory, VRAM allocated, and who holds it;
+    when resd samples the GPUs, also the memory really used, the foreign part of it
+    (held by no lease) and the utilization, in columns at the end."""
     held = gpu_holders(view)
-    table = make_table(
-        "gpu", "model", "numa", "memory", "allocated", "usage", "held", "holders", plain=plain
-    )
+    live = any(g.memory_used is not None for g in view.gpus)
+    headers = ["gpu", "model", "numa", "memory", "allocated", "usage", "held", "holders"]
+    table = make_table(*headers, *(["used", "foreign", "util"] if live else []), plain=plain)
     for g in view.gpus:
         mine = held.get(g.name, [])
         state = "whole" if g.whole else "free"
         if not g.whole and g.holders:
             state = f"{g.holders} slice" + ("s" if g.holders > 1 else "")
-        table.add_row(
+        row: list[RenderableType] = [
             g.name,
             g.model or "-",
             g.numa or "-",
@@ -317,7 +390,17 @@ def gpus_table(view: HostResources, *, plain: bool) -> Table:
             _gpu_bar(g, plain=plain),
             state,
             ", ".join(_holder(a) for a in mine) or "-",
-        )
+        ]
+        if live:
+            row += [
+                "-" if g.memory_used is None else render_quantity("vram", g.memory_used),
+                Text(
+                    render_quantity("vram", g.foreign_bytes) if g.foreign_bytes else "-",
+                    style=YELLOW if g.foreign_bytes and not plain else "",
+                ),
+                "-" if g.utilization is None else f"{g.utilization}%",
+            ]
+        table.add_row(*row)
     return table
 
 
@@ -338,16 +421,24 @@ def allocation_amounts(a: Allocation) -> dict[str, int]:
 
 
 def allocations_table(view: HostResources, *, plain: bool) -> Table:
-    """hypeman's allocation breakdown: one row per active reservation."""
-    table = make_table("id", "tenant", "label", "resources", "gpus", plain=plain)
+    """hypeman's allocation breakdown: one row per active reservation; when any holds
+    GPU memory now or carries a mark, the VRAM its processes use and its marks, in
+    columns at the end."""
+    live = any(a.vram_used_bytes or a.marks for a in view.allocations)
+    headers = ["id", "tenant", "label", "resources", "gpus"]
+    table = make_table(*headers, *(["vram used", "marks"] if live else []), plain=plain)
     for a in view.allocations:
-        table.add_row(
+        row: list[RenderableType] = [
             a.reservation_id,
             a.tenant,
             a.name or "-",
             amounts(allocation_amounts(a)),
             ",".join(a.gpus) or "-",
-        )
+        ]
+        if live:
+            used = render_quantity("vram", a.vram_used_bytes) if a.vram_used_bytes else "-"
+            row += [used, marks_text(a.marks, plain=plain)]
+        table.add_row(*row)
     return table
 
 
@@ -381,6 +472,9 @@ def pools_table(pools: Sequence[PoolInfo], *, plain: bool) -> Table:
         "placement",
         "grace",
         "labels",
+        "overuse",
+        "idle after",
+        "foreign",
         plain=plain,
     )
     for pool in pools:
@@ -393,8 +487,17 @@ def pools_table(pools: Sequence[PoolInfo], *, plain: bool) -> Table:
             pool.placement,
             seconds(pool.grace),
             labels_text(pool.labels),
+            pool.overuse,
+            idle_after_text(pool.idle_after),
+            foreign_text(pool.adopt_foreign),
         )
     return table
+
+
+def foreign_text(adopt: bool) -> str:
+    """What a pool does with GPU memory no lease holds: ``adopt`` it as an
+    ``unmanaged`` reservation, or only ``show`` it (and keep it out of new grants)."""
+    return "adopt" if adopt else "show"
 
 
 def labels_text(labels: dict[str, str]) -> str:
@@ -415,6 +518,10 @@ def pool_detail(pool: PoolInfo, *, plain: bool) -> Group:
                 ("preemption", pool.preemption),
                 ("placement", pool.placement),
                 ("grace", seconds(pool.grace)),
+                ("overuse", pool.overuse),
+                ("idle after", idle_after_text(pool.idle_after)),
+                ("foreign use", foreign_text(pool.adopt_foreign)),
+                ("marks", mark_counts(pool.marks) or "-"),
                 ("labels", labels_text(pool.labels)),
                 ("created", timestamp(pool.created_at)),
             ],
@@ -422,6 +529,8 @@ def pool_detail(pool: PoolInfo, *, plain: bool) -> Group:
         ),
         Text(""),
         resources_table(pool, plain=plain),
+        *([Text("")] if pool.devices else []),
+        *(device_line(pool.name, d, plain=plain) for d in pool.devices),
     )
 
 
@@ -475,15 +584,16 @@ def tenant_detail(tenant: TenantInfo, *, plain: bool) -> Table:
 def reservations_table(
     reservations: Sequence[ReservationInfo], now: float, *, plain: bool
 ) -> Table:
-    """Active reservations: id first, resources in human units, time left."""
-    table = make_table(
-        "id", "tenant", "pool", "resources", "label", "binding", "state", "ttl left", plain=plain
-    )
+    """Active reservations: id first, resources in human units, time left; when any
+    carries a mark (SPEC §10), a last column with them (``OVERUSE``, ``IDLE``)."""
+    marked = any(r.marks for r in reservations)
+    headers = ["id", "tenant", "pool", "resources", "label", "binding", "state", "ttl left"]
+    table = make_table(*headers, *(["marks"] if marked else []), plain=plain)
     for r in reservations:
         state = Text(r.state + (" (reclaimable)" if r.reclaimable and not plain else ""))
         if not plain and r.state != "active":
             state.stylize(YELLOW)
-        table.add_row(
+        row: list[RenderableType] = [
             r.id,
             r.tenant,
             r.pool,
@@ -492,7 +602,10 @@ def reservations_table(
             r.binding,
             state,
             ttl_left(r, now),
-        )
+        ]
+        if marked:
+            row.append(marks_text(r.marks, plain=plain))
+        table.add_row(*row)
     return table
 
 
@@ -558,6 +671,9 @@ def status_view(
     lines.append(Text(""))
     if pools:
         lines.append(utilization_table(pools, plain=plain))
+        gpus = gpu_lines(pools, plain=plain)
+        if gpus:
+            lines += [Text(""), *gpus]
     else:
         lines.append(Text("no pools"))
     return Group(*lines)

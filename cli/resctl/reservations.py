@@ -220,13 +220,24 @@ def list_(
         bool,
         typer.Option("--pending", help="List queued requests instead, in queue order."),
     ] = False,
+    idle: Annotated[
+        bool,
+        typer.Option(
+            "--idle", help="Only leases marked idle (their GPUs unused for the pool's idle_after)."
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
 ) -> None:
-    """List active reservations (or, with --pending, the requests waiting for room)."""
+    """List active reservations (or, with --pending, the requests waiting for room).
+
+    A MARKS column shows OVERUSE and IDLE marks when any lease has one; --json has
+    each lease's marks, enforcement level and registered processes."""
     out = Output(json_out)
     with guard(out):
-        args = build(ListReservations, {"pool": pool, "tenant": tenant, "pending": pending})
+        args = build(
+            ListReservations, {"pool": pool, "tenant": tenant, "pending": pending, "idle": idle}
+        )
         with connect(socket) as client:
             result: ReservationList = client.call("list", args)
         out.emit(result)
@@ -234,7 +245,8 @@ def list_(
         if result.reservations:
             out.show(table(result.reservations, time.time(), plain=out.plain))
         else:
-            out.line("no waiting requests" if pending else "no active reservations")
+            kind = "idle" if idle else "active"
+            out.line("no waiting requests" if pending else f"no {kind} reservations")
 
 
 ResourcesPoolOpt = Annotated[

@@ -11,7 +11,9 @@
    watchdog process SIGKILLs CMD's whole process group if resctl disappears without
    saying goodbye, so nothing keeps running on resources that are no longer reserved.
    When resctl owns the terminal's foreground, CMD's group is given the terminal
-   (like a shell's foreground job) and it is taken back after.
+   (like a shell's foreground job) and it is taken back after. CMD's pid is
+   registered with the lease (``register``, in the background), so that resd counts
+   the GPU memory of CMD and its descendants against the reservation (SPEC §10).
 3. Supervise, on the main thread only: a ``select`` on a wake-up pipe that the
    signal module (``signal.set_wakeup_fd``), the child-waiter thread and the
    push-reader thread write to; each thread hands its news over through a
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import queue
 import select
@@ -95,6 +98,8 @@ from resd_client.protocol import (
     ReservationInfo,
     Reserve,
 )
+
+log = logging.getLogger("resctl")
 
 EXIT_NOT_FOUND: Final = 127
 EXIT_NOT_EXECUTABLE: Final = 126
@@ -250,6 +255,8 @@ class Supervisor:
         self.waits_for_tty = False
         self.child: subprocess.Popen[bytes] | None = None
         self.tty: int | None = None
+        #: set once CMD is done: what fails after that is no news
+        self.finished = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._wake_lock = threading.Lock()
         self._wake_closed = False
@@ -340,6 +347,7 @@ class Supervisor:
                     return self._not_started(exc)
                 if goodbye is not None:
                     self._send(goodbye, f"{self.child.pid}\n".encode())
+                self._register(self.child.pid)
                 threading.Thread(
                     target=self._wait_child,
                     args=(self.child.pid,),
@@ -350,6 +358,7 @@ class Supervisor:
                 self.child.returncode = returncode  # reaped by _wait_child
                 self._reap_leftovers(self.child.pid)
         finally:
+            self.finished.set()
             self._take_terminal_back()
             self._release()
             if goodbye is not None:
@@ -365,6 +374,35 @@ class Supervisor:
             if self.tty is not None:
                 os.close(self.tty)
         return self._outcome(returncode)
+
+    def _register(self, pid: int) -> None:
+        """Register CMD with the lease, on a thread of its own: supervision must not
+        wait for it while resd is away. A failure is never fatal: an older resd
+        without ``register`` gets a debug line, anything else one line on stderr
+        (none once CMD is done); resd journals the registration, so a reconnection
+        needs none again."""
+
+        def register() -> None:
+            try:
+                self.client.register(self.lease.id, pid)
+            except ResdError as exc:
+                if self.finished.is_set():
+                    return
+                if isinstance(exc, InvalidError) and exc.details.get("field") == "op":
+                    log.debug("resd does not know register: %s", exc.message)
+                    return
+                self.warn(
+                    f"could not register CMD (pid {pid}) with {self.lease.id}: {exc.code}:"
+                    f" {exc.message}; its GPU use may count as foreign"
+                )
+            except Exception as exc:  # never fatal: CMD runs whether or not resd knows it
+                if not self.finished.is_set():
+                    self.warn(
+                        f"could not register CMD (pid {pid}) with {self.lease.id}: {exc};"
+                        " its GPU use may count as foreign"
+                    )
+
+        threading.Thread(target=register, name="resctl-run-register", daemon=True).start()
 
     def _supervise(self, child: subprocess.Popen[bytes]) -> int:
         """The main loop; returns CMD's ``returncode`` (negative: killed by a signal)."""

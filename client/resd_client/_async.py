@@ -27,7 +27,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
@@ -61,6 +61,7 @@ from resd_client.protocol import (
     ReservationInfo,
     Reserve,
     Status,
+    TopSnapshot,
     WaitInfo,
 )
 
@@ -95,7 +96,7 @@ class Stream(Protocol):
 class Lease(LeaseState):
     """A reservation held through an async client; ``async with lease:`` releases it
     on exit (shielded from cancellation). State, ``ended``, ``reclaim_requested``,
-    ``assigned`` and ``env``: see ``resd_client._core.LeaseState``."""
+    ``marks``, ``assigned`` and ``env``: see ``resd_client._core.LeaseState``."""
 
     def __init__(
         self, client: AsyncClient, info: ReservationInfo, on_reclaim: OnReclaim | None = None
@@ -111,8 +112,14 @@ class Lease(LeaseState):
         await self.client._run(flows.release_lease(self.client, self, wait=wait))
 
     async def renew(self, ttl: float | None = None) -> None:
-        """Extend the TTL: expires ``ttl`` (default: its own ttl) seconds from now."""
-        self.info = await self.client._run(flows.renew(self.client, self.id, ttl))
+        """Extend the TTL: expires ``ttl`` (default: its own ttl) seconds from now
+        (``info`` is the reply, applied by the session as it was read)."""
+        await self.client._run(flows.renew(self.client, self.id, ttl))
+
+    async def register(self, pid: int) -> None:
+        """Count process ``pid`` (and its descendants) as this lease's, for resd's GPU
+        accounting (SPEC §10): a worker it started that holds GPU memory."""
+        await self.client._run(flows.register(self.client, self.id, pid))
 
     async def __aenter__(self) -> Lease:
         return self
@@ -505,9 +512,21 @@ class AsyncClient(abc.ABC):
     async def status(self) -> Status:
         return await self._run(flows.status(self))
 
-    async def subscribe(self) -> Status:
-        """Ask for ``state`` pushes; read them with ``events()``."""
-        return await self._run(flows.subscribe(self))
+    async def subscribe(self, topics: Iterable[str] = ("state",)) -> Status:
+        """Ask for pushes of ``topics``, read with ``events()``: ``state`` (a
+        ``StateEvent`` after each change), ``top`` (a ``TopEvent`` every sample
+        interval). After a reconnection it subscribes again by itself."""
+        return await self._run(flows.subscribe(self, topics))
+
+    async def register(self, reservation_id: str, pid: int) -> ReservationInfo:
+        """Count process ``pid`` (and its descendants) as the lease's, for resd's GPU
+        accounting (SPEC §10); ``resctl run`` registers its CMD."""
+        return await self._run(flows.register(self, reservation_id, pid))
+
+    async def top(self) -> TopSnapshot:
+        """Every lease's live use (CPU, RSS, GPU memory and utilization, marks), as
+        of resd's last sample."""
+        return await self._run(flows.top(self))
 
     async def why(self, reservation_id: str) -> WaitInfo:
         """Why a request waits: its queue position and what it waits for."""

@@ -5,9 +5,10 @@ A client owns a ``Session`` and moves bytes: ``Session.ask`` numbers a request a
 gives the frame to send; ``Session.receive`` takes the bytes read from the socket,
 completes the matching ``Call`` (its ``done`` flag is set; ``Call.result`` decodes
 the typed result or raises the typed error) and routes pushes to the ``LeaseState``
-they concern. A push about a reservation this session does not track yet (a
-``granted`` that overtook the ``pending`` reply) waits in a small buffer and is
-applied when the lease is tracked.
+they concern (a ``marked`` push updates the lease's ``marks``). A push about a
+reservation this session does not track yet (a ``granted`` that overtook the
+``pending`` reply) waits in a small buffer and is applied when the lease is
+tracked. A push this client does not understand (a newer daemon's) is skipped.
 
 The operations themselves are *flows*: generators that yield what they need done
 (``Send`` a request, wait for its ``Reply``, ``Await`` a lease leaving ``pending``)
@@ -27,8 +28,8 @@ a secret the client chooses. When the connection ends unexpectedly the client ca
 what is safe to send twice once the session is back), leases stay as they are,
 and ``events()`` gets a ``Disconnected`` notice. On each new connection the client
 sends what ``Session.resume`` gives — ``hello``, one ``attach`` per lease, and
-``subscribe`` if it had subscribed — and feeds the replies to ``receive`` as usual;
-each ``attach`` reply is applied as it comes (``resume_events``: a grant, a
+``subscribe`` to the topics it had subscribed to — and feeds the replies to
+``receive`` as usual; each ``attach`` reply is applied as it comes (``resume_events``: a grant, a
 preemption notice, or the end that happened meanwhile), and once all are in the
 session is connected again and ``events()`` gets ``Reconnected``. ``close`` is the
 end for good: the user closed the client, or reconnecting gave up.
@@ -42,9 +43,9 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, Final, Generic, Protocol, TypedDict, TypeVar
+from typing import Any, Final, Generic, Literal, Protocol, TypedDict, TypeVar
 
 from resd_client.env import GpuIds, lease_env
 from resd_client.env import assigned as _assigned
@@ -70,11 +71,13 @@ from resd_client.protocol import (
     Hello,
     HelloResult,
     ListReservations,
+    MarkedEvent,
     Placement,
     Plan,
     PlanResult,
     PreemptedEvent,
     ReclaimEvent,
+    Register,
     ReleasedEvent,
     Renew,
     ReservationInfo,
@@ -83,6 +86,7 @@ from resd_client.protocol import (
     Reserve,
     Status,
     Subscribe,
+    TopSnapshot,
     WaitInfo,
     decode_event,
     encode_frame,
@@ -116,6 +120,7 @@ RESENT: Final = frozenset(
         "plan",
         "pool.list",
         "pool.show",
+        "register",
         "release",
         "renew",
         "resources",
@@ -123,9 +128,15 @@ RESENT: Final = frozenset(
         "subscribe",
         "tenant.list",
         "tenant.show",
+        "top",
         "why",
     }
 )
+#: ops whose reply is the newest ``ReservationInfo`` of a lease: the session applies
+#: it as it reads it, so that a push read after it is not undone by it
+LEASE_REPLIES: Final = frozenset({"register", "renew"})
+#: what ``subscribe`` can ask for (``Subscribe.topics``)
+Topic = Literal["state", "top"]
 #: reservation states that are an end (what ``attach`` reports from history)
 ENDED_STATES: Final = frozenset({"released", "expired", "preempted", "denied", "cancelled"})
 
@@ -314,6 +325,13 @@ class LeaseState:
         """Like ``env``; ``gpu_ids="uuid"`` gives ``CUDA_VISIBLE_DEVICES`` as GPU UUIDs."""
         return lease_env(self.info, gpu_ids)
 
+    @property
+    def marks(self) -> dict[str, str]:
+        """The marks resd's GPU reconciler put on it now (SPEC §10): ``overuse`` /
+        ``idle`` → what was seen; kept current by ``marked`` pushes and every newer
+        ``info`` (a renewal, a re-attachment)."""
+        return dict(self.info.marks)
+
     def _apply(self, event: Any) -> None:
         if isinstance(event, DeniedEvent):
             if self.pending:
@@ -321,7 +339,9 @@ class LeaseState:
                 self._end("denied")
             return
         was_pending = self.pending
-        self.info = event.reservation
+        self.info = (
+            marked(self.info, event) if isinstance(event, MarkedEvent) else event.reservation
+        )
         if isinstance(event, ReclaimEvent):
             self.reclaim_requested = True
             self.preempt_deadline = event.deadline
@@ -360,6 +380,18 @@ class LeaseState:
     def __repr__(self) -> str:
         state = self.ended or self.info.state
         return f"{type(self).__name__}({self.id}, {state}, pool={self.info.pool}, resources={self.info.resources})"
+
+
+def marked(known: ReservationInfo, event: MarkedEvent) -> ReservationInfo:
+    """The reservation of a ``marked`` push with that mark put on or taken off; the
+    other marks are those ``known`` had and those the push's ``reservation`` shows
+    (each mark comes and goes by its own push)."""
+    marks = {**known.marks, **event.reservation.marks}
+    if event.on:
+        marks[event.mark] = event.detail
+    else:
+        marks.pop(event.mark, None)
+    return dataclasses.replace(event.reservation, marks=marks)
 
 
 def resume_events(lease: LeaseState, info: ReservationInfo) -> list[Any]:
@@ -424,7 +456,8 @@ class Call:
 
     ``epoch`` is the connection it was numbered on (see ``Session.sending``);
     ``sent`` says it was handed to the socket; ``lost`` says why its connection
-    ended before the reply came (the client is reconnecting)."""
+    ended before the reply came (the client is reconnecting); ``topics`` are what a
+    ``subscribe`` asks for (the session keeps them once granted)."""
 
     id: int
     op: str
@@ -433,6 +466,8 @@ class Call:
     frame: dict[str, Any] | None = None
     sent: bool = False
     lost: str | None = None
+    #: for a ``subscribe``: the topics it asks for
+    topics: tuple[Topic, ...] = ()
 
     def result(self) -> Any:
         """The typed result (``RESULTS[op]``); raises the typed error of an error reply,
@@ -514,8 +549,9 @@ class Session:
         self.disconnected: str | None = None
         #: the connection requests go on; a new one after each reconnection
         self.epoch = 0
-        #: whether ``subscribe`` succeeded (a resumption subscribes again)
-        self.subscribed = False
+        #: the topics of every ``subscribe`` that succeeded, sorted (a resumption
+        #: subscribes to them again); empty when the client never subscribed
+        self.topics: tuple[Topic, ...] = ()
         #: the daemon's answer to the latest ``hello``
         self.hello: HelloResult | None = None
 
@@ -535,8 +571,15 @@ class Session:
                 {"op": op, "sent": False},
             )
         call = Call(next(self._ids), op, done, self.epoch)
+        if op == "subscribe":
+            call.topics = tuple(args.topics if isinstance(args, Subscribe) else Subscribe().topics)
         self._calls[call.id] = call
         return call, encode_frame(request(call.id, op, args))
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether a ``subscribe`` succeeded (a resumption subscribes again)."""
+        return bool(self.topics)
 
     def sending(self, call: Call) -> bool:
         """Whether ``call`` may be written now (its connection is the current one and
@@ -582,16 +625,23 @@ class Session:
             if then is not None:
                 then(call)
             elif call.op == "subscribe" and frame.get("ok") is True:
-                self.subscribed = True
+                self.topics = tuple(sorted({*self.topics, *call.topics}))
+            elif call.op in LEASE_REPLIES and frame.get("ok") is True:
+                self._lease_reply(call)
             call.done.set()
         resume = self._resume
         if resume is not None and not resume.waiting and not resume.todo:
             self._resumed(resume)
 
     def _push(self, frame: dict[str, Any]) -> None:
+        """Decode and route one push; one this client does not understand (a newer
+        daemon's event, or a known one with fields it does not know) is skipped."""
+        if not isinstance(frame.get("event"), str):
+            log.debug("ignoring push with a bad event name: %r", type(frame.get("event")))
+            return
         try:
             event = decode_event(frame)
-        except ResdError as exc:  # a newer daemon's event: not ours to understand
+        except ResdError as exc:
             log.debug("ignoring push: %s", exc)
             return
         rid = _reservation_id(event)
@@ -601,6 +651,16 @@ class Session:
         elif rid is not None:
             self._buffer(rid, event)
         self._on_push(event)
+
+    def _lease_reply(self, call: Call) -> None:
+        """Apply a ``LEASE_REPLIES`` reply to its tracked lease now, in stream order
+        (a bad one is the flow's to raise)."""
+        try:
+            info = call.result()
+        except ResdError:
+            return
+        if isinstance(info, ReservationInfo):
+            self.updated(info)
 
     def _buffer(self, rid: str, event: Any) -> None:
         events = self._early.setdefault(rid, [])
@@ -694,9 +754,10 @@ class Session:
 
     def resume(self, hello: Hello, attempt: int) -> bytes:
         """Begin again on a new connection: the frames to send first — ``hello``,
-        ``subscribe`` if the client had subscribed, and the first ``attach`` requests
-        (one per tracked lease with a token; ``resume_frames`` gives the rest). The
-        replies go to ``receive``; ``resuming`` stays true until all came.
+        ``subscribe`` to ``topics`` if the client had subscribed, and the first
+        ``attach`` requests (one per tracked lease with a token; ``resume_frames``
+        gives the rest). The replies go to ``receive``; ``resuming`` stays true until
+        all came.
 
         Raises UnavailableError when the session is closed.
         """
@@ -709,8 +770,9 @@ class Session:
         todo = deque(lease for lease in self._leases.values() if lease.token is not None)
         self._resume = _Resume(attempt, todo)
         frames = [self._resume_call("hello", hello, self._hello_back)]
-        if self.subscribed:
-            frames.append(self._resume_call("subscribe", Subscribe(), self._subscribe_back))
+        if self.topics:
+            again = Subscribe(topics=list(self.topics))
+            frames.append(self._resume_call("subscribe", again, self._subscribe_back))
         return b"".join(frames) + self.resume_frames()
 
     def resume_frames(self) -> bytes:
@@ -1098,18 +1160,39 @@ def release_lease(host: Host[LeaseState], lease: LeaseState, *, wait: bool = Tru
 
 def renew(host: Host[LeaseState], reservation_id: str, ttl: float | None) -> Flow[ReservationInfo]:
     """Extend a reservation's TTL (``ttl``: a new one; None: its own)."""
-    info = yield from ask(host, "renew", Renew(id=reservation_id, ttl=ttl), ReservationInfo)
-    host.session.updated(info)
-    return info
+    return ask(host, "renew", Renew(id=reservation_id, ttl=ttl), ReservationInfo)
 
 
 def status(host: Host[LeaseState]) -> Flow[Status]:
     return ask(host, "status", Empty(), Status)
 
 
-def subscribe(host: Host[LeaseState]) -> Flow[Status]:
-    """Ask for ``state`` pushes; a resumption asks again by itself."""
-    return ask(host, "subscribe", Subscribe(), Status)
+def subscribe_args(topics: Iterable[str]) -> Subscribe:
+    """The checked ``Subscribe`` for ``topics`` (one name, or several); raises
+    InvalidError naming the topics allowed (``state``, ``top``)."""
+    names = [topics] if isinstance(topics, str) else list(topics)
+    return from_wire(Subscribe, {"topics": names}, "subscribe")
+
+
+def subscribe(host: Host[LeaseState], topics: Iterable[str] = ("state",)) -> Flow[Status]:
+    """Ask for pushes of ``topics``: ``state`` (pools after each change), ``top`` (a
+    ``TopSnapshot`` every sample interval). A resumption asks again by itself, for
+    every topic subscribed so far."""
+    return ask(host, "subscribe", subscribe_args(topics), Status)
+
+
+def register(host: Host[LeaseState], reservation_id: str, pid: int) -> Flow[ReservationInfo]:
+    """Add process ``pid`` (and its descendants) to a lease's processes, so that resd
+    counts its GPU memory against the lease (SPEC §10). Raises InvalidError for a bad
+    id or pid, NotFoundError, ForbiddenError (another uid's process)."""
+    args = Register(id=reservation_id, pid=pid)
+    args.check()
+    return ask(host, "register", args, ReservationInfo)
+
+
+def top(host: Host[LeaseState]) -> Flow[TopSnapshot]:
+    """Every lease's live use, as of resd's last sample."""
+    return ask(host, "top", Empty(), TopSnapshot)
 
 
 def listing(
@@ -1162,5 +1245,6 @@ __all__ = [
     "reserve_args",
     "resources_from",
     "resume_events",
+    "subscribe_args",
     "wait_limit",
 ]

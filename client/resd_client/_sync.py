@@ -3,11 +3,12 @@
 Requests may be issued from several threads; replies are matched by id. The reader
 thread feeds what it reads to the connection's ``Session`` (``_core``), which
 completes calls and applies pushes (``granted``, ``reclaim``, ``expired``,
-``preempted``, ``state``) to the leases they concern; every push is also queued for
-``events()``. Lease callbacks (``on_event``, ``on_reclaim``) run on a separate
-callback thread, one at a time in push order, so a callback may call the client
-(``lease.release()``) without stalling the reader; their exceptions are logged
-(logger ``resd_client``) and ignored. Failures of the socket become
+``preempted``, ``released``, ``marked``) to the leases they concern; every push,
+``state`` and ``top`` too, is also queued for ``events()``. Lease callbacks
+(``on_event``, ``on_reclaim``) run on a separate callback thread, one at a time in
+push order, so a callback may call the client (``lease.release()``) without
+stalling the reader; their exceptions are logged (logger ``resd_client``) and
+ignored. Failures of the socket become
 ``UnavailableError``; error replies become the typed exceptions of ``errors``.
 
 When the connection ends unexpectedly (resd restarted, or crashed) the reader
@@ -29,7 +30,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar, Unpack, cast
@@ -66,6 +67,7 @@ from resd_client.protocol import (
     Reserve,
     StateEvent,
     Status,
+    TopSnapshot,
     WaitInfo,
 )
 
@@ -212,8 +214,8 @@ def connect_socket(
 
 class Lease(LeaseState):
     """A reservation held through a sync ``Client``; a context manager that releases
-    on exit. State, ``ended``, ``reclaim_requested``, ``assigned`` and ``env``: see
-    ``resd_client._core.LeaseState``."""
+    on exit. State, ``ended``, ``reclaim_requested``, ``marks``, ``assigned`` and
+    ``env``: see ``resd_client._core.LeaseState``."""
 
     def __init__(
         self, client: Client, info: ReservationInfo, on_reclaim: OnReclaim | None = None
@@ -239,8 +241,14 @@ class Lease(LeaseState):
         self.client._run(flows.release_lease(self.client, self, wait=wait))
 
     def renew(self, ttl: float | None = None) -> None:
-        """Extend the TTL: expires ``ttl`` (default: its own ttl) seconds from now."""
-        self.info = self.client._run(flows.renew(self.client, self.id, ttl))
+        """Extend the TTL: expires ``ttl`` (default: its own ttl) seconds from now
+        (``info`` is the reply, applied by the session as it was read)."""
+        self.client._run(flows.renew(self.client, self.id, ttl))
+
+    def register(self, pid: int) -> None:
+        """Count process ``pid`` (and its descendants) as this lease's, for resd's GPU
+        accounting (SPEC §10): a worker it started that holds GPU memory."""
+        self.client._run(flows.register(self.client, self.id, pid))
 
     def __enter__(self) -> Lease:
         return self
@@ -575,9 +583,21 @@ class Client:
     def status(self) -> Status:
         return self._run(flows.status(self))
 
-    def subscribe(self) -> Status:
-        """Ask for ``state`` pushes; read them with ``events()``."""
-        return self._run(flows.subscribe(self))
+    def subscribe(self, topics: Iterable[str] = ("state",)) -> Status:
+        """Ask for pushes of ``topics``, read with ``events()``: ``state`` (a
+        ``StateEvent`` after each change), ``top`` (a ``TopEvent`` every sample
+        interval). After a reconnection it subscribes again by itself."""
+        return self._run(flows.subscribe(self, topics))
+
+    def register(self, reservation_id: str, pid: int) -> ReservationInfo:
+        """Count process ``pid`` (and its descendants) as the lease's, for resd's GPU
+        accounting (SPEC §10); ``resctl run`` registers its CMD."""
+        return self._run(flows.register(self, reservation_id, pid))
+
+    def top(self) -> TopSnapshot:
+        """Every lease's live use (CPU, RSS, GPU memory and utilization, marks), as
+        of resd's last sample."""
+        return self._run(flows.top(self))
 
     def why(self, reservation_id: str) -> WaitInfo:
         """Why a request waits: its queue position and what it waits for."""
