@@ -8,6 +8,8 @@ events and sends the signals; nothing here does I/O.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 from resd.holdings import GPU, VRAM
@@ -20,8 +22,14 @@ from resd_client.protocol import MAX_PRIORITY, Reserve
 UNMANAGED = "unmanaged"
 
 
-def lease_views(book: PoolBook) -> tuple[list[LeaseView], list[DeviceRef]]:
-    """Every live lease as the judge needs it, and every pool GPU that has a uuid."""
+def lease_views(
+    book: PoolBook, pids: frozenset[int] | None = None
+) -> tuple[list[LeaseView], list[DeviceRef]]:
+    """Live leases as the judge needs them, and every pool GPU that has a uuid.
+    ``pids`` None: every lease (for ``top``); else only those a sample can concern —
+    leases holding GPUs, leases marked now, and leases rooted at one of ``pids``
+    (the GPU processes and their ancestors) — so that a sample costs what the GPUs
+    hold, not what the book holds."""
     devices: list[DeviceRef] = []
     by_member: dict[tuple[str, str], tuple[str, int, bool]] = {}
     for pool in book.pools.values():
@@ -37,8 +45,13 @@ def lease_views(book: PoolBook) -> tuple[list[LeaseView], list[DeviceRef]]:
                     m.capacity,
                     m.labels.get("mig") == "instance",
                 )
+    if pids is None:
+        wanted: Iterable[str] = book.reservations
+    else:
+        rooted = (rid for pid in pids for rid in book.by_root.get(pid, ()))
+        wanted = sorted({*book.gpu_held, *book.marked, *rooted})
     leases = []
-    for r in book.reservations.values():
+    for r in (book.reservations[rid] for rid in wanted):
         reserved: dict[str, int] = {}
         for member in r.members.get(GPU, ()):
             known = by_member.get((r.pool, member))

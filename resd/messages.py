@@ -356,8 +356,11 @@ class DoRegister:
 
 @attrs.frozen
 class GpuLeases:
-    """For the reconciler: every live lease as a ``LeaseView`` and every pool GPU
+    """For the reconciler: live leases as ``LeaseView``s (all, or those a sample of
+    processes ``pids`` concerns; see ``gpu_policy.lease_views``) and every pool GPU
     with a uuid as a ``DeviceRef``."""
+
+    pids: frozenset[int] | None = None
 
 
 @attrs.frozen

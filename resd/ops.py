@@ -269,7 +269,7 @@ async def register(svc: Services, conn: Conn, args: Register) -> ReservationInfo
 
 
 async def top(svc: Services, conn: Conn, args: Empty) -> TopSnapshot:
-    return svc.reconciler.snapshot()
+    return await svc.reconciler.fresh()
 
 
 async def release(svc: Services, conn: Conn, args: ReservationRef) -> ReservationInfo:

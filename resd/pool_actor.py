@@ -263,7 +263,7 @@ class PoolActor(Actor):
             ForgetTenant: self._forget_tenant,
             TakeSnapshot: lambda m: (self.journal.last_lsn, self.book.snapshot()),
             DoRegister: self._register,
-            GpuLeases: lambda m: gpu_policy.lease_views(self.book),
+            GpuLeases: lambda m: gpu_policy.lease_views(self.book, m.pids),
             GpuReport: self._gpu_report,
         }
 

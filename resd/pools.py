@@ -99,6 +99,11 @@ class PoolBook:
     #: pool → its devices, and live lease → GPU memory its processes hold
     live_devices: dict[str, list[DeviceUse]] = attrs.Factory(dict)
     live_vram: dict[str, int] = attrs.Factory(dict)
+    #: what the reconciler looks at each sample, without walking every reservation:
+    #: root pid → leases (SPEC §10 attribution), leases holding GPUs, marked leases
+    by_root: dict[int, set[str]] = attrs.Factory(dict)
+    gpu_held: set[str] = attrs.Factory(set)
+    marked: set[str] = attrs.Factory(set)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -747,6 +752,7 @@ class PoolBook:
             case Registered(id=rid, pid=pid, start=start, at=at):
                 r = self.reservations[rid]
                 r = self.reservations[rid] = attrs.evolve(r, procs=(*r.procs, (pid, start)))
+                self.by_root.setdefault(pid, set()).add(rid)
                 self._record(at, "registered", r, f"process {pid}")
             case Marked(id=rid, mark=mark, on=on, detail=detail, at=at):
                 r = self.reservations[rid]
@@ -754,6 +760,7 @@ class PoolBook:
                 if on:
                     marks[mark] = detail
                 r = self.reservations[rid] = attrs.evolve(r, marks=marks)
+                (self.marked.add if marks else self.marked.discard)(rid)
                 self._record(at, mark if on else f"{mark}_cleared", r, detail)
             case Renewed(id=rid, ttl=ttl, expires_at=expires_at, at=at):
                 r = attrs.evolve(self.reservations[rid], ttl=ttl, expires_at=expires_at)
@@ -816,6 +823,12 @@ class PoolBook:
             self.by_session.setdefault(r.session, set()).add(r.id)
         if r.token:
             self.by_token[r.token] = r.id
+        for pid in r.roots():
+            self.by_root.setdefault(pid, set()).add(r.id)
+        if r.members.get(GPU):
+            self.gpu_held.add(r.id)
+        if r.marks:
+            self.marked.add(r.id)
 
     def _unhold(self, r: Reservation) -> None:
         del self.reservations[r.id]
@@ -837,6 +850,13 @@ class PoolBook:
                 del self.by_session[r.session]
         if r.token:
             del self.by_token[r.token]
+        for pid in r.roots():
+            mine = self.by_root[pid]
+            mine.discard(r.id)
+            if not mine:
+                del self.by_root[pid]
+        self.gpu_held.discard(r.id)
+        self.marked.discard(r.id)
 
     def _record(self, at: float, kind: str, r: Reservation, detail: str) -> None:
         self._push(

@@ -125,6 +125,20 @@ def _descendants(roots: Iterable[int], children: dict[int, list[int]]) -> list[i
     return out
 
 
+def ancestry(samples: Iterable[GpuSample], procs: dict[int, ProcInfo]) -> frozenset[int]:
+    """The GPU processes of ``samples`` and all their ancestors: the only pids a lease
+    must be rooted at for a sample to concern it (besides leases holding GPUs)."""
+    out: set[int] = set()
+    for sample in samples:
+        for gpu_proc in sample.processes:
+            pid: int | None = gpu_proc.pid
+            while pid is not None and pid not in out:
+                out.add(pid)
+                info = procs.get(pid)
+                pid = None if info is None or info.ppid == pid else info.ppid
+    return frozenset(out)
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 

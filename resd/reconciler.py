@@ -12,6 +12,7 @@ daemon: a failed look is logged and the next one comes on time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ from resd.config import Config
 from resd.gpu_usage import GpuSample
 from resd.nvml import FileBackend, NvmlBackend, NvmlUnavailable, PynvmlBackend
 from resd.procwatch import process_table
-from resd.reconcile import Judge, Observation, ProcInfo
+from resd.reconcile import Judge, Observation, ProcInfo, ancestry
 from resd_client.protocol import TopEvent, TopSnapshot, encode_frame, push
 
 log = structlog.get_logger("resd.reconciler")
+#: seconds between the two looks of a first ``top``, so CPU shares have a baseline
+BASELINE = 0.5
 
 #: runs a blocking call off the event loop (tests run it inline on a MockClock)
 Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
@@ -63,6 +66,10 @@ class Reconciler:
         if interval <= 0:
             self.why_not = "sampling is off (gpu_sample_interval = 0)"
         self.subscribers: set[m.Outbox] = set()
+        #: one look at a time: the loop's and ``fresh``'s (the judge has one writer)
+        self._lock = trio.Lock()
+        #: whether ``latest`` has a row for every lease
+        self._complete = False
         self.latest = TopSnapshot(at=wall(), interval=interval, gpu_sampling=self.why_not)
 
     def subscribe(self, outbox: m.Outbox) -> None:
@@ -71,28 +78,52 @@ class Reconciler:
     def unsubscribe(self, outbox: m.Outbox) -> None:
         self.subscribers.discard(outbox)
 
-    def snapshot(self) -> TopSnapshot:
-        return self.latest
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         if self.interval <= 0:
             return
         while True:
             try:
-                await self.look()
+                async with self._lock:
+                    await self.look(everything=bool(self.subscribers))
             except Exception:  # a bug must not end sampling for the daemon's life
                 log.exception("reconcile_failed")
             await trio.sleep(self.interval)
 
-    async def look(self) -> None:
-        """One sample: observe, judge, report, push."""
+    async def fresh(self) -> TopSnapshot:
+        """A snapshot of every lease no older than one interval, for the ``top`` op:
+        looked at now when the last look was older or covered only the leases a GPU
+        sample concerns (twice, the first time, so CPU shares have a baseline)."""
+        if self.interval <= 0:
+            return self.latest
+        async with self._lock:
+            if not self._complete or self.wall() - self.latest.at >= self.interval:
+                if not self.judge.cpu_seen:
+                    await self.look(everything=True)
+                    await trio.sleep(min(self.interval, BASELINE))
+                await self.look(everything=True)
+        return self.latest
+
+    async def look(self, *, everything: bool) -> None:
+        """One sample: observe, judge, report, push. Without GPUs to sample and
+        nobody asking for every lease (``everything``: ``top``), there is nothing to
+        look at. The judge runs off the event loop too: with ``everything`` it sees
+        every lease, which may be many."""
         samples = await self._sample()
-        leases, devices = await self.pools.ask(m.GpuLeases())
-        procs: dict[int, ProcInfo] = await self.offload(self.table) if leases or samples else {}
+        if samples is None and not everything:
+            self._complete = False
+            self.latest = TopSnapshot(
+                at=self.wall(), interval=self.interval, gpu_sampling=self.why_not
+            )
+            return
+        procs: dict[int, ProcInfo] = await self.offload(self.table)
+        pids = None if everything else ancestry(samples or [], procs)
+        leases, devices = await self.pools.ask(m.GpuLeases(pids))
         at = self.wall()
-        verdict = self.judge.step(Observation(at, samples, procs, self.why_not), leases, devices)
+        obs = Observation(at, samples, procs, self.why_not)
+        verdict = await self.offload(functools.partial(self.judge.step, obs, leases, devices))
         self.pools.tell(m.GpuReport(verdict, at))
+        self._complete = everything
         self.latest = TopSnapshot(
             at=at,
             interval=self.interval,
