@@ -86,8 +86,11 @@ def lease_views(
 @attrs.frozen
 class Decision:
     events: list[PoolEvent]
-    #: lease → processes to SIGTERM now and SIGKILL when its grace ends
+    #: lease newly over (``terminate``) → processes to SIGTERM now
     terminate: dict[str, tuple[ProcInfo, ...]]
+    #: every lease in its grace for over-use → its processes now, SIGKILLed when the
+    #: grace ends (refreshed each sample: children born meanwhile, or after a restart)
+    doomed: dict[str, tuple[ProcInfo, ...]]
     #: the pools whose ``outside`` figures changed (their waiters may fit now)
     outside_changed: bool
 
@@ -99,15 +102,18 @@ def decide(book: PoolBook, verdict: Verdict, now: float, new_id: str) -> Decisio
     Also sets each pool's ``outside`` bytes, which VRAM admission leaves alone."""
     events: list[PoolEvent] = []
     terminate: dict[str, tuple[ProcInfo, ...]] = {}
+    doomed: dict[str, tuple[ProcInfo, ...]] = {}
     for rid, wanted in sorted(verdict.marks.items()):
         r = book.reservations.get(rid)
         if r is None:
             continue
         marked = book.mark(rid, wanted, now)
         events += marked
+        pool = book.pools[r.pool]
+        if pool.overuse == "terminate" and "overuse" in wanted:
+            doomed[rid] = verdict.processes.get(rid, ())
         if r.state != "active":
             continue
-        pool = book.pools[r.pool]
         newly = {e.mark for e in marked if isinstance(e, Marked) and e.on}
         if "overuse" in newly and pool.overuse == "terminate":
             events.append(Terminating(rid, now + pool.grace, f"overuse: {wanted['overuse']}", now))
@@ -127,7 +133,7 @@ def decide(book: PoolBook, verdict: Verdict, now: float, new_id: str) -> Decisio
     adopted = _adopt(book, verdict.foreign, now, new_id) if verdict.sampled else None
     if adopted is not None:
         events.append(adopted)
-    return Decision(events, terminate, changed)
+    return Decision(events, terminate, doomed, changed)
 
 
 def _adopt(

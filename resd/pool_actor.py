@@ -719,11 +719,12 @@ class PoolActor(Actor):
             log.error("gpu_report_not_journaled", error=exc.message)
             return
         for rid, procs in decision.terminate.items():
-            uid = self.book.reservations[rid].uid
-            sent = signal_processes(procs, signal.SIGTERM, uid)
+            sent = signal_processes(procs, signal.SIGTERM, self.book.reservations[rid].uid)
             log.warning("overuse_terminating", reservation=rid, signalled=sent)
-            if rid in self.book.reservations:
-                self._doomed[rid] = (procs, uid)
+        for rid, procs in decision.doomed.items():
+            r = self.book.reservations.get(rid)
+            if r is not None and r.state == "terminating":
+                self._doomed[rid] = (procs, r.uid)
         if decision.outside_changed:
             self._queue_dirty = True
         if seen != _figures(self.book.live_devices):

@@ -516,3 +516,33 @@ async def test_mig_instances_are_taken_whole_and_judged_by_their_size(
     assert (await lease(c, info["id"]))["marks"] == {}
     second = await c.ok("reserve", {"pool": "mig", "resources": {"vram": 1 * GiB}})
     assert second["members"] == {"gpu": ["0-mig1"]}  # instances are never shared
+
+
+async def test_a_restart_during_the_grace_still_kills_the_over_user(
+    rig: Callable[..., Any], mock_clock: trio.testing.MockClock
+) -> None:
+    """What to SIGKILL is not journaled: the first sample after the restart finds it."""
+    host = Host(gpus(1), procs=None)
+    r = await rig(host)
+    c = await r.client()
+    await c.ok("pool.create", gpu_pool("gpu", host.devices, overuse="terminate", grace=30.0))
+    info = await c.ok("reserve", {"pool": "gpu", "resources": {"vram": 20 * GiB}})
+    child = _sleeper(ignore_term=True)
+    try:
+        await c.ok("register", {"id": info["id"], "pid": child.pid})
+        host.use(trio.current_time(), 0, processes={child.pid: 30 * GiB})
+        r.play()
+        await trio.sleep(2 * INTERVAL)
+        assert (await lease(c, info["id"]))["state"] == "terminating"
+        await WireClient.close_all()
+        r.daemon.request_stop()
+        await r.daemon.stopped.wait()
+        r2 = await rig(host)
+        r2.play()
+        c2 = await r2.client()
+        assert (await lease(c2, info["id"]))["state"] == "terminating"
+        await trio.sleep(30.0)
+        assert await _dies(child) == -signal.SIGKILL
+        await until(lambda: _gone(c2, info["id"]), 10.0, "the lease ended")
+    finally:
+        _reap(child)
