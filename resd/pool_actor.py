@@ -19,12 +19,9 @@ its new connection (``Rebound``). An orphan not re-attached in time is released
 (a waiter: denied) with a history event that says so.
 
 Waiting (SPEC §4): a request that does not fit and may wait joins the queue. After
-any batch that freed something a waiter touches, one pass walks the queue in rank
-order: each waiter is granted if it fits; if not, what it needs is held back from
-every waiter ranked below it (so a stream of small requests cannot starve a large
-one), and in a pool with ``preemption = lower_priority`` the arbiter's choice of
-victims is evicted for it. A waiter that conflicts only with its own tenant's
-holdings (``max_per_tenant``) holds nothing back.
+any batch that freed something a waiter touches, the actor drives one pass of the
+pure scheduler (``resd/scheduler.py``), journaling and applying each step it
+decides: grants, evictions, waiters that can wait no more.
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ from typing import Any
 import structlog
 import trio
 
-from resd import gpu_policy, preemption
+from resd import gpu_policy, preemption, scheduler
 from resd.actor import Actor, TimerHeap
 from resd.announcer import Announcer
 from resd.journal import Journal
@@ -102,9 +99,7 @@ from resd.records import (
 from resd.waiting import Waiter, WaitQueue, touched
 from resd_client.errors import (
     ConflictError,
-    ErrorCode,
     ForbiddenError,
-    InsufficientError,
     NotFoundError,
     ResdError,
     TimeoutError_,
@@ -551,11 +546,11 @@ class PoolActor(Actor):
         )
         if not self.queue.touches(w.keys):
             # Nobody waits for what this request needs: decide it directly.
-            events = self._decide(w, now)
+            events = scheduler.decide(self.book, w, now)
             if isinstance(events[0], Reserved):
                 return self._granted_now(w, events)
-            w.waits_for(*_reason(denial_error(events[0])))
-            if not args.wait and not self._preemptible(w):
+            w.waits_for(*scheduler.waiting_reason(denial_error(events[0])))
+            if not args.wait and not scheduler.preemptible(self.book, w):
                 self._commit(events)
                 raise denial_error(events[0])
         impossible = self.book.never_fits(args)
@@ -580,7 +575,7 @@ class PoolActor(Actor):
         if r is not None:
             return r.info(), self.journal.last_lsn
         if not args.wait:
-            error = self._error_of(w)
+            error = scheduler.error_of(w)
             w.outbox = None  # the reply tells it
             self._end_waiter(w, error)
             raise error
@@ -593,67 +588,29 @@ class PoolActor(Actor):
             self.holders.add(w.id, w.session, w.outbox)
         return self.book.reservations[w.id].info(), lsn
 
-    def _decide(self, w: Waiter, now: float) -> list[PoolEvent]:
-        return self.book.reserve(
-            w.args,
-            w.tenant,
-            uid=w.uid,
-            session=w.session,
-            now=now,
-            rid=w.id,
-            pid=w.pid,
-            peer=w.peer,
-        )
-
-    @staticmethod
-    def _error_of(w: Waiter) -> ResdError:
-        if w.reason == "conflict":
-            return ConflictError(w.message, w.details)
-        return InsufficientError(w.message, w.details)
-
-    def _preemptible(self, w: Waiter) -> bool:
-        """May ``w`` evict now? Only in a preempting pool, and a request that will not
-        wait only where there is no grace to wait out."""
-        return any(
-            self.book.pools[p].preemption == "lower_priority"
-            and (w.args.wait or self.book.pools[p].grace == 0)
-            for p in w.pools
-        )
-
     # ------------------------------------------------------------------ queue
 
     def _schedule(self) -> None:
-        """One pass over the queue in rank order (see the module docstring)."""
+        """Drive one pass of the pure scheduler (``resd/scheduler.py``): commit each
+        step it decides, then let it go on against the changed book. A step the
+        journal refuses ends the pass (UnavailableError); the next batch retries."""
         self._queue_dirty = False
         if not self.queue:
             return
-        now = self.wall()
-        blocked: dict[tuple[str, str], str] = {}
-        for position, w in enumerate(self.queue.ordered(self.book.tenant_live), 1):
-            w.position = position
-            head = next((blocked[k] for k in w.keys if k in blocked), None)
-            if head is not None:
-                w.waits_for(
-                    "resources",
-                    f"held back for {head}, ahead in the queue, which needs the same resources",
-                    {"held_for": head},
-                )
-                continue
-            try:
-                events = self._decide(w, now)
-            except ResdError as exc:  # its pool was deleted or changed under it
-                self._end_waiter(w, exc)
-                continue
-            if isinstance(events[0], Reserved):
-                self._grant(w, events)
-                continue
-            w.waits_for(*_reason(denial_error(events[0])))
-            if w.reason == "conflict":
-                continue  # waits for its own tenant's release: holds nothing back
-            if self._preempt_for(w, now):
-                continue
-            for k in w.keys:
-                blocked.setdefault(k, w.id)
+        granted: set[str] = set()
+        steps = scheduler.run_pass(self.book, self.queue, self.wall(), granted.__contains__)
+        try:
+            for step in steps:
+                match step:
+                    case scheduler.Grant(waiter=w, events=events):
+                        self._grant(w, events)
+                        granted.add(w.id)
+                    case scheduler.Evict(events=events):
+                        self._commit(events)
+                    case scheduler.Drop(waiter=w, error=error):
+                        self._end_waiter(w, error)
+        finally:
+            steps.close()
 
     def _grant(self, w: Waiter, events: list[PoolEvent]) -> None:
         info, lsn = self._granted_now(w, events)
@@ -663,29 +620,6 @@ class PoolActor(Actor):
         log.info("granted", reservation=w.id, waited=round(self.wall() - w.arrived, 3))
         if w.outbox is not None and w.id != self._replying:
             self._push(w.outbox, GrantedEvent(reservation=info), lsn)
-
-    def _preempt_for(self, w: Waiter, now: float) -> bool:
-        """Evict the arbiter's choice of victims for ``w``; True if ``w`` got granted."""
-        if not self._preemptible(w):
-            return False
-        plan = preemption.plan(self.book, w.args, w.tenant, now)
-        if plan.outcome == "preempt" and (w.args.wait or plan.grace == 0):
-            self._commit([self.book.evict(v, w.tenant.name, now) for v in plan.victims])
-            if plan.grace == 0:
-                events = self._decide(w, now)
-                if isinstance(events[0], Reserved):
-                    self._grant(w, events)
-                    return True
-        elif plan.outcome != "wait" or not plan.victims:
-            return False
-        ids = [v.id for v in plan.victims]
-        w.waits_for(
-            "preemption_pending",
-            f"waiting for {', '.join(ids)} to give back their resources (grace ends by"
-            f" {max(v.deadline or now + plan.grace for v in plan.victims):.3f})",
-            {"victims": ids, "pool": plan.pool},
-        )
-        return False
 
     def _end_waiter(self, w: Waiter, error: ResdError) -> int:
         """Take ``w`` out of the queue ungranted: record the denial, tell it why."""
@@ -955,9 +889,3 @@ def _figures(devices: dict[str, list[DeviceUse]]) -> list[tuple[Any, ...]]:
         for pool, ds in sorted(devices.items())
         for d in ds
     ]
-
-
-def _reason(error: ResdError) -> tuple[str, str, dict[str, Any]]:
-    """A waiter's reason from the refusal its request just got."""
-    kind = "conflict" if error.code == ErrorCode.CONFLICT else "resources"
-    return kind, error.message, dict(error.details)

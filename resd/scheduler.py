@@ -1,0 +1,151 @@
+"""Who is granted, what is held back for the head, whom to evict: pure scheduling.
+
+One pass walks the wait queue in rank order over the pool book. Each waiter is
+granted if it fits; if not, what it needs is held back from every waiter ranked
+below it (so a stream of small requests cannot starve a large one), and in a pool
+with ``preemption = lower_priority`` the arbiter's choice of victims is evicted for
+it. A waiter that conflicts only with its own tenant's holdings
+(``max_per_tenant``) holds nothing back.
+
+The pass is a generator of ``Step``s, so that it decides but never journals: its
+driver (the pool actor) journals and applies each step's events to the book, then
+resumes the pass, which goes on deciding against the changed book — the sans-I/O
+pattern of the client core. A test drives it with ``book.apply`` alone. If the
+driver cannot commit a step it closes the pass and runs a new one later. The pass
+also writes each waiter's position and why it waits (display state, not journaled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+
+import attrs
+
+from resd import preemption
+from resd.pools import PoolBook, denial_error
+from resd.records import PoolEvent, Reserved
+from resd.waiting import Waiter, WaitQueue
+from resd_client.errors import ConflictError, ErrorCode, InsufficientError, ResdError
+
+
+@attrs.frozen
+class Grant:
+    """Grant ``waiter``: ``events`` is its ``Reserved``."""
+
+    waiter: Waiter
+    events: list[PoolEvent]
+
+
+@attrs.frozen
+class Evict:
+    """Evict victims for ``waiter``: ``events`` end or put them in their grace."""
+
+    waiter: Waiter
+    events: list[PoolEvent]
+
+
+@attrs.frozen
+class Drop:
+    """``waiter`` can wait no more (its pool was deleted or changed under it)."""
+
+    waiter: Waiter
+    error: ResdError
+
+
+Step = Grant | Evict | Drop
+
+
+def decide(book: PoolBook, w: Waiter, now: float) -> list[PoolEvent]:
+    """The book's answer to ``w`` now: ``[Reserved]`` or ``[Denied]``."""
+    return book.reserve(
+        w.args,
+        w.tenant,
+        uid=w.uid,
+        session=w.session,
+        now=now,
+        rid=w.id,
+        pid=w.pid,
+        peer=w.peer,
+    )
+
+
+def preemptible(book: PoolBook, w: Waiter) -> bool:
+    """May ``w`` evict now? Only in a preempting pool, and a request that will not
+    wait only where there is no grace to wait out."""
+    return any(
+        book.pools[p].preemption == "lower_priority" and (w.args.wait or book.pools[p].grace == 0)
+        for p in w.pools
+    )
+
+
+def error_of(w: Waiter) -> ResdError:
+    """The refusal a waiter that will not wait gets: why it would have waited."""
+    if w.reason == "conflict":
+        return ConflictError(w.message, w.details)
+    return InsufficientError(w.message, w.details)
+
+
+def waiting_reason(error: ResdError) -> tuple[str, str, dict[str, object]]:
+    """(reason, message, details) a refusal means for a waiter."""
+    if error.code == ErrorCode.CONFLICT:
+        return "conflict", error.message, dict(error.details)
+    return "resources", error.message, dict(error.details)
+
+
+def run_pass(
+    book: PoolBook, queue: WaitQueue, now: float, granted: Callable[[str], bool]
+) -> Generator[Step, None, None]:
+    """One pass over ``queue`` (see the module docstring). After each yielded step
+    the driver has applied it; ``granted(id)`` tells the pass whether a waiter was
+    granted meanwhile (an eviction with no grace grants at once)."""
+    blocked: dict[tuple[str, str], str] = {}
+    for position, w in enumerate(queue.ordered(book.tenant_live), 1):
+        w.position = position
+        head = next((blocked[k] for k in w.keys if k in blocked), None)
+        if head is not None:
+            w.waits_for(
+                "resources",
+                f"held back for {head}, ahead in the queue, which needs the same resources",
+                {"held_for": head},
+            )
+            continue
+        try:
+            events = decide(book, w, now)
+        except ResdError as exc:  # its pool was deleted or changed under it
+            yield Drop(w, exc)
+            continue
+        if isinstance(events[0], Reserved):
+            yield Grant(w, events)
+            continue
+        w.waits_for(*waiting_reason(denial_error(events[0])))
+        if w.reason == "conflict":
+            continue  # waits for its own tenant's release: holds nothing back
+        yield from _preempt_for(book, w, now)
+        if granted(w.id):
+            continue
+        for k in w.keys:
+            blocked.setdefault(k, w.id)
+
+
+def _preempt_for(book: PoolBook, w: Waiter, now: float) -> Generator[Step, None, None]:
+    """Evict the arbiter's choice of victims for ``w`` and, when they leave at once
+    (no grace), grant it; else note what it waits for."""
+    if not preemptible(book, w):
+        return
+    plan = preemption.plan(book, w.args, w.tenant, now)
+    if plan.outcome == "preempt" and (w.args.wait or plan.grace == 0):
+        yield Evict(w, [book.evict(v, w.tenant.name, now) for v in plan.victims])
+        if plan.grace == 0:
+            events = decide(book, w, now)
+            if isinstance(events[0], Reserved):
+                yield Grant(w, events)
+                return
+    elif plan.outcome != "wait" or not plan.victims:
+        return
+    ids = [v.id for v in plan.victims]
+    w.waits_for(
+        "preemption_pending",
+        f"waiting for {', '.join(ids)} to give back their resources (grace ends by"
+        f" {max(v.deadline or now + plan.grace for v in plan.victims):.3f})",
+        {"victims": ids, "pool": plan.pool},
+    )

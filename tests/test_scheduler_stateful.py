@@ -1,0 +1,145 @@
+"""The pure scheduler (resd/scheduler.py) under a hypothesis state machine.
+
+No actor, no journal, no sockets: the machine queues requests of tenants of
+several priorities, releases and finishes graces, and drives scheduling passes by
+applying each step's events to the book itself, as the pool actor does after
+journaling them. After every pass: no pool is over capacity, no GPU has two
+holders, and no waiter is left waiting while it fits and nobody ranked above it
+needs the same resources (no idle capacity, no starvation of the head).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from resd import scheduler
+from resd.pools import PoolBook
+from resd.records import Ended, Reserved, Tenant, Terminating
+from resd.waiting import Waiter, WaitQueue, touched
+from resd_client.protocol import PoolCreate, Reserve, from_wire
+
+POOL = "p"
+CPU = 8000
+GPUS = 4
+TENANTS = {name: Tenant(name, priority) for name, priority in (("lo", 1), ("mid", 5), ("hi", 9))}
+
+
+class Scheduling(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.book = PoolBook()
+        self.queue = WaitQueue()
+        self.now = 1000.0
+        self.ids = itertools.count()
+
+    @rule(preempting=st.booleans(), grace=st.sampled_from([0.0, 5.0]))
+    @precondition(lambda self: not self.book.pools)
+    def create(self, preempting: bool, grace: float) -> None:
+        args = from_wire(
+            PoolCreate,
+            {
+                "name": POOL,
+                "resources": {
+                    "cpu": {"capacity": CPU},
+                    "gpu": {
+                        "kind": "set",
+                        "members": [{"name": str(i), "capacity": 80 << 30} for i in range(GPUS)],
+                    },
+                },
+                "max_per_tenant": 0,
+                "preemption": "lower_priority" if preempting else "off",
+                "grace": grace,
+            },
+        )
+        self.book.apply(self.book.create_pool(args, self.now))
+
+    @rule(
+        tenant=st.sampled_from(sorted(TENANTS)),
+        cpu=st.sampled_from([0, 1000, 3000, 8000]),
+        gpu=st.integers(0, 3),
+        vram=st.sampled_from([0, 0, 30 << 30]),
+    )
+    @precondition(lambda self: self.book.pools)
+    def enqueue(self, tenant: str, cpu: int, gpu: int, vram: int) -> None:
+        resources = {k: v for k, v in (("cpu", cpu), ("gpu", gpu), ("vram", vram)) if v}
+        if not resources or (gpu and vram):
+            return
+        args = from_wire(Reserve, {"pool": POOL, "resources": resources, "wait": True})
+        w = Waiter(
+            id=f"r-{next(self.ids):012x}",
+            args=args,
+            tenant=TENANTS[tenant],
+            uid=0,
+            session="",
+            outbox=None,
+            pools=(POOL,),
+            keys=touched([POOL], args),
+            arrived=self.now,
+            seq=self.queue.next_seq(),
+        )
+        self.queue.add(w, None)
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.book.reservations)
+    def release(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.book.reservations)))
+        self.book.apply(self.book.release(rid, self.now))
+
+    @rule()
+    def finish_graces(self) -> None:
+        self.now += 10
+        for r in [r for r in self.book.reservations.values() if r.state == "terminating"]:
+            self.book.apply(self.book.finish_grace(r.id, self.now))
+
+    @rule()
+    @precondition(lambda self: self.book.pools)
+    def schedule(self) -> None:
+        granted: set[str] = set()
+        for step in scheduler.run_pass(self.book, self.queue, self.now, granted.__contains__):
+            match step:
+                case scheduler.Grant(waiter=w, events=events):
+                    assert isinstance(events[0], Reserved) and events[0].reservation.id == w.id
+                    self.book.apply(events)
+                    self.queue.remove(w.id)
+                    granted.add(w.id)
+                case scheduler.Evict(waiter=w, events=events):
+                    victims = [self.book.reservations[e.id] for e in events]
+                    assert all(v.priority < w.tenant.priority for v in victims), "only lower"
+                    assert all(isinstance(e, Ended | Terminating) for e in events)
+                    self.book.apply(events)
+                case scheduler.Drop(waiter=w):
+                    self.queue.remove(w.id)
+        self.check_no_idle_capacity()
+
+    def check_no_idle_capacity(self) -> None:
+        """A waiter that fits now was held back for one ranked above it."""
+        order = self.queue.ordered(self.book.tenant_live)
+        for i, w in enumerate(order):
+            events = scheduler.decide(self.book, w, self.now)
+            if isinstance(events[0], Reserved):
+                ahead = [a for a in order[:i] if a.keys & w.keys]
+                assert ahead, f"{w.id} fits but waits"
+
+    @invariant()
+    def within_capacity(self) -> None:
+        if not self.book.pools:
+            return
+        pool = self.book.pools[POOL]
+        assert self.book.used(pool, "cpu") <= CPU
+        holders: dict[str, set[str]] = {}
+        for r in self.book.reservations.values():
+            for m in r.members.get("gpu", ()):
+                holders.setdefault(m, set()).add(r.id)
+        whole = {
+            r.id for r in self.book.reservations.values() if "gpu" in r.resources and r.members
+        }
+        for member, ids in holders.items():
+            assert len(ids & whole) <= 1 and (not ids & whole or len(ids) == 1), member
+
+
+TestScheduling = Scheduling.TestCase
+TestScheduling.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
