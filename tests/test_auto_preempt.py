@@ -168,3 +168,26 @@ async def test_a_non_waiting_request_preempts_only_without_grace(inproc: InProce
     assert await active_ids(c) == {victim["id"]}
     plan = await c.ok("plan", {"request": ask("low", 1000), "priority": 10})
     assert plan["outcome"] == "preempt" and plan["grace"] == 10.0
+
+
+async def test_the_fewest_victims_not_a_pruned_prefix(
+    inproc: InProcess, mock_clock: trio.testing.MockClock
+) -> None:
+    """7000 held as 2000, 2000, 1000, 1000, 1000 (and 1000 of high's own): 4000 takes
+    the two leases of 2000; the greedy prefix (youngest first) evicted three."""
+    c = await WireClient.connect(inproc.socket)
+    await setup(c)
+    mine = await c.ok("reserve", ask("high", 1000))
+    held = []
+    for cpu in (2000, 2000, 1000, 1000, 1000):
+        held.append((await c.ok("reserve", ask("low", cpu)))["id"])
+        await trio.sleep(1)
+    plan = await c.ok("plan", {"request": ask("high", 4000)})
+    assert plan["outcome"] == "preempt"
+    assert [v["id"] for v in plan["victims"]] == [held[1], held[0]], "youngest first"
+    got = await c.ok("reserve", ask("high", 4000, wait=True))
+    assert got["state"] == "active"
+    assert await active_ids(c) == {mine["id"], *held[2:], got["id"]}
+    history = (await c.ok("export"))["events"]
+    preempted = [h["reservation"] for h in history if h["kind"] == "preempted"]
+    assert sorted(preempted) == sorted(held[:2])

@@ -9,13 +9,15 @@ model says the request did not fit (or the tenant was at its limit).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
+from resd import preemption
 from resd.pools import PoolBook
-from resd.records import Denied, Ended, Reserved, Tenant, Terminating
+from resd.records import Denied, Ended, Reservation, Reserved, Tenant, Terminating
 from resd_client.protocol import PoolCreate, PoolSet, Renew, Reserve, ResourceSpec
 
 RESOURCES = ("cpu", "memory", "licenses")
@@ -118,6 +120,57 @@ class PoolBookMachine(RuleBasedStateMachine):
         self.book.apply(events)
         for rid in [rid for rid, (t, _) in self.model.items() if t == victim.name]:
             del self.model[rid]
+
+    @rule(
+        target=reservations,
+        priority=st.integers(min_value=2, max_value=5),
+        over=st.dictionaries(
+            st.sampled_from(RESOURCES),
+            st.one_of(st.integers(min_value=1, max_value=2), st.integers(1, 3000)),
+            min_size=1,
+        ),
+    )
+    def arbiter(self, priority: int, over: dict[str, int]) -> str:
+        """Automatic preemption: the fewest lower-priority victims (checked against
+        every smaller set when there are few candidates), evicted, then granted."""
+        boss = Tenant("boss", priority)
+        pool = self.book.pools["p"]
+        amounts = {  # a little more than is free, up to everything
+            n: max(1, min(self.effective(n), self.book.available(pool, n) + more))
+            for n, more in over.items()
+        }
+        args = Reserve(pool="p", resources=amounts)
+        rid = f"r-{next(self.ids):08x}"
+        if self._fits_without(args, boss, []):
+            return rid  # it fits: the arbiter is not asked
+        ranked = preemption.rank(self.book.active_in("p"), priority)
+        victims = preemption.choose(self.book, args, boss, pool, self.now, ranked)
+        if len(ranked) <= 8:
+            smallest = len(ranked) + 1 if victims is None else len(victims)
+            for k in range(1, smallest):
+                for combo in itertools.combinations(ranked, k):
+                    assert not self._fits_without(args, boss, combo), (victims, combo)
+        if victims is None:
+            assert not self._fits_without(args, boss, ranked)
+            return rid
+        assert [v.id for v in victims] == sorted(
+            (v.id for v in victims), key=[r.id for r in ranked].index
+        ), "victims come in ranking order"
+        self.book.apply([self.book.evict(v, boss.name, self.now) for v in victims])
+        for v in victims:
+            del self.model[v.id]
+        events = self.book.reserve(args, boss, uid=0, session="", now=self.now, rid=rid)
+        assert isinstance(events[0], Reserved), events
+        self.book.apply(events)
+        self.model[rid] = (boss.name, dict(amounts))
+        return rid
+
+    def _fits_without(self, args: Reserve, tenant: Tenant, gone: Iterable[Reservation]) -> bool:
+        with self.book.without(r.id for r in gone):
+            events = self.book.reserve(
+                args, tenant, uid=0, session="", now=self.now, rid="r-ffffffff"
+            )
+        return isinstance(events[0], Reserved)
 
     @rule(name=st.sampled_from(RESOURCES), capacity=st.integers(min_value=0, max_value=20000))
     def resize(self, name: str, capacity: int) -> None:
