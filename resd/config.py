@@ -63,6 +63,8 @@ class Config:
     #: seconds that session leases and waiters are kept for their clients to re-attach
     #: after a restart (or after their connection was closed for not reading); 0: none
     reattach_grace: float = 60.0
+    #: seconds after which a tenant's past usage counts half in fair-share ordering
+    fair_share_half_life: float = 3600.0
     host_pool: bool = True
     disk_io_limit: str = "1GB/s"
     disk_limit: str = ""  # "" = statvfs of the state directory
@@ -187,6 +189,11 @@ def _validate(cfg: Config) -> Config:
         )
     if gpu_margin(cfg) < 0:  # pragma: no cover - parse_quantity refuses negatives
         raise ConfigError("gpu_memory_margin: must not be negative")
+    if not 1 <= cfg.fair_share_half_life <= 365 * 86_400:
+        raise ConfigError(
+            f"fair_share_half_life: {cfg.fair_share_half_life:g} is out of range "
+            "(1 second to 365 days)"
+        )
     if not 1 <= cfg.default_priority <= 10:
         raise ConfigError(f"default_priority: {cfg.default_priority} is out of range (1 to 10)")
     if cfg.socket_mode:

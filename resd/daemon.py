@@ -346,7 +346,9 @@ class Daemon:
             pool_snap = snapshots.get("pools")
             tenant_snap = snapshots.get("tenants")
             books["pools"] = PoolBook.from_snapshot(
-                pool_snap[1] if pool_snap else None, self.config.history_limit
+                pool_snap[1] if pool_snap else None,
+                self.config.history_limit,
+                self.config.fair_share_half_life,
             )
             books["tenants"] = TenantBook.from_snapshot(
                 tenant_snap[1] if tenant_snap else None, self.config.default_priority

@@ -340,6 +340,27 @@ class Unwatch:
     id: str
 
 
+# --------------------------------------------------------------------- quotas
+
+
+@attrs.frozen
+class SetQuota:
+    """Set ``tenant``'s quota in ``pool`` (a side None stays; ``{}`` clears it)."""
+
+    pool: str
+    tenant: str
+    min: dict[str, int] | None
+    max: dict[str, int] | None
+
+
+@attrs.frozen
+class TenantStanding:
+    """Per tenant (only ``tenant`` when given): its quotas by pool, its decayed
+    fair-share usage, and that usage's part of all tenants'."""
+
+    tenant: str | None = None
+
+
 # ------------------------------------------------------------------ GPU truth
 
 

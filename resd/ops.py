@@ -8,6 +8,7 @@ result. They hold no state of their own. ``HANDLERS`` must cover exactly
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -44,6 +45,7 @@ from resd_client.protocol import (
     PoolSet,
     Preempt,
     Preempted,
+    QuotaInfo,
     Register,
     Renew,
     ReservationInfo,
@@ -155,7 +157,15 @@ async def pool_delete(svc: Services, conn: Conn, args: PoolDelete) -> Done:
 
 async def _tenant_info(svc: Services, tenant: Tenant) -> TenantInfo:
     active: int = await svc.pools.ask(m.CountActive(tenant.name))
-    return tenant.info(active=active)
+    standing = await svc.pools.ask(m.TenantStanding(tenant.name))
+    return _with_standing(tenant.info(active=active), standing)
+
+
+def _with_standing(
+    info: TenantInfo, standing: dict[str, tuple[dict[str, QuotaInfo], float, float]]
+) -> TenantInfo:
+    quotas, usage, share = standing.get(info.name, ({}, 0.0, 0.0))
+    return dataclasses.replace(info, quotas=quotas, usage=round(usage, 3), share=round(share, 4))
 
 
 async def tenant_add(svc: Services, conn: Conn, args: TenantAdd) -> TenantInfo:
@@ -168,7 +178,10 @@ async def tenant_add(svc: Services, conn: Conn, args: TenantAdd) -> TenantInfo:
 async def tenant_list(svc: Services, conn: Conn, args: Empty) -> TenantList:
     tenants: list[Tenant] = await svc.tenants.ask(m.ListTenants())
     active = Counter(r.tenant for r in await svc.pools.ask(m.ListActive()))
-    return TenantList(tenants=[t.info(active=active[t.name]) for t in tenants])
+    standing = await svc.pools.ask(m.TenantStanding())
+    return TenantList(
+        tenants=[_with_standing(t.info(active=active[t.name]), standing) for t in tenants]
+    )
 
 
 async def tenant_show(svc: Services, conn: Conn, args: TenantName) -> TenantInfo:
@@ -176,8 +189,15 @@ async def tenant_show(svc: Services, conn: Conn, args: TenantName) -> TenantInfo
 
 
 async def tenant_set(svc: Services, conn: Conn, args: TenantSet) -> TenantInfo:
+    """A quota (``pool`` with ``min``/``max``) is the pool actor's, checked against
+    the pool first, so a refused quota changes nothing of the tenant either."""
+    quota_lsn = 0
+    if args.pool is not None:
+        TenantBook.check_admin(conn.peer, "change tenants")
+        await svc.tenants.ask(m.GetTenant(args.name))  # it must exist
+        _, quota_lsn = await svc.pools.ask(m.SetQuota(args.pool, args.name, args.min, args.max))
     tenant, lsn = await svc.tenants.ask(m.SetTenant(args, conn.peer))
-    await _durable(svc, lsn)
+    await _durable(svc, quota_lsn, lsn)
     return await _tenant_info(svc, tenant)
 
 

@@ -70,10 +70,12 @@ from resd.messages import (
     Schedule,
     SessionClosed,
     SetPool,
+    SetQuota,
     ShowPool,
     ShowResources,
     Subscribe,
     TakeSnapshot,
+    TenantStanding,
     Unsubscribe,
     Unwatch,
     Watch,
@@ -117,6 +119,7 @@ from resd_client.protocol import (
     PlanResult,
     PoolInfo,
     PreemptedEvent,
+    QuotaInfo,
     ReclaimEvent,
     ReleasedEvent,
     ReservationInfo,
@@ -258,6 +261,11 @@ class PoolActor(Actor):
             ForgetTenant: self._forget_tenant,
             TakeSnapshot: lambda m: (self.journal.last_lsn, self.book.snapshot()),
             DoRegister: self._register,
+            SetQuota: lambda m: (
+                None,
+                self._commit(self.book.set_quota(m.pool, m.tenant, m.min, m.max)),
+            ),
+            TenantStanding: self._tenant_standing,
             GpuLeases: lambda m: gpu_policy.lease_views(self.book, m.pids),
             GpuReport: self._gpu_report,
         }
@@ -553,7 +561,7 @@ class PoolActor(Actor):
             if not args.wait and not scheduler.preemptible(self.book, w):
                 self._commit(events)
                 raise denial_error(events[0])
-        impossible = self.book.never_fits(args)
+        impossible = self.book.never_fits(args, tenant=msg.tenant.name)
         if impossible is not None:  # waiting would be forever
             self._commit([self.book.denied(args, pools[0], w.tenant, now, impossible)])
             raise impossible
@@ -632,6 +640,25 @@ class PoolActor(Actor):
         if w.outbox is not None:
             self._push(w.outbox, DeniedEvent(reservation_id=w.id, error=error.to_wire()), lsn)
         return lsn
+
+    def _tenant_standing(
+        self, msg: TenantStanding
+    ) -> dict[str, tuple[dict[str, QuotaInfo], float, float]]:
+        usage = self.book.fair.usages(self.wall())
+        total = sum(usage.values())
+        names = (
+            {msg.tenant}
+            if msg.tenant
+            else {t for p in self.book.pools.values() for t in p.quotas} | set(usage)
+        )
+        return {
+            t: (
+                self.book.tenant_quotas(t),
+                usage.get(t, 0.0),
+                usage.get(t, 0.0) / total if total else 0.0,
+            )
+            for t in sorted(names)
+        }
 
     def _register(self, msg: DoRegister) -> tuple[ReservationInfo, int] | OwnerCheck:
         check = self._owner_check(msg.id, msg.uid)
@@ -737,7 +764,7 @@ class PoolActor(Actor):
         log.info("reattached", reservation=rid, session=msg.session)
         if w is not None:
             w.session, w.outbox, w.peer = msg.session, msg.outbox, msg.peer
-            order = self.queue.ordered(self.book.tenant_live)
+            order = self.queue.ordered(self.book.usage_at(self.wall()))
             return dataclasses.replace(w.info(), position=order.index(w) + 1), lsn
         self.holders.drop(rid)
         if msg.outbox is not None:
@@ -780,7 +807,8 @@ class PoolActor(Actor):
                 f"tenant {name!r} holds {len(live)} active reservation(s); release them or use --force",
                 {"tenant": name, "active": len(live)},
             )
-        lsn = self._commit([Ended(r.id, "released", self.wall(), "tenant removed") for r in live])
+        ended = [Ended(r.id, "released", self.wall(), "tenant removed") for r in live]
+        lsn = self._commit([*ended, *self.book.drop_quotas(name)])
         self._removed[name] = msg.tenant.created_at
         for w in [w for w in self.queue.waiters.values() if w.tenant.name == name]:
             lsn = max(lsn, self._end_waiter(w, NotFoundError(f"tenant {name!r} was removed")))
@@ -794,7 +822,7 @@ class PoolActor(Actor):
         if msg.pending:
             return [
                 dataclasses.replace(w.info(), position=position)
-                for position, w in enumerate(self.queue.ordered(self.book.tenant_live), 1)
+                for position, w in enumerate(self.queue.ordered(self.book.usage_at(self.wall())), 1)
                 if (msg.pool is None or msg.pool in w.pools)
                 and (msg.tenant is None or w.tenant.name == msg.tenant)
             ]
@@ -832,7 +860,7 @@ class PoolActor(Actor):
                 reason="none",
                 message=f"{r.id} is {r.state}, not waiting",
             )
-        order = self.queue.ordered(self.book.tenant_live)
+        order = self.queue.ordered(self.book.usage_at(self.wall()))
         return WaitInfo(
             id=w.id,
             state="pending",
@@ -844,7 +872,10 @@ class PoolActor(Actor):
         )
 
     def _plan(self, msg: PlanRequest) -> PlanResult:
-        plan = preemption.plan(self.book, msg.args, msg.tenant, self.wall())
+        now = self.wall()
+        plan = preemption.plan(self.book, msg.args, msg.tenant, now)
+        if plan.outcome not in ("fits", "never"):  # a tenant within its min reclaims first
+            plan = scheduler.reclaim_plan(self.book, msg.args, msg.tenant, now) or plan
         victims = [v.info() for v in plan.victims]
         ids = ", ".join(v.id for v in plan.victims)
         match plan.outcome:
@@ -854,6 +885,12 @@ class PoolActor(Actor):
                 text = (
                     f"would evict {len(victims)} lower-priority reservation(s) in pool"
                     f" {plan.pool!r} ({ids}), after a grace of {plan.grace:g}s"
+                )
+            case "reclaim":
+                text = (
+                    f"would reclaim {len(victims)} reservation(s) from borrowers in pool"
+                    f" {plan.pool!r} ({ids}), after a grace of {plan.grace:g}s: the tenant"
+                    " asks within its min"
                 )
             case "wait" if victims:
                 text = (

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
 
+from resd import quotas
+from resd.fairshare import HALF_LIFE, FairShare, share
 from resd.gpu_usage import enforcement_of
 from resd.holdings import GPU, VRAM, PoolHoldings, members_of, shortfall
 from resd.records import (
@@ -28,6 +30,7 @@ from resd.records import (
     PoolDeleted,
     PoolEvent,
     Queued,
+    Quota,
     Rebound,
     Registered,
     Renewed,
@@ -58,6 +61,7 @@ from resd_client.protocol import (
     PoolCreate,
     PoolInfo,
     PoolSet,
+    QuotaInfo,
     Renew,
     Reserve,
     ResourceStatus,
@@ -104,6 +108,9 @@ class PoolBook:
     by_root: dict[int, set[str]] = attrs.Factory(dict)
     gpu_held: set[str] = attrs.Factory(set)
     marked: set[str] = attrs.Factory(set)
+    #: decayed usage per tenant (fair share), and each live reservation's share
+    fair: FairShare = attrs.Factory(FairShare)
+    _shares: dict[str, float] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -263,7 +270,60 @@ class PoolBook:
             adopt_foreign=pool.adopt_foreign,
             devices=list(self.live_devices.get(pool.name, ())),
             marks=dict(Counter(mark for r in active for mark in r.marks)),
+            quotas={
+                t: quotas.info(pool, t, self.quota_use(pool.name, t)) for t in sorted(pool.quotas)
+            },
         )
+
+    def usage_at(self, now: float) -> Callable[[str], float]:
+        """tenant → its decayed fair-share usage at ``now`` (for ranking waiters)."""
+        return lambda tenant: self.fair.usage(tenant, now)
+
+    def _share_of(self, r: Reservation) -> float:
+        holdings = self.holdings[r.pool]
+        return share(self.pools[r.pool], r, holdings.vram()[0])
+
+    def quota_use(self, pool: str, tenant: str) -> dict[str, int]:
+        """What ``tenant``'s live reservations in ``pool`` hold, as quotas count it."""
+        return quotas.held(self.reservations[i] for i in self._held.get((pool, tenant), ()))
+
+    def tenant_quotas(self, tenant: str) -> dict[str, QuotaInfo]:
+        """``tenant``'s quota in every pool that gives it one."""
+        return {
+            p.name: quotas.info(p, tenant, self.quota_use(p.name, tenant))
+            for p in sorted(self.pools.values(), key=lambda p: p.name)
+            if tenant in p.quotas
+        }
+
+    def set_quota(
+        self, pool_name: str, tenant: str, low: dict[str, int] | None, high: dict[str, int] | None
+    ) -> list[PoolEvent]:
+        """Events of setting ``tenant``'s quota in ``pool_name`` (a side given as None
+        stays; ``{}`` clears it; a quota with neither is removed)."""
+        pool = self.pool(pool_name)
+        old = pool.quotas.get(tenant, Quota())
+        new = Quota(
+            min=dict(old.min if low is None else low), max=dict(old.max if high is None else high)
+        )
+        for name, floor in new.min.items():
+            cap = new.max.get(name)
+            if cap is not None and floor > cap:
+                raise InvalidError(
+                    f"min {name} {floor} is above max {name} {cap}", {"field": f"min.{name}"}
+                )
+        quotas.check_quota(pool, tenant, new)
+        table = {t: q for t, q in pool.quotas.items() if t != tenant}
+        if new.min or new.max:
+            table[tenant] = new
+        return [PoolChanged(attrs.evolve(pool, quotas=table))]
+
+    def drop_quotas(self, tenant: str) -> list[PoolEvent]:
+        """Events of forgetting ``tenant``'s quotas (the tenant is removed)."""
+        return [
+            PoolChanged(attrs.evolve(p, quotas={t: q for t, q in p.quotas.items() if t != tenant}))
+            for p in self.pools.values()
+            if tenant in p.quotas
+        ]
 
     def pool_infos(self) -> list[PoolInfo]:
         return [self.pool_info(p) for p in sorted(self.pools.values(), key=lambda p: p.name)]
@@ -337,6 +397,8 @@ class PoolBook:
             idle_after=pool.idle_after if args.idle_after is None else args.idle_after,
             adopt_foreign=pool.adopt_foreign if args.adopt_foreign is None else args.adopt_foreign,
         )
+        for tenant, quota in changed.quotas.items():  # a guarantee must stay possible
+            quotas.check_quota(changed, tenant, quota)
         return [PoolChanged(changed)]
 
     def _check_held(self, pool: Pool, resources: dict[str, Capacity]) -> None:
@@ -481,6 +543,12 @@ class PoolBook:
         pid: tuple[int, float] | None,
     ) -> Reservation | ResdError:
         held = self.held(pool.name, tenant.name)
+        if pool.quotas:
+            refusal = quotas.over_max(
+                pool, tenant.name, self.quota_use(pool.name, tenant.name), args
+            )
+            if refusal is not None:
+                return refusal
         if pool.max_per_tenant and len(held) >= pool.max_per_tenant:
             existing = sorted(held)
             return ConflictError(
@@ -527,12 +595,20 @@ class PoolBook:
             enforcement=enforcement_of(args.binding, placement.devices, args.resources, self.mps),
         )
 
-    def never_fits(self, args: Reserve, pools: list[Pool] | None = None) -> ResdError | None:
+    def never_fits(
+        self, args: Reserve, pools: list[Pool] | None = None, tenant: str | None = None
+    ) -> ResdError | None:
         """The refusal of a request that would not fit any of its pools even if they
-        were empty (waiting for it would be forever); None when it could fit."""
+        were empty, or is past ``tenant``'s max there by itself (waiting for it would
+        be forever); None when it could fit."""
         pools = self.check_request(args) if pools is None else pools
         shorts = []
+        capped: ResdError | None = None
         for pool in pools:
+            if tenant is not None and pool.quotas:
+                capped = quotas.over_max(pool, tenant, {}, args)
+                if capped is not None:
+                    continue
             short = {
                 name: shortfall(amount, pool.resources[name].effective)
                 for name, amount in args.resources.items()
@@ -545,6 +621,8 @@ class PoolBook:
             if not short:
                 return None
             shorts.append((pool.name, short))
+        if not shorts:
+            return capped
         name, short = shorts[0]
         return InsufficientError(
             f"pool {name!r} can never fit the request, even empty:"
@@ -726,6 +804,8 @@ class PoolBook:
             case Reserved(reservation=r):
                 self._unqueue(r.id)
                 self._hold(r)
+                self._shares[r.id] = part = self._share_of(r)
+                self.fair.change(r.tenant, part, r.created_at)
                 self._record(r.created_at, "reserved", r, r.label)
             case Queued(waiting=w):
                 self.waiting[w.id] = w
@@ -748,6 +828,7 @@ class PoolBook:
             case Ended(id=rid, state=state, at=at, reason=reason):
                 r = self.reservations[rid]
                 self._unhold(r)
+                self.fair.change(r.tenant, -self._shares.pop(rid, 0.0), at)
                 self._record(at, state, r, reason)
             case Registered(id=rid, pid=pid, start=start, at=at):
                 r = self.reservations[rid]
@@ -885,11 +966,17 @@ class PoolBook:
             "history": [to_wire(h) for h in self.history],
             "seq": self.seq,
             "waiting": [converter.unstructure(w) for w in self.waiting.values()],
+            "fair_share": self.fair.snapshot(),
         }
 
     @classmethod
-    def from_snapshot(cls, state: dict[str, Any] | None, history_limit: int = 100_000) -> PoolBook:
-        book = cls(history_limit=history_limit)
+    def from_snapshot(
+        cls,
+        state: dict[str, Any] | None,
+        history_limit: int = 100_000,
+        half_life: float = HALF_LIFE,
+    ) -> PoolBook:
+        book = cls(history_limit=history_limit, fair=FairShare(half_life))
         if state is None:
             return book
         for p in state["pools"]:
@@ -898,7 +985,11 @@ class PoolBook:
             book.allocated[pool.name] = {}
             book.holdings[pool.name] = PoolHoldings.of(pool)
         for raw in state["reservations"]:
-            book._hold(converter.structure(raw, Reservation))
+            r = converter.structure(raw, Reservation)
+            book._hold(r)
+            book._shares[r.id] = part = book._share_of(r)
+            book.fair.change(r.tenant, part, r.created_at)
+        book.fair.restore(state.get("fair_share", {}))  # absent before issue 12
         book.history.extend(HistoryEvent(**h) for h in state["history"])
         book.seq = state["seq"]
         for raw in state.get("waiting", ()):  # absent in snapshots made before issue 9

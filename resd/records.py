@@ -65,6 +65,15 @@ class Capacity:
 
 
 @attrs.frozen
+class Quota:
+    """A tenant's quota in a pool (SPEC §3): ``min`` guaranteed, ``max`` a cap, per
+    resource in internal units (a set or range resource counts members / values)."""
+
+    min: dict[str, int] = attrs.Factory(dict)
+    max: dict[str, int] = attrs.Factory(dict)
+
+
+@attrs.frozen
 class Pool:
     name: str
     resources: dict[str, Capacity]
@@ -79,6 +88,8 @@ class Pool:
     overuse: str = "warn"
     idle_after: float = 0.0
     adopt_foreign: bool = False
+    #: tenant → its quota here
+    quotas: dict[str, Quota] = attrs.Factory(dict)
 
 
 @attrs.frozen

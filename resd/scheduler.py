@@ -17,15 +17,17 @@ also writes each waiter's position and why it waits (display state, not journale
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+import functools
+from collections.abc import Callable, Generator, Sequence
 
 import attrs
 
-from resd import preemption
+from resd import preemption, quotas
 from resd.pools import PoolBook, denial_error
-from resd.records import PoolEvent, Reserved
+from resd.records import Pool, PoolEvent, Reservation, Reserved, Tenant
 from resd.waiting import Waiter, WaitQueue
 from resd_client.errors import ConflictError, ErrorCode, InsufficientError, ResdError
+from resd_client.protocol import Reserve
 
 
 @attrs.frozen
@@ -38,10 +40,12 @@ class Grant:
 
 @attrs.frozen
 class Evict:
-    """Evict victims for ``waiter``: ``events`` end or put them in their grace."""
+    """Evict victims for ``waiter``: ``events`` end or put them in their grace;
+    ``reclaim``: from borrowers, for a tenant within its min (any priority)."""
 
     waiter: Waiter
     events: list[PoolEvent]
+    reclaim: bool = False
 
 
 @attrs.frozen
@@ -89,6 +93,8 @@ def waiting_reason(error: ResdError) -> tuple[str, str, dict[str, object]]:
     """(reason, message, details) a refusal means for a waiter."""
     if error.code == ErrorCode.CONFLICT:
         return "conflict", error.message, dict(error.details)
+    if error.code == ErrorCode.QUOTA_EXCEEDED:
+        return "quota", error.message, dict(error.details)
     return "resources", error.message, dict(error.details)
 
 
@@ -99,7 +105,7 @@ def run_pass(
     the driver has applied it; ``granted(id)`` tells the pass whether a waiter was
     granted meanwhile (an eviction with no grace grants at once)."""
     blocked: dict[tuple[str, str], str] = {}
-    for position, w in enumerate(queue.ordered(book.tenant_live), 1):
+    for position, w in enumerate(queue.ordered(book.usage_at(now)), 1):
         w.position = position
         head = next((blocked[k] for k in w.keys if k in blocked), None)
         if head is not None:
@@ -118,13 +124,100 @@ def run_pass(
             yield Grant(w, events)
             continue
         w.waits_for(*waiting_reason(denial_error(events[0])))
-        if w.reason == "conflict":
+        if w.reason in ("conflict", "quota"):
             continue  # waits for its own tenant's release: holds nothing back
-        yield from _preempt_for(book, w, now)
+        if not (yield from _reclaim_for(book, w, now)):
+            yield from _preempt_for(book, w, now)
         if granted(w.id):
             continue
         for k in w.keys:
             blocked.setdefault(k, w.id)
+
+
+def reclaim_plan(
+    book: PoolBook, args: Reserve, tenant: Tenant, now: float
+) -> preemption.Plan | None:
+    """Kueue's cohort rule (``resd/quotas.py``): when ``tenant`` asks within its mins
+    and does not fit, the fewest borrowers' leases (reclaimable first, then lowest
+    priority, youngest — but any priority) whose eviction makes room without taking
+    their tenants below their own mins. ``reclaim``: evict ``victims``; ``wait``:
+    leases already terminating will make room; None: the rule does not apply, or
+    reclaiming cannot make room."""
+    for pool in book.check_request(args):
+        if not pool.quotas:
+            continue
+        holding = book.quota_use(pool.name, tenant.name)
+        if not quotas.within_min(pool, tenant.name, holding, args):
+            continue
+        live = book.active_in(pool.name)
+        leaving = [r.id for r in live if r.state == "terminating"]
+        if leaving and preemption.fits_without(book, args, tenant, pool, now, leaving):
+            return preemption.Plan(
+                "wait", pool.name, tuple(r for r in live if r.state == "terminating")
+            )
+        holdings = {t: book.quota_use(pool.name, t) for t in {r.tenant for r in live}}
+        needs = {"gpu" if n == "vram" else n for n in quotas.asked(args)}
+        ranked = sorted(
+            (
+                r
+                for r in live
+                if r.state == "active"
+                and r.tenant != tenant.name
+                and any(
+                    quotas.borrowing(pool, r.tenant, holdings[r.tenant], n) > 0
+                    for n in needs
+                    if n in r.resources
+                )
+            ),
+            key=lambda r: (not r.reclaimable, r.priority, -r.created_at, r.id),
+        )
+        fits = functools.partial(_reclaim_fits, book, args, tenant, pool, now, leaving, holdings)
+        victims = preemption.fewest(ranked, fits)
+        if victims:
+            return preemption.Plan("reclaim", pool.name, tuple(victims), pool.grace)
+    return None
+
+
+def _reclaim_fits(
+    book: PoolBook,
+    args: Reserve,
+    tenant: Tenant,
+    pool: Pool,
+    now: float,
+    leaving: list[str],
+    holdings: dict[str, dict[str, int]],
+    victims: Sequence[Reservation],
+) -> bool:
+    """Would ``args`` fit with ``victims`` (and the leaving) gone, no victim's tenant
+    going below its mins?"""
+    return quotas.keeps_mins(pool, victims, holdings) and preemption.fits_without(
+        book, args, tenant, pool, now, [*leaving, *(v.id for v in victims)]
+    )
+
+
+def _reclaim_for(book: PoolBook, w: Waiter, now: float) -> Generator[Step, None, bool]:
+    """Reclaim from borrowers for ``w`` (``reclaim_plan``); True when the rule
+    applies (then priority preemption is not tried), granting ``w`` when the
+    victims leave at once."""
+    plan = reclaim_plan(book, w.args, w.tenant, now)
+    if plan is None:
+        return False
+    if plan.outcome == "reclaim" and (w.args.wait or plan.grace == 0):
+        by = f"quota: reclaiming for tenant {w.tenant.name!r} (within its min)"
+        yield Evict(w, [book.evict(v, by, now) for v in plan.victims], reclaim=True)
+        if plan.grace == 0:
+            events = decide(book, w, now)
+            if isinstance(events[0], Reserved):
+                yield Grant(w, events)
+                return True
+    ids = [v.id for v in plan.victims]
+    w.waits_for(
+        "reclaiming",
+        f"reclaiming from borrowers: waiting for {', '.join(ids)} to give back what"
+        f" tenant {w.tenant.name!r} is guaranteed",
+        {"victims": ids, "pool": plan.pool},
+    )
+    return True
 
 
 def _preempt_for(book: PoolBook, w: Waiter, now: float) -> Generator[Step, None, None]:

@@ -5,8 +5,8 @@ is journaled (``Queued``), so after a restart it is put back in its place and
 waits for its client to re-attach (SPEC §9); the ``Waiter`` here adds what only
 the live daemon knows (the connection to push to, the reason it waits). The
 queue is ranked by priority (highest first), then deadline (earliest first, none
-last), then fair share (the tenant's live reservations ÷ its weight), then
-arrival. It also indexes which (pool, resource) pairs waiters touch, so that a
+last), then fair share (the tenant's decayed usage ÷ its weight, see
+``resd/fairshare.py``), then arrival. It also indexes which (pool, resource) pairs waiters touch, so that a
 request or a release that concerns none of them skips the queue entirely.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -98,8 +98,8 @@ class Waiter:
             peer=self.peer,
         )
 
-    def rank(self, live: Mapping[str, int]) -> tuple[int, float, float, int]:
-        fair = live.get(self.tenant.name, 0) / self.tenant.weight if self.tenant.weight else 0.0
+    def rank(self, usage: Mapping[str, float]) -> tuple[int, float, float, int]:
+        fair = usage.get(self.tenant.name, 0.0) / self.tenant.weight if self.tenant.weight else 0.0
         deadline = math.inf if self.args.deadline is None else self.args.deadline
         return (-self.tenant.priority, deadline, fair, self.seq)
 
@@ -178,8 +178,10 @@ class WaitQueue:
             (r.pool, GPU if n == VRAM else n) in self.keys for n in (*r.resources, *r.members)
         )
 
-    def ordered(self, live: Mapping[str, int]) -> list[Waiter]:
-        return sorted(self.waiters.values(), key=lambda w: w.rank(live))
+    def ordered(self, usage: Callable[[str], float]) -> list[Waiter]:
+        """Waiters in rank order; ``usage(tenant)`` is its decayed fair-share usage."""
+        table = {n: usage(n) for n in {w.tenant.name for w in self.waiters.values()}}
+        return sorted(self.waiters.values(), key=lambda w: w.rank(table))
 
     def of_session(self, session: str) -> list[Waiter]:
         return [w for w in self.waiters.values() if w.session == session]

@@ -16,7 +16,7 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from resd import scheduler
+from resd import quotas, scheduler
 from resd.pools import PoolBook
 from resd.records import Ended, Reserved, Tenant, Terminating
 from resd.waiting import Waiter, WaitQueue, touched
@@ -36,9 +36,9 @@ class Scheduling(RuleBasedStateMachine):
         self.now = 1000.0
         self.ids = itertools.count()
 
-    @rule(preempting=st.booleans(), grace=st.sampled_from([0.0, 5.0]))
+    @rule(preempting=st.booleans(), grace=st.sampled_from([0.0, 5.0]), with_quotas=st.booleans())
     @precondition(lambda self: not self.book.pools)
-    def create(self, preempting: bool, grace: float) -> None:
+    def create(self, preempting: bool, grace: float, with_quotas: bool) -> None:
         args = from_wire(
             PoolCreate,
             {
@@ -56,6 +56,10 @@ class Scheduling(RuleBasedStateMachine):
             },
         )
         self.book.apply(self.book.create_pool(args, self.now))
+        if with_quotas:  # lo is guaranteed half the CPUs, mid capped at 2 GPUs, hi 2 GPUs
+            self.book.apply(self.book.set_quota(POOL, "lo", {"cpu": 4000}, None))
+            self.book.apply(self.book.set_quota(POOL, "mid", None, {"gpu": 2}))
+            self.book.apply(self.book.set_quota(POOL, "hi", {"gpu": 2}, {"gpu": 3}))
 
     @rule(
         tenant=st.sampled_from(sorted(TENANTS)),
@@ -83,6 +87,14 @@ class Scheduling(RuleBasedStateMachine):
         )
         self.queue.add(w, None)
 
+    @rule(borrower=st.sampled_from(["mid", "hi"]))
+    @precondition(lambda self: self.book.pools)
+    def contend(self, borrower: str) -> None:
+        """A borrower takes every CPU, then lo asks for part of its guarantee."""
+        self.enqueue(borrower, 8000, 0, 0)
+        self.schedule()
+        self.enqueue("lo", 3000, 0, 0)
+
     @rule(data=st.data())
     @precondition(lambda self: self.book.reservations)
     def release(self, data: st.DataObject) -> None:
@@ -106,9 +118,17 @@ class Scheduling(RuleBasedStateMachine):
                     self.book.apply(events)
                     self.queue.remove(w.id)
                     granted.add(w.id)
-                case scheduler.Evict(waiter=w, events=events):
+                case scheduler.Evict(waiter=w, events=events, reclaim=reclaim):
                     victims = [self.book.reservations[e.id] for e in events]
-                    assert all(v.priority < w.tenant.priority for v in victims), "only lower"
+                    if reclaim:  # from borrowers, whatever their priority
+                        pool = self.book.pools[POOL]
+                        held = {v.tenant: self.book.quota_use(POOL, v.tenant) for v in victims}
+                        assert quotas.keeps_mins(pool, victims, held), "a victim below its min"
+                        assert quotas.within_min(
+                            pool, w.tenant.name, self.book.quota_use(POOL, w.tenant.name), w.args
+                        )
+                    else:
+                        assert all(v.priority < w.tenant.priority for v in victims), "only lower"
                     assert all(isinstance(e, Ended | Terminating) for e in events)
                     self.book.apply(events)
                 case scheduler.Drop(waiter=w):
@@ -116,13 +136,27 @@ class Scheduling(RuleBasedStateMachine):
         self.check_no_idle_capacity()
 
     def check_no_idle_capacity(self) -> None:
-        """A waiter that fits now was held back for one ranked above it."""
-        order = self.queue.ordered(self.book.tenant_live)
+        """A waiter that fits now was held back for one ranked above it; one within
+        its min that borrowers could make room for is having them reclaimed."""
+        order = self.queue.ordered(self.book.usage_at(self.now))
         for i, w in enumerate(order):
+            ahead = [a for a in order[:i] if a.keys & w.keys]
             events = scheduler.decide(self.book, w, self.now)
             if isinstance(events[0], Reserved):
-                ahead = [a for a in order[:i] if a.keys & w.keys]
                 assert ahead, f"{w.id} fits but waits"
+            elif not ahead and w.reason != "reclaiming":
+                plan = scheduler.reclaim_plan(self.book, w.args, w.tenant, self.now)
+                assert plan is None, f"{w.id} could reclaim {plan} but waits: {w.message}"
+
+    @invariant()
+    def within_max(self) -> None:
+        if not self.book.pools:
+            return
+        pool = self.book.pools[POOL]
+        for tenant, quota in pool.quotas.items():
+            used = self.book.quota_use(POOL, tenant)
+            for name, cap in quota.max.items():
+                assert used.get(name, 0) <= cap, (tenant, name, used, cap)
 
     @invariant()
     def within_capacity(self) -> None:

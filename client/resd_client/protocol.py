@@ -727,9 +727,34 @@ class TenantSet:
     owners: list[int] | None = None
     groups: list[int] | None = None
     weight: float | None = None
+    #: quota in ``pool`` (SPEC §3): ``min`` guaranteed, ``max`` cap, per resource in
+    #: internal units (a set resource counts members); each given map replaces that
+    #: side of the quota, ``{}`` clears it
+    pool: str | None = None
+    min: dict[str, int] | None = None
+    max: dict[str, int] | None = None
 
     def check(self) -> None:
         check_name("tenant", self.name)
+        if self.pool is None and (self.min is not None or self.max is not None):
+            raise InvalidError("min and max are per pool: give the pool too", {"field": "pool"})
+        if self.pool is not None:
+            check_name("pool", self.pool)
+            if self.min is None and self.max is None:
+                raise InvalidError(
+                    f"pool {self.pool!r}: give min and/or max to set the tenant's quota there",
+                    {"field": "min"},
+                )
+        for side, amounts in (("min", self.min), ("max", self.max)):
+            if amounts is not None:
+                check_amounts(amounts, allow_zero=True, what=side)
+        for name, low in (self.min or {}).items():
+            high = (self.max or {}).get(name)
+            if high is not None and low > high:
+                raise InvalidError(
+                    f"min {name} {low} is above max {name} {high}",
+                    {"field": f"min.{name}", "min": low, "max": high},
+                )
         if self.priority is not None:
             check_priority(self.priority)
         if self.owners is not None:
@@ -1077,6 +1102,18 @@ class PoolInfo:
     devices: list[DeviceUse] = field(default_factory=list)
     #: how many leases carry each mark now (``overuse``, ``idle``)
     marks: dict[str, int] = field(default_factory=dict)
+    #: tenant → its quota here and what it holds
+    quotas: dict[str, QuotaInfo] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuotaInfo:
+    """A tenant's quota in one pool and what it holds there now (internal units; a
+    set resource counts members). Above ``min`` it is borrowing."""
+
+    min: dict[str, int] = field(default_factory=dict)
+    max: dict[str, int] = field(default_factory=dict)
+    used: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1088,6 +1125,12 @@ class TenantInfo:
     weight: float
     created_at: float
     active: int = 0
+    #: pool → its quota there (``tenant show``)
+    quotas: dict[str, QuotaInfo] = field(default_factory=dict)
+    #: fair share: its decayed usage (dominant-share seconds, SPEC §4) and that
+    #: usage's part of all tenants' (0 to 1)
+    usage: float = 0.0
+    share: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1277,9 +1320,11 @@ class WaitInfo:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PlanResult:
     """``fits``: granted at once; ``wait``: would queue; ``preempt``: would evict
-    ``victims`` (after ``grace`` seconds); ``never``: cannot fit even so."""
+    ``victims`` (after ``grace`` seconds); ``reclaim``: would take ``victims`` back
+    from borrowers (the tenant asks within its quota's min); ``never``: cannot fit
+    even so."""
 
-    outcome: Literal["fits", "wait", "preempt", "never"]
+    outcome: Literal["fits", "wait", "preempt", "reclaim", "never"]
     pool: str
     message: str
     victims: list[ReservationInfo] = field(default_factory=list)

@@ -1,0 +1,151 @@
+"""Tenant quotas per pool (SPEC §3, §4; Kueue's cohort rule): pure rules.
+
+A tenant's quota in a pool has, per resource, a ``min`` (guaranteed) and a ``max``
+(a cap). Amounts are what its live reservations there hold, in internal units; a
+set or range resource counts members or values (``gpu=2`` is 2, a ``vram`` slice
+its bytes). Rules:
+
+* The mins of a pool may not add up to more than its capacity.
+* A request that would take its tenant past a ``max`` is refused
+  ``quota_exceeded`` (or waits with reason ``quota`` for its own tenant to give
+  something back); one that is past the max by itself can never be granted.
+* A tenant above its ``min`` of a resource is *borrowing* it. When a tenant whose
+  request keeps it within its mins does not fit, capacity is reclaimed from
+  borrowers of what it needs — whatever their priority — through the same notice,
+  grace and release path as preemption, never taking a borrower below its own min.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from resd.records import Pool, Quota, Reservation
+from resd_client.errors import InvalidError, QuotaExceededError
+from resd_client.protocol import QuotaInfo, Reserve
+
+
+def capacity_of(pool: Pool, resource: str) -> int | None:
+    """What a quota of ``resource`` is measured against: a scalar's effective
+    capacity, a set's member count (``vram``: the GPUs' memory), a range's size;
+    None when the pool has no such resource."""
+    if resource == "vram":
+        gpus = pool.resources.get("gpu")
+        return sum(m.capacity for m in gpus.members) if gpus and gpus.sliceable else None
+    cap = pool.resources.get(resource)
+    if cap is None:
+        return None
+    if cap.kind == "set":
+        return len(cap.members)
+    return cap.effective
+
+
+def held(reservations: Iterable[Reservation]) -> dict[str, int]:
+    """What ``reservations`` hold together, per resource (their ``resources`` carry
+    member and value counts)."""
+    total: dict[str, int] = {}
+    for r in reservations:
+        for name, amount in r.resources.items():
+            total[name] = total.get(name, 0) + amount
+    return total
+
+
+def asked(args: Reserve) -> dict[str, int]:
+    """What a request asks for, per resource, as quotas count it."""
+    amounts = dict(args.resources)
+    for name, names in args.members.items():
+        amounts.setdefault(name, len(set(names)))
+    return amounts
+
+
+def check_quota(pool: Pool, tenant: str, quota: Quota) -> None:
+    """Refuse a quota naming what the pool lacks, or whose mins with the others'
+    exceed the pool's capacity (InvalidError)."""
+    for side in (quota.min, quota.max):
+        for name in side:
+            if capacity_of(pool, name) is None:
+                raise InvalidError(
+                    f"pool {pool.name!r} has no resource {name} to give a quota of",
+                    {"resource": name, "allowed": sorted(pool.resources)},
+                )
+    for name, low in quota.min.items():
+        others = sum(q.min.get(name, 0) for t, q in pool.quotas.items() if t != tenant)
+        capacity = capacity_of(pool, name) or 0
+        if others + low > capacity:
+            raise InvalidError(
+                f"the mins of {name} in pool {pool.name!r} would add up to {others + low},"
+                f" more than its capacity {capacity}: a guarantee must be there to give",
+                {"resource": name, "min_total": others + low, "capacity": capacity},
+            )
+
+
+def over_max(
+    pool: Pool, tenant: str, holding: dict[str, int], args: Reserve
+) -> QuotaExceededError | None:
+    """The refusal of a request that takes ``tenant`` (holding ``holding``) past a
+    max in ``pool``; None when it stays within them."""
+    quota = pool.quotas.get(tenant)
+    if quota is None or not quota.max:
+        return None
+    for name, amount in sorted(asked(args).items()):
+        cap = quota.max.get(name)
+        if cap is not None and holding.get(name, 0) + amount > cap:
+            return QuotaExceededError(
+                f"tenant {tenant!r} holds {holding.get(name, 0)} {name} in pool"
+                f" {pool.name!r}; {amount} more would pass its max of {cap}",
+                {
+                    "pool": pool.name,
+                    "tenant": tenant,
+                    "resource": name,
+                    "max": cap,
+                    "held": holding.get(name, 0),
+                    "requested": amount,
+                    "never": amount > cap,
+                },
+            )
+    return None
+
+
+def within_min(pool: Pool, tenant: str, holding: dict[str, int], args: Reserve) -> bool:
+    """Whether granting ``args`` keeps ``tenant`` within its mins for everything it
+    asks (so it may reclaim what borrowers hold)."""
+    quota = pool.quotas.get(tenant)
+    if quota is None or not quota.min:
+        return False
+    return all(
+        name in quota.min and holding.get(name, 0) + amount <= quota.min[name]
+        for name, amount in asked(args).items()
+    )
+
+
+def borrowing(pool: Pool, tenant: str, holding: dict[str, int], resource: str) -> int:
+    """How much of ``resource`` ``tenant`` holds beyond its min (all it holds when it
+    has no min there)."""
+    quota = pool.quotas.get(tenant)
+    low = 0 if quota is None else quota.min.get(resource, 0)
+    return max(0, holding.get(resource, 0) - low)
+
+
+def keeps_mins(
+    pool: Pool, victims: Iterable[Reservation], holdings: dict[str, dict[str, int]]
+) -> bool:
+    """Whether evicting ``victims`` leaves each of their tenants at or above its
+    mins (``holdings``: tenant → what it holds in the pool now)."""
+    freed: dict[str, dict[str, int]] = {}
+    for v in victims:
+        mine = freed.setdefault(v.tenant, {})
+        for name, amount in v.resources.items():
+            mine[name] = mine.get(name, 0) + amount
+    for tenant, gone in freed.items():
+        quota = pool.quotas.get(tenant)
+        if quota is None:
+            continue
+        for name, low in quota.min.items():
+            taken = gone.get(name, 0)
+            if taken and holdings[tenant].get(name, 0) - taken < low:
+                return False
+    return True
+
+
+def info(pool: Pool, tenant: str, holding: dict[str, int]) -> QuotaInfo:
+    quota = pool.quotas.get(tenant, Quota())
+    return QuotaInfo(min=dict(quota.min), max=dict(quota.max), used=dict(holding))
