@@ -14,7 +14,16 @@ import trio
 
 from resd.records import Tenant
 from resd.tenants import Peer
-from resd_client.protocol import Attach, PoolCreate, PoolSet, Renew, Reserve, TenantAdd, TenantSet
+from resd_client.protocol import (
+    Attach,
+    PoolCreate,
+    PoolSet,
+    Renew,
+    Reserve,
+    Resize,
+    TenantAdd,
+    TenantSet,
+)
 
 
 @attrs.define(eq=False)
@@ -112,6 +121,17 @@ class DoRelease:
 class DoRenew:
     args: Renew
     uid: int | None = None
+
+
+@attrs.frozen
+class DoResize:
+    """Resize lease ``args.id`` for caller ``uid`` (None: may act on it); a waiting
+    resize is pushed its outcome on ``outbox``."""
+
+    args: Resize
+    uid: int | None
+    session: str
+    outbox: Outbox | None = attrs.field(eq=False, default=None)
 
 
 @attrs.frozen

@@ -52,6 +52,7 @@ from resd_client.protocol import (
     ReservationList,
     ReservationRef,
     Reserve,
+    Resize,
     ResourcesOf,
     Status,
     Subscribe,
@@ -309,6 +310,13 @@ async def attach(svc: Services, conn: Conn, args: Attach) -> ReservationInfo:
     return info
 
 
+async def resize(svc: Services, conn: Conn, args: Resize) -> ReservationInfo:
+    info: ReservationInfo = await _as_holder(
+        svc, conn, args.id, lambda uid: m.DoResize(args, uid, conn.id, conn.outbox)
+    )
+    return info
+
+
 async def renew(svc: Services, conn: Conn, args: Renew) -> ReservationInfo:
     info: ReservationInfo = await _as_holder(svc, conn, args.id, lambda uid: m.DoRenew(args, uid))
     return info
@@ -402,4 +410,5 @@ HANDLERS: Final[dict[str, Handler]] = {
     "attach": attach,
     "register": register,
     "top": top,
+    "resize": resize,
 }

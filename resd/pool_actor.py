@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 import trio
 
-from resd import gpu_policy, preemption, scheduler
+from resd import gpu_policy, preemption, resize, scheduler
 from resd.actor import Actor, TimerHeap
 from resd.announcer import Announcer
 from resd.journal import Journal
@@ -52,6 +52,7 @@ from resd.messages import (
     DoRelease,
     DoRenew,
     DoReserve,
+    DoResize,
     Expire,
     ExportHistory,
     FinishGrace,
@@ -95,6 +96,8 @@ from resd.records import (
     Renewed,
     Reservation,
     Reserved,
+    Resized,
+    Tenant,
     Terminating,
     journal_events,
 )
@@ -123,6 +126,8 @@ from resd_client.protocol import (
     ReclaimEvent,
     ReleasedEvent,
     ReservationInfo,
+    Reserve,
+    ResizedEvent,
     StateEvent,
     WaitInfo,
     encode_frame,
@@ -261,6 +266,7 @@ class PoolActor(Actor):
             ForgetTenant: self._forget_tenant,
             TakeSnapshot: lambda m: (self.journal.last_lsn, self.book.snapshot()),
             DoRegister: self._register,
+            DoResize: self._resize,
             SetQuota: lambda m: (
                 None,
                 self._commit(self.book.set_quota(m.pool, m.tenant, m.min, m.max)),
@@ -621,6 +627,14 @@ class PoolActor(Actor):
             steps.close()
 
     def _grant(self, w: Waiter, events: list[PoolEvent]) -> None:
+        if w.resize_of:
+            lsn = self._commit(events)
+            self.queue.remove(w.id)
+            log.info("resized", reservation=w.resize_of, waited=round(self.wall() - w.arrived, 3))
+            if w.outbox is not None:
+                info = self.book.reservations[w.resize_of].info()
+                self._push(w.outbox, ResizedEvent(reservation=info), lsn)
+            return
         info, lsn = self._granted_now(w, events)
         self.queue.remove(w.id)
         if w.args.binding != "session":
@@ -659,6 +673,43 @@ class PoolActor(Actor):
             )
             for t in sorted(names)
         }
+
+    def _resize(self, msg: DoResize) -> tuple[ReservationInfo, int] | OwnerCheck:
+        """Resize a lease now, or queue the growth (``wait``): the reply is then the
+        waiting request (cancel it by releasing its id) and the holder is pushed
+        ``resized`` when it is granted."""
+        check = self._owner_check(msg.args.id, msg.uid)
+        if check is not None:
+            return check
+        args, now = msg.args, self.wall()
+        events = resize.resize(self.book, args.id, args.resources, args.give_back, now)
+        if isinstance(events[0], Resized):
+            lsn = self._commit(events)
+            return self.book.reservations[args.id].info(), lsn
+        if not args.wait:
+            raise denial_error(events[0])
+        r = self.book.reservations[args.id]
+        request = Reserve(pool=r.pool, resources=dict(args.resources), tenant=r.tenant, wait=True)
+        w = Waiter(
+            id=self.new_id(),
+            args=request,
+            tenant=Tenant(r.tenant, r.priority),
+            uid=r.uid,
+            session=msg.session,
+            outbox=msg.outbox,
+            pools=(r.pool,),
+            keys=touched([r.pool], request),
+            arrived=now,
+            seq=self.queue.next_seq(),
+            resize_of=r.id,
+            timeout_at=None if args.timeout is None else now + args.timeout,
+        )
+        w.waits_for(*scheduler.waiting_reason(denial_error(events[0])))
+        lsn = self._commit([Queued(w.record())])
+        self.queue.add(w, self._trio_at(w.timeout_at))
+        self._queue_dirty = True
+        log.info("resize_queued", reservation=r.id, waiter=w.id)
+        return w.info(), lsn
 
     def _register(self, msg: DoRegister) -> tuple[ReservationInfo, int] | OwnerCheck:
         check = self._owner_check(msg.id, msg.uid)

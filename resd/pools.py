@@ -36,6 +36,7 @@ from resd.records import (
     Renewed,
     Reservation,
     Reserved,
+    Resized,
     Tenant,
     Terminating,
     Waiting,
@@ -830,6 +831,21 @@ class PoolBook:
                 self._unhold(r)
                 self.fair.change(r.tenant, -self._shares.pop(rid, 0.0), at)
                 self._record(at, state, r, reason)
+            case Resized(id=rid, at=at, detail=detail):
+                r = self.reservations[rid]
+                self._unhold(r)
+                r = attrs.evolve(
+                    r,
+                    resources=dict(event.resources),
+                    members=dict(event.members),
+                    values=dict(event.values),
+                    devices=event.devices,
+                )
+                self._hold(r)
+                part = self._share_of(r)
+                self.fair.change(r.tenant, part - self._shares.get(rid, 0.0), at)
+                self._shares[rid] = part
+                self._record(at, "resized", r, detail)
             case Registered(id=rid, pid=pid, start=start, at=at):
                 r = self.reservations[rid]
                 r = self.reservations[rid] = attrs.evolve(r, procs=(*r.procs, (pid, start)))

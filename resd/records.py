@@ -206,6 +206,8 @@ class Waiting:
     pid_start: float | None = None
     #: the session peer's process (see ``Reservation.peer``)
     peer: int | None = None
+    #: a waiting resize: the lease it grows (``args.resources`` its new amounts)
+    resize_of: str = ""
 
 
 # ------------------------------------------------------------------------ events
@@ -281,6 +283,20 @@ class Rebound:
 
 
 @attrs.frozen
+class Resized:
+    """Lease ``id`` now holds ``resources`` (with these members, values, devices);
+    ``detail`` says what changed."""
+
+    id: str
+    resources: dict[str, int]
+    members: dict[str, tuple[str, ...]]
+    values: dict[str, tuple[tuple[int, int], ...]]
+    devices: tuple[dict[str, str], ...]
+    at: float
+    detail: str = ""
+
+
+@attrs.frozen
 class Registered:
     """Process ``pid`` (started at ``start``) was added to lease ``id``'s processes."""
 
@@ -340,6 +356,7 @@ PoolEvent = (
     | Rebound
     | Registered
     | Marked
+    | Resized
 )
 TenantEvent = TenantSaved | TenantRemoved
 Event = PoolEvent | TenantEvent
@@ -357,6 +374,7 @@ TAGS: Final[dict[str, type]] = {
     "rebound": Rebound,
     "registered": Registered,
     "marked": Marked,
+    "resized": Resized,
     "tenant_saved": TenantSaved,
     "tenant_removed": TenantRemoved,
 }

@@ -22,9 +22,9 @@ from collections.abc import Callable, Generator, Sequence
 
 import attrs
 
-from resd import preemption, quotas
+from resd import preemption, quotas, resize
 from resd.pools import PoolBook, denial_error
-from resd.records import Pool, PoolEvent, Reservation, Reserved, Tenant
+from resd.records import Pool, PoolEvent, Reservation, Reserved, Resized, Tenant
 from resd.waiting import Waiter, WaitQueue
 from resd_client.errors import ConflictError, ErrorCode, InsufficientError, ResdError
 from resd_client.protocol import Reserve
@@ -60,7 +60,10 @@ Step = Grant | Evict | Drop
 
 
 def decide(book: PoolBook, w: Waiter, now: float) -> list[PoolEvent]:
-    """The book's answer to ``w`` now: ``[Reserved]`` or ``[Denied]``."""
+    """The book's answer to ``w`` now: ``[Reserved]`` (``[Resized]`` for a waiting
+    resize) or ``[Denied]``."""
+    if w.resize_of:
+        return resize.resize(book, w.resize_of, w.args.resources, {}, now)
     return book.reserve(
         w.args,
         w.tenant,
@@ -120,12 +123,16 @@ def run_pass(
         except ResdError as exc:  # its pool was deleted or changed under it
             yield Drop(w, exc)
             continue
-        if isinstance(events[0], Reserved):
+        if isinstance(events[0], Reserved | Resized):
             yield Grant(w, events)
             continue
         w.waits_for(*waiting_reason(denial_error(events[0])))
         if w.reason in ("conflict", "quota"):
             continue  # waits for its own tenant's release: holds nothing back
+        if w.resize_of:  # a lease growing in place evicts nobody (yet): it waits
+            for k in w.keys:
+                blocked.setdefault(k, w.id)
+            continue
         if not (yield from _reclaim_for(book, w, now)):
             yield from _preempt_for(book, w, now)
         if granted(w.id):

@@ -51,6 +51,8 @@ class Waiter:
     pid: tuple[int, float] | None = None
     #: the session peer's process (a session lease's attribution root)
     peer: int | None = None
+    #: a waiting resize: the lease it grows
+    resize_of: str = ""
     #: wall time its ``timeout`` passes
     timeout_at: float | None = None
     position: int = 0
@@ -79,6 +81,7 @@ class Waiter:
             seq=record.seq,
             pid=pid,
             peer=record.peer,
+            resize_of=record.resize_of,
             timeout_at=record.timeout_at,
         )
 
@@ -96,6 +99,7 @@ class Waiter:
             pid=None if self.pid is None else self.pid[0],
             pid_start=None if self.pid is None else self.pid[1],
             peer=self.peer,
+            resize_of=self.resize_of,
         )
 
     def rank(self, usage: Mapping[str, float]) -> tuple[int, float, float, int]:

@@ -324,6 +324,7 @@ SAMPLES: dict[type, list[Any]] = {
     ],
     p.TopSnapshot: [TOP, p.TopSnapshot(at=1_800_000_004.0, interval=2.0, gpu_sampling="no GPUs")],
     p.TopEvent: [p.TopEvent(snapshot=TOP)],
+    p.ResizedEvent: [p.ResizedEvent(reservation=RESERVATION)],
     p.HostResources: [
         p.HostResources(
             pool="host",
@@ -466,6 +467,11 @@ ARG_SAMPLES: dict[str, Any] = {
     "subscribe": p.Subscribe(topics=["state", "top"]),
     "register": p.Register(id="r-0123456789ab", pid=4242),
     "top": p.Empty(),
+    "resize": p.Resize(
+        id="r-0123456789ab",
+        resources={"gpu": 1, "cpu": 2000},
+        give_back={"gpu": ["3"]},
+    ),
     "resources": p.ResourcesOf(pool="host"),
     "why": p.ReservationRef(id="r-0123456789ab"),
     "plan": p.Plan(request=p.Reserve(pool="gpu-box", resources={"gpu": 2}), priority=9),

@@ -903,6 +903,56 @@ class Renew:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Resize:
+    """Change a lease's amounts in place: ``resources`` gives the new amount of each
+    resource named (internal units; a set or range resource a count; 0 gives it all
+    back); the rest stays. Shrinking always succeeds: ``give_back`` names which set
+    members (``{"gpu": ["3"]}``) or range values (``{"ports": ["30005-30009"]}``)
+    go, else the last ones do. Growing is granted at once if it fits, else refused —
+    or, with ``wait``, queued while the lease keeps what it holds (``timeout``
+    seconds at most); the holder then gets a ``resized`` push. TTL and binding do
+    not change."""
+
+    id: str
+    resources: dict[str, int]
+    give_back: dict[str, list[str]] = field(default_factory=dict)
+    wait: bool = False
+    timeout: float | None = None
+
+    def check(self) -> None:
+        check_reservation_id(self.id)
+        if not self.resources:
+            raise InvalidError(
+                "resources: name at least one resource and its new amount",
+                {"field": "resources"},
+            )
+        check_amounts(self.resources, allow_zero=True)
+        for name, values in self.give_back.items():
+            check_resource_name(name)
+            if not values:
+                raise InvalidError(
+                    f"give_back.{name}: name the members or values to give back",
+                    {"field": f"give_back.{name}"},
+                )
+            if name not in self.resources and not (name == "gpu" and "vram" in self.resources):
+                raise InvalidError(
+                    f"give_back.{name}: give {name}'s new amount in resources too",
+                    {"field": f"give_back.{name}"},
+                )
+        check_wait("timeout", self.timeout)
+        if self.timeout is not None and not self.wait:
+            raise InvalidError("timeout applies only with wait", {"field": "timeout"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResizedEvent:
+    """A waiting resize of the holder's lease was granted: ``reservation`` has its
+    new amounts."""
+
+    reservation: ReservationInfo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Attach:
     """Re-bind the lease or waiter made with ``token`` to this connection (after a
     reconnect). ``id``: the reservation the client knew, so that one that ended while
@@ -1038,6 +1088,7 @@ OPS: Final[dict[str, type]] = {
     "attach": Attach,
     "register": Register,
     "top": Empty,
+    "resize": Resize,
 }
 
 
@@ -1398,6 +1449,7 @@ RESULTS: Final[dict[str, type]] = {
     "attach": ReservationInfo,
     "register": ReservationInfo,
     "top": TopSnapshot,
+    "resize": ReservationInfo,
 }
 
 
@@ -1490,6 +1542,7 @@ EVENTS: Final[dict[str, type]] = {
     "state": StateEvent,
     "marked": MarkedEvent,
     "top": TopEvent,
+    "resized": ResizedEvent,
 }
 EVENT_NAMES: Final[dict[type, str]] = {v: k for k, v in EVENTS.items()}
 
