@@ -38,7 +38,7 @@ import structlog
 import trio
 
 from resd import gpu_policy, preemption, resize, scheduler
-from resd.actor import Actor, TimerHeap
+from resd.actor import Actor
 from resd.announcer import Announcer
 from resd.journal import Journal
 from resd.messages import (
@@ -101,6 +101,7 @@ from resd.records import (
     Terminating,
     journal_events,
 )
+from resd.timerheap import TimerHeap
 from resd.waiting import Waiter, WaitQueue, touched
 from resd_client.errors import (
     ConflictError,

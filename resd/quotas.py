@@ -12,7 +12,8 @@ its bytes). Rules:
 * A tenant above its ``min`` of a resource is *borrowing* it. When a tenant whose
   request keeps it within its mins does not fit, capacity is reclaimed from
   borrowers of what it needs — whatever their priority — through the same notice,
-  grace and release path as preemption, never taking a borrower below its own min.
+  grace and release path as preemption: the fewest leases, each of a tenant still
+  borrowing when its turn comes (Kueue's rule; a lease is never split).
 """
 
 from __future__ import annotations
@@ -88,6 +89,20 @@ def over_max(
         return None
     for name, amount in sorted(asked(args).items()):
         cap = quota.max.get(name)
+        if cap is not None and amount > cap:
+            return QuotaExceededError(
+                f"tenant {tenant!r} asks {amount} {name} in pool {pool.name!r}, more than"
+                f" its max of {cap}: it can never be granted",
+                {
+                    "pool": pool.name,
+                    "tenant": tenant,
+                    "resource": name,
+                    "max": cap,
+                    "held": holding.get(name, 0),
+                    "requested": amount,
+                    "never": True,
+                },
+            )
         if cap is not None and holding.get(name, 0) + amount > cap:
             return QuotaExceededError(
                 f"tenant {tenant!r} holds {holding.get(name, 0)} {name} in pool"
@@ -99,7 +114,7 @@ def over_max(
                     "max": cap,
                     "held": holding.get(name, 0),
                     "requested": amount,
-                    "never": amount > cap,
+                    "never": False,
                 },
             )
     return None
@@ -125,24 +140,25 @@ def borrowing(pool: Pool, tenant: str, holding: dict[str, int], resource: str) -
     return max(0, holding.get(resource, 0) - low)
 
 
-def keeps_mins(
-    pool: Pool, victims: Iterable[Reservation], holdings: dict[str, dict[str, int]]
+def borrowers_first(
+    pool: Pool,
+    victims: Iterable[Reservation],
+    holdings: dict[str, dict[str, int]],
+    needs: Iterable[str],
 ) -> bool:
-    """Whether evicting ``victims`` leaves each of their tenants at or above its
-    mins (``holdings``: tenant → what it holds in the pool now)."""
-    freed: dict[str, dict[str, int]] = {}
+    """Kueue's reclaim rule: taking ``victims`` back one by one (in ranking order),
+    each one's tenant must still be borrowing something the request needs when its
+    turn comes (``holdings``: tenant → what it holds in the pool now). So a borrower
+    gives back until it no longer borrows — and a single lease that holds more than
+    its min may go whole, as a job cannot be split."""
+    wanted = tuple(needs)
+    left = {t: dict(h) for t, h in holdings.items()}
     for v in victims:
-        mine = freed.setdefault(v.tenant, {})
+        mine = left[v.tenant]
+        if not any(borrowing(pool, v.tenant, mine, n) > 0 for n in wanted if n in v.resources):
+            return False
         for name, amount in v.resources.items():
-            mine[name] = mine.get(name, 0) + amount
-    for tenant, gone in freed.items():
-        quota = pool.quotas.get(tenant)
-        if quota is None:
-            continue
-        for name, low in quota.min.items():
-            taken = gone.get(name, 0)
-            if taken and holdings[tenant].get(name, 0) - taken < low:
-                return False
+            mine[name] = mine.get(name, 0) - amount
     return True
 
 

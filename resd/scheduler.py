@@ -147,7 +147,7 @@ def reclaim_plan(
     """Kueue's cohort rule (``resd/quotas.py``): when ``tenant`` asks within its mins
     and does not fit, the fewest borrowers' leases (reclaimable first, then lowest
     priority, youngest — but any priority) whose eviction makes room without taking
-    their tenants below their own mins. ``reclaim``: evict ``victims``; ``wait``:
+    a tenant that no longer borrows. ``reclaim``: evict ``victims``; ``wait``:
     leases already terminating will make room; None: the rule does not apply, or
     reclaiming cannot make room."""
     for pool in book.check_request(args):
@@ -178,7 +178,9 @@ def reclaim_plan(
             ),
             key=lambda r: (not r.reclaimable, r.priority, -r.created_at, r.id),
         )
-        fits = functools.partial(_reclaim_fits, book, args, tenant, pool, now, leaving, holdings)
+        fits = functools.partial(
+            _reclaim_fits, book, args, tenant, pool, now, leaving, holdings, frozenset(needs)
+        )
         victims = preemption.fewest(ranked, fits)
         if victims:
             return preemption.Plan("reclaim", pool.name, tuple(victims), pool.grace)
@@ -193,11 +195,12 @@ def _reclaim_fits(
     now: float,
     leaving: list[str],
     holdings: dict[str, dict[str, int]],
+    needs: frozenset[str],
     victims: Sequence[Reservation],
 ) -> bool:
-    """Would ``args`` fit with ``victims`` (and the leaving) gone, no victim's tenant
-    going below its mins?"""
-    return quotas.keeps_mins(pool, victims, holdings) and preemption.fits_without(
+    """Would ``args`` fit with ``victims`` (and the leaving) gone, each victim's
+    tenant still borrowing when its turn comes?"""
+    return quotas.borrowers_first(pool, victims, holdings, needs) and preemption.fits_without(
         book, args, tenant, pool, now, [*leaving, *(v.id for v in victims)]
     )
 

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import trio
 
-from resd.actor import Actor, TimerHeap
+from resd.actor import Actor
 from resd.messages import Cancel, Expire, FinishGrace, Schedule
+from resd.timerheap import TimerHeap
 
 
 class _TimerActor(Actor):

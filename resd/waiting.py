@@ -16,15 +16,17 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from resd.actor import TimerHeap
 from resd.holdings import GPU, VRAM
-from resd.messages import Outbox
 from resd.records import Reservation, Tenant, Waiting
+from resd.timerheap import TimerHeap
 from resd_client.protocol import ReservationInfo, Reserve
+
+if TYPE_CHECKING:  # the live queue pushes to connections; the rules need no trio
+    from resd.messages import Outbox
 
 Key = tuple[str, str]
 

@@ -13,8 +13,8 @@ import trio.lowlevel
 import trio.testing
 
 from resd import journal as journal_module
-from resd.actor import TimerHeap
 from resd.journal import JournalFailed
+from resd.timerheap import TimerHeap
 from tests.conftest import InProcess
 from tests.wire import WireClient
 

@@ -20,6 +20,10 @@ PURE = [
     "resd.gpu_usage",
     "resd.reconcile",
     "resd.gpu_policy",
+    "resd.resize",
+    "resd.fairshare",
+    "resd.quotas",
+    "resd.scheduler",
 ]
 # (socket and threading come with resd_client's own package, the sync client)
 BANNED = ["trio", "psutil", "pynvml", "structlog"]

@@ -182,3 +182,27 @@ async def test_quota_inputs_are_checked(inproc: InProcess) -> None:
     missing = await c.request("tenant.set", {"name": "nobody", "pool": "gpus", "min": {"gpu": 1}})
     assert missing["error"]["code"] == "not_found"
     assert (await c.ok("tenant.show", {"name": "b"}))["quotas"]["gpus"]["min"] == {"gpu": 4}
+
+
+async def test_a_borrower_holding_everything_in_one_lease_gives_it_back_whole(
+    inproc: InProcess, mock_clock: trio.testing.MockClock
+) -> None:
+    """The issue's check: A borrows all 8 (one job); B asks for its 4 and gets them
+    after A's grace, whatever A's priority. A job cannot be split, so A's goes."""
+    c = await setup(inproc)
+    everything = await c.ok("reserve", {"pool": "gpus", "tenant": "a", "resources": {"gpu": 8}})
+    t0 = trio.current_time()
+    pending = await c.ok(
+        "reserve", {"pool": "gpus", "tenant": "b", "resources": {"gpu": 4}, "wait": True}
+    )
+    assert (await c.ok("why", {"id": pending["id"]}))["details"]["victims"] == [everything["id"]]
+    granted = await c.push()
+    while granted["event"] != "granted":
+        granted = await c.push()
+    assert trio.current_time() - t0 == pytest.approx(10.0, abs=0.5)
+    kinds = [
+        e["kind"]
+        for e in (await c.ok("export", {}))["events"]
+        if e["reservation"] == everything["id"]
+    ]
+    assert kinds == ["reserved", "preempting", "preempted"]

@@ -123,7 +123,8 @@ class Scheduling(RuleBasedStateMachine):
                     if reclaim:  # from borrowers, whatever their priority
                         pool = self.book.pools[POOL]
                         held = {v.tenant: self.book.quota_use(POOL, v.tenant) for v in victims}
-                        assert quotas.keeps_mins(pool, victims, held), "a victim below its min"
+                        needs = {"gpu" if n == "vram" else n for n in quotas.asked(w.args)}
+                        assert quotas.borrowers_first(pool, victims, held, needs), "not borrowing"
                         assert quotas.within_min(
                             pool, w.tenant.name, self.book.quota_use(POOL, w.tenant.name), w.args
                         )
