@@ -42,25 +42,41 @@ from resctl.render import (
     marks_text,
     pool_detail,
     pools_table,
+    quota_line,
+    quotas_summary,
     reservations_table,
     status_view,
+    tenant_detail,
+    tenants_table,
     usage_bar,
     utilization_table,
+    wait_lines,
 )
 from resctl.reservations import wait_fields
 from resctl.run import Supervisor
+from resctl.tenants import parse_quota_side, quota_fields
 from resctl.watch import Throttle
-from resd_client.errors import ForbiddenError, InvalidError, UnavailableError
+from resd_client.errors import (
+    ForbiddenError,
+    InvalidError,
+    QuotaExceededError,
+    UnavailableError,
+)
 from resd_client.protocol import (
     Allocation,
     DeviceUse,
     GpuStatus,
     HistoryEvent,
     HostResources,
+    PlanResult,
     PoolInfo,
+    QuotaInfo,
     ReservationInfo,
     ReservationList,
     ResourceUsage,
+    TenantInfo,
+    TenantSet,
+    WaitInfo,
 )
 
 GIB = 1024**3
@@ -124,6 +140,29 @@ BAD_FLAGS = [
     (["pool", "set", "--name", "p", "--idle-after", "inf"], "--idle-after: must be a finite"),
     (["top", "--sort", "memory"], "--sort: 'memory' is not supported; use one of id, tenant"),
     (["top", "--pool", "no/slash"], "pool name 'no/slash' is not valid"),
+    (["tenant", "set", "--name", "t", "--min", "gpu=2"], "give --pool POOL too"),
+    (["tenant", "set", "--name", "t", "--clear-max"], "give --pool POOL too"),
+    (["tenant", "set", "--name", "t", "--pool", "p"], "give --min, --max, --clear-min or"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", "gpu"], "NAME=QTY[,NAME=QTY...]"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", "gpu=2,"], "'' is not of the form"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", "=2"], "e.g. cpu=8,gpu=2"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", ""], "or --clear-min to clear"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--max", "gpu=2x"], "--max gpu: unknown unit"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--max", "cpu=8G"], "use cores like 4"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", "memory=lots"], "size like 512M"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", "gpu=-1"], "gpu: -1 is negative"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", "gpu=1.5"], "smallest unit"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", "Gpu=1"], "'Gpu' is not valid"),
+    (["tenant", "set", "--name", "t", "--pool", "p", "--min", "gpu=1,gpu=2"], "given twice"),
+    (
+        ["tenant", "set", "--name", "t", "--pool", "p", "--min", "gpu=1", "--clear-min"],
+        "give --min or --clear-min, not both",
+    ),
+    (
+        ["tenant", "set", "--name", "t", "--pool", "p", "--min", "cpu=8", "--max", "cpu=500m"],
+        "--min cpu=8 is above --max cpu=500m",
+    ),
+    (["tenant", "set", "--name", "t", "--pool", "no/slash", "--max", "gpu=1"], "pool name"),
 ]
 
 
@@ -822,3 +861,321 @@ def test_run_is_quiet_with_an_older_resd_or_once_cmd_is_done() -> None:
     old = InvalidError("unknown op 'register'; known ops: hello", {"field": "op"})
     assert registered(old)[0] == []
     assert registered(UnavailableError("client closed"), finished=True)[0] == []
+
+
+# ------------------------------------------------------------ quotas
+
+
+def test_parse_quota_side_uses_the_reserve_units() -> None:
+    assert parse_quota_side(None, "--min") is None
+    assert parse_quota_side(["cpu=8,gpu=2"], "--min") == {"cpu": 8000, "gpu": 2}
+    assert parse_quota_side(["cpu=500m", " memory = 64G ", "vram=20G,licenses=3"], "--max") == {
+        "cpu": 500,
+        "memory": 64 * GIB,
+        "vram": 20 * GIB,
+        "licenses": 3,
+    }
+    assert parse_quota_side(["memory=8192"], "--min") == {"memory": 8192 << 20}  # MiB, as reserve
+    assert parse_quota_side(["gpu=0"], "--max") == {"gpu": 0}  # a max of 0 forbids it
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ([""], "--min: empty; give NAME=QTY[,NAME=QTY...] (e.g. cpu=8,gpu=2), or --clear-min"),
+        (["gpu"], "--min: 'gpu' is not of the form NAME=QTY[,NAME=QTY...] (e.g. cpu=8,gpu=2)"),
+        (["gpu=2", "gpu=3"], "--min resource gpu is given twice"),
+        (["gpu=2x"], "--min gpu: unknown unit in '2x'; use a whole number like 3"),
+        (["vram=20Q"], "--min vram: unknown unit in '20Q'; use a number of MiB (8192) or a size"),
+        (["net=10Qbps"], "bits per second like 10Gbps"),
+    ],
+)
+def test_parse_quota_side_errors_say_what_is_allowed(items: list[str], message: str) -> None:
+    with pytest.raises(InvalidError) as caught:
+        parse_quota_side(items, "--min")
+    assert message in caught.value.message
+    assert caught.value.details["field"] == "min"
+
+
+def test_quota_fields() -> None:
+    def fields(**flags: Any) -> dict[str, object]:
+        base: dict[str, Any] = {
+            "pool": None,
+            "min_": None,
+            "max_": None,
+            "clear_min": False,
+            "clear_max": False,
+        }
+        return quota_fields(**{**base, **flags})
+
+    assert fields() == {}
+    assert fields(pool="p", min_=["gpu=4"]) == {"pool": "p", "min": {"gpu": 4}, "max": None}
+    assert fields(pool="p", clear_min=True, max_=["gpu=6"]) == {
+        "pool": "p",
+        "min": {},
+        "max": {"gpu": 6},
+    }
+    assert fields(pool="p", clear_min=True, clear_max=True) == {"pool": "p", "min": {}, "max": {}}
+    assert fields(pool="p", min_=["gpu=6"], max_=["gpu=6"])["min"] == {"gpu": 6}  # equal is fine
+    with pytest.raises(InvalidError, match="--min memory=2GiB is above --max memory=1GiB"):
+        fields(pool="p", min_=["memory=2G"], max_=["memory=1G"])
+
+
+class FakeTenantClient:
+    def __init__(self, result: TenantInfo) -> None:
+        self.result = result
+        self.asked: list[tuple[str, Any]] = []
+
+    def call(self, op: str, args: Any) -> Any:
+        self.asked.append((op, args))
+        return self.result
+
+
+def quota_tenant(**fields: Any) -> TenantInfo:
+    values: dict[str, Any] = {
+        "name": "a",
+        "priority": 5,
+        "owners": [],
+        "groups": [],
+        "weight": 2.0,
+        "created_at": NOW,
+        "active": 2,
+        "usage": 1234.5678,
+        "share": 0.6667,
+        "quotas": {
+            "gp": QuotaInfo(min={"gpu": 4, "cpu": 8000}, max={"gpu": 8}, used={"gpu": 8}),
+            "cpus": QuotaInfo(max={"cpu": 4000}, used={"cpu": 1500}),
+        },
+    }
+    values.update(fields)
+    return TenantInfo(**values)
+
+
+def test_tenant_set_sends_the_quota_in_internal_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = FakeTenantClient(quota_tenant())
+    monkeypatch.setattr("resctl.tenants.connect", lambda socket: contextlib.nullcontext(client))
+    code, stdout, stderr = invoke(
+        "tenant", "set", "--name", "a", "--pool", "gp", "--min", "cpu=8,gpu=2", "--max", "gpu=6"
+    )
+    assert code == 0, stderr
+    assert stdout.startswith("updated tenant a\n")
+    code, _, stderr = invoke("tenant", "set", "--name", "a", "--pool", "gp", "--clear-min")
+    assert code == 0, stderr
+    code, _, stderr = invoke("tenant", "set", "--name", "a", "--weight", "2")
+    assert code == 0, stderr
+    sent = [args for _, args in client.asked]
+    assert [op for op, _ in client.asked] == ["tenant.set"] * 3
+    assert sent[0] == TenantSet(name="a", pool="gp", min={"cpu": 8000, "gpu": 2}, max={"gpu": 6})
+    assert sent[1] == TenantSet(name="a", pool="gp", min={})  # the max side stays
+    assert sent[2] == TenantSet(name="a", weight=2.0)  # no quota fields at all
+
+
+def test_tenant_set_help_documents_the_quota_flags() -> None:
+    result = CliRunner().invoke(app, ["tenant", "set", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--pool", "--min", "--max", "--clear-min", "--clear-max", "cpu=8,gpu=2"):
+        assert flag in result.output
+
+
+def test_tenant_show_prints_quotas_usage_and_share() -> None:
+    text = plain(tenant_detail(quota_tenant(), plain=True))
+    lines = [line.rstrip() for line in text.splitlines()]
+    assert "usage:                1234.6 (decayed dominant-share seconds)" in lines
+    assert "share:                66.7% of all tenants' usage" in lines
+    assert "quotas:               2 pool(s)" in lines
+    rows = [line.split() for line in lines[lines.index("") + 1 :]]
+    assert rows[0] == ["POOL", "RESOURCE", "MIN", "MAX", "USED", "NOTE"]
+    assert rows[1:] == [
+        ["cpus", "cpu", "-", "4", "1.5", "BORROWING", "1.5"],  # only a max: all is borrowed
+        ["gp", "cpu", "8", "-", "0", "-"],
+        ["gp", "gpu", "4", "8", "8", "BORROWING", "4,", "AT", "MAX"],
+    ]
+    bare = plain(tenant_detail(quota_tenant(quotas={}), plain=True))
+    assert "POOL" not in bare and "quotas:               -" in bare
+
+
+def test_tenant_show_json_has_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = FakeTenantClient(quota_tenant())
+    monkeypatch.setattr("resctl.tenants.connect", lambda socket: contextlib.nullcontext(client))
+    code, stdout, stderr = invoke("tenant", "show", "--name", "a", "--json")
+    assert code == 0, stderr
+    shown = json.loads(stdout)
+    assert shown["usage"] == 1234.5678 and shown["share"] == 0.6667 and shown["weight"] == 2.0
+    assert shown["quotas"]["gp"] == {
+        "min": {"gpu": 4, "cpu": 8000},
+        "max": {"gpu": 8},
+        "used": {"gpu": 8},
+    }
+
+
+def test_tenant_list_has_weight_usage_share_and_quotas() -> None:
+    calm = quota_tenant(name="b", priority=9, weight=1.0, usage=0.0, share=0.0, quotas={})
+    within = quota_tenant(
+        name="c", priority=1, quotas={"gp": QuotaInfo(min={"gpu": 4}, used={"gpu": 4})}
+    )
+    lines = plain(tenants_table([quota_tenant(), calm, within], plain=True)).splitlines()
+    header = lines[0].split()
+    assert header[:5] == ["NAME", "PRIORITY", "WEIGHT", "USAGE", "SHARE"]
+    assert header[-2:] == ["QUOTAS", "CREATED"]
+    b, a, c = (line.split() for line in lines[1:])
+    assert b[:5] == ["b", "9", "1", "0.0", "0.0%"] and b[-3] == "-"
+    assert a[:5] == ["a", "5", "2", "1234.6", "66.7%"]
+    assert "cpus (borrowing),gp (borrowing)" in lines[2]
+    assert c[-3] == "gp"  # within its min: not borrowing
+    assert quotas_summary(calm) == "-"
+
+
+def quota_pool() -> PoolInfo:
+    return dataclasses.replace(
+        sample_pool(),
+        quotas={
+            "b": QuotaInfo(min={"gpu": 4, "cpu": 8000}, max={"gpu": 6}, used={"gpu": 6}),
+            "a": QuotaInfo(min={"gpu": 4}, used={"gpu": 8, "memory": GIB}),
+        },
+    )
+
+
+def test_quota_line() -> None:
+    pool = quota_pool()
+    assert (
+        quota_line("gp", "a", pool.quotas["a"], plain=True).plain
+        == "pool gp quota a: gpu 8/min 4/max -  (borrowing gpu 4)"
+    )
+    assert (
+        quota_line("gp", "b", pool.quotas["b"], plain=True).plain
+        == "pool gp quota b: cpu 0/min 8/max -, gpu 6/min 4/max 6  (borrowing gpu 2)  (at max gpu)"
+    )
+    calm = QuotaInfo(min={"memory": 8 * GIB}, used={"memory": 2 * GIB})
+    assert (
+        quota_line("p", "c", calm, plain=True).plain == "pool p quota c: memory 2GiB/min 8GiB/max -"
+    )
+    coloured = quota_line("gp", "b", pool.quotas["b"], plain=False)
+    assert {span.style for span in coloured.spans} == {YELLOW, RED}
+
+
+def test_status_and_pool_show_print_quotas_only_when_the_pool_has_some() -> None:
+    def view(pool: PoolInfo) -> str:
+        return plain(
+            status_view(
+                server_version="1",
+                boot_id="b",
+                started_at=NOW,
+                pools=[pool],
+                tenants=2,
+                active=3,
+                connections=1,
+                now=NOW,
+                plain=True,
+            )
+        )
+
+    lines = view(quota_pool()).splitlines()
+    a = lines.index("pool pool1 quota a: gpu 8/min 4/max -  (borrowing gpu 4)")
+    assert lines[a + 1].startswith("pool pool1 quota b: cpu 0/min 8/max -, gpu 6/min 4/max 6")
+    assert lines[a - 1] == ""
+    assert "quota" not in view(sample_pool())
+    detail = plain(pool_detail(quota_pool(), plain=True)).splitlines()
+    assert "pool pool1 quota a: gpu 8/min 4/max -  (borrowing gpu 4)" in detail
+    assert "quota" not in plain(pool_detail(sample_pool(), plain=True))
+
+
+def wait_info(reason: str, message: str, details: dict[str, Any]) -> WaitInfo:
+    return WaitInfo(
+        id="r-0123456789ab",
+        state="pending",
+        position=1,
+        queued=2,
+        reason=reason,
+        message=message,
+        details=details,
+    )
+
+
+def test_why_says_quota_and_reclaiming_readably() -> None:
+    quota = wait_info(
+        "quota",
+        "tenant 'b' holds 4000 cpu in pool 'gp'; 2000 more would pass its max of 5000",
+        {
+            "pool": "gp",
+            "tenant": "b",
+            "resource": "cpu",
+            "max": 5000,
+            "held": 4000,
+            "requested": 2000,
+            "never": False,
+        },
+    )
+    assert wait_lines(quota) == [
+        "r-0123456789ab is waiting: position 1 of 2",
+        "reason: quota (it would take its tenant past its max) — tenant 'b' holds 4000 cpu"
+        " in pool 'gp'; 2000 more would pass its max of 5000",
+        "  cpu in pool gp: tenant b holds 4, asks 2 more, its max is 5",
+    ]
+    never = dataclasses.replace(
+        quota, details={**quota.details, "held": 0, "requested": 6000, "never": True}
+    )
+    assert wait_lines(never)[-1] == "  it asks more than the max by itself: it can never be granted"
+    reclaiming = wait_info(
+        "reclaiming",
+        "reclaiming from borrowers: waiting for r-1, r-2 to give back what tenant 'b' is guaranteed",
+        {"victims": ["r-1", "r-2"], "pool": "gp"},
+    )
+    assert wait_lines(reclaiming)[1:] == [
+        "reason: reclaiming — reclaiming from borrowers: waiting for r-1, r-2 to give back"
+        " what tenant 'b' is guaranteed",
+        "  reclaiming from borrowers in pool gp: r-1, r-2",
+        "  (leases of tenants above their min; each is released when its grace ends)",
+    ]
+    odd = wait_info("quota", "over", {"resource": "gpu"})  # details it cannot read: no lines
+    assert wait_lines(odd) == [
+        "r-0123456789ab is waiting: position 1 of 2",
+        "reason: quota (it would take its tenant past its max) — over",
+    ]
+
+
+class FakePlanClient:
+    def __init__(self, result: PlanResult) -> None:
+        self.result = result
+
+    def call(self, op: str, args: Any) -> Any:
+        assert op == "plan"
+        return self.result
+
+
+def test_plan_shows_the_reclaim_and_its_victims(monkeypatch: pytest.MonkeyPatch) -> None:
+    victim = reservation(id="r-00000000000a", tenant="a", resources={"gpu": 4}, priority=9)
+    result = PlanResult(
+        outcome="reclaim",
+        pool="gp",
+        message="would reclaim 1 reservation(s) from borrowers in pool 'gp' (r-00000000000a),"
+        " after a grace of 10s: the tenant asks within its min",
+        victims=[victim],
+        grace=10.0,
+    )
+    monkeypatch.setattr(
+        "resctl.waiting.connect", lambda socket: contextlib.nullcontext(FakePlanClient(result))
+    )
+    code, stdout, stderr = invoke("plan", "--tenant", "b", "--pool", "gp", "--gpu", "4")
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert lines[0].startswith("reclaim: would reclaim 1 reservation(s) from borrowers")
+    assert lines[1] == (
+        "to reclaim from borrowers (tenants above their min, whatever their priority):"
+    )
+    assert lines[3].split()[:4] == ["r-00000000000a", "a", "pool1", "gpu=4"]
+    code, stdout, _ = invoke("plan", "--tenant", "b", "--pool", "gp", "--gpu", "4", "--json")
+    shown = json.loads(stdout)
+    assert shown["outcome"] == "reclaim" and shown["victims"][0]["id"] == "r-00000000000a"
+
+
+def test_quota_exceeded_exits_7(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Refusing:
+        def call(self, op: str, args: Any) -> Any:
+            raise QuotaExceededError(
+                "tenant 'b' holds 4 gpu in pool 'gp'; 4 more would pass its max of 6"
+            )
+
+    monkeypatch.setattr("resctl.waiting.connect", lambda socket: contextlib.nullcontext(Refusing()))
+    code, _, stderr = invoke("plan", "--tenant", "b", "--pool", "gp", "--gpu", "4")
+    assert code == 7
+    assert stderr.startswith("resctl: quota_exceeded: tenant 'b' holds 4 gpu")

@@ -27,6 +27,7 @@ from resd_client.protocol import (
     GpuStatus,
     HostResources,
     PoolInfo,
+    QuotaInfo,
     ReservationInfo,
     ResourceUsage,
     TenantInfo,
@@ -274,6 +275,125 @@ def capacity_summary(pool: PoolInfo) -> str:
     return amounts({u.name: u.capacity for u in pool.resources})
 
 
+# --------------------------------------------------------------------- quotas
+
+
+def quota_resources(quota: QuotaInfo) -> list[str]:
+    """The resources a quota names (in its min or its max), well-known ones first."""
+    return sorted(set(quota.min) | set(quota.max), key=resource_order)
+
+
+def borrowing(quota: QuotaInfo) -> dict[str, int]:
+    """What the tenant holds beyond its min, per resource the quota names (all it
+    holds of one with only a max): what borrowers may have reclaimed (SPEC §4)."""
+    return {
+        name: quota.used.get(name, 0) - quota.min.get(name, 0)
+        for name in quota_resources(quota)
+        if quota.used.get(name, 0) > quota.min.get(name, 0)
+    }
+
+
+def at_max(quota: QuotaInfo) -> list[str]:
+    """The resources the tenant holds all its max of."""
+    return [
+        name
+        for name in quota_resources(quota)
+        if name in quota.max and quota.used.get(name, 0) >= quota.max[name]
+    ]
+
+
+def _side(quota: dict[str, int], name: str) -> str:
+    return render_quantity(name, quota[name]) if name in quota else "-"
+
+
+def quota_figures(quota: QuotaInfo) -> str:
+    """``cpu 4/min 8/max -, gpu 8/min 4/max 6``: used against min and max, per
+    resource the quota names, in human units (``-``: no bound)."""
+    return ", ".join(
+        f"{name} {render_quantity(name, quota.used.get(name, 0))}"
+        f"/min {_side(quota.min, name)}/max {_side(quota.max, name)}"
+        for name in quota_resources(quota)
+    )
+
+
+def _per_resource(amounts_by_name: Mapping[str, int]) -> str:
+    return ", ".join(
+        f"{name} {render_quantity(name, amount)}" for name, amount in amounts_by_name.items()
+    )
+
+
+def quota_line(pool: str, tenant: str, quota: QuotaInfo, *, plain: bool) -> Text:
+    """One tenant's quota in a pool, for ``status`` and ``pool show``:
+    ``pool p quota a: gpu 8/min 4/max -  (borrowing gpu 4)``; borrowing in yellow,
+    a max reached in red (``(at max gpu)``)."""
+    text = Text(f"pool {pool} quota {tenant}: {quota_figures(quota) or '-'}")
+    over = borrowing(quota)
+    if over:
+        text.append(f"  (borrowing {_per_resource(over)})", style="" if plain else YELLOW)
+    full = at_max(quota)
+    if full:
+        text.append(f"  (at max {', '.join(full)})", style="" if plain else RED)
+    return text
+
+
+def quota_lines(pools: Sequence[PoolInfo], *, plain: bool) -> list[Text]:
+    """A ``quota_line`` per tenant with a quota, for each pool that has quotas."""
+    return [
+        quota_line(pool.name, tenant, pool.quotas[tenant], plain=plain)
+        for pool in pools
+        for tenant in sorted(pool.quotas)
+    ]
+
+
+def quotas_summary(tenant: TenantInfo) -> str:
+    """``tenant list``'s QUOTAS: the pools where it has a quota, ``(borrowing)``
+    after those where it holds more than its min; ``-`` when none."""
+    return (
+        ",".join(
+            pool + (" (borrowing)" if borrowing(tenant.quotas[pool]) else "")
+            for pool in sorted(tenant.quotas)
+        )
+        or "-"
+    )
+
+
+def quotas_table(tenant: TenantInfo, *, plain: bool) -> Table:
+    """``tenant show``: per pool and resource, min, max and used in human units, and
+    a ``BORROWING n`` note where it holds more than its min (``AT MAX`` at its max)."""
+    table = make_table("pool", "resource", "min", "max", "used", "note", plain=plain)
+    for pool in sorted(tenant.quotas):
+        quota = tenant.quotas[pool]
+        over, full = borrowing(quota), at_max(quota)
+        for i, name in enumerate(quota_resources(quota)):
+            notes = []
+            if name in over:
+                notes.append(f"BORROWING {render_quantity(name, over[name])}")
+            if name in full:
+                notes.append("AT MAX")
+            note = Text(", ".join(notes) or "-")
+            if not plain and notes:
+                note.stylize(RED if name in full else YELLOW)
+            table.add_row(
+                pool if i == 0 or plain else "",
+                name,
+                _side(quota.min, name),
+                _side(quota.max, name),
+                render_quantity(name, quota.used.get(name, 0)),
+                note,
+            )
+    return table
+
+
+def usage_text(usage: float) -> str:
+    """A tenant's decayed fair-share usage (dominant-share seconds)."""
+    return f"{usage:.1f}"
+
+
+def share_text(share: float) -> str:
+    """A tenant's part of all tenants' usage, in percent."""
+    return f"{share * 100:.1f}%"
+
+
 # --------------------------------------------------------------------- tables
 
 
@@ -505,7 +625,8 @@ def labels_text(labels: dict[str, str]) -> str:
 
 
 def pool_detail(pool: PoolInfo, *, plain: bool) -> Group:
-    """``pool show``: the pool's settings, then its resources."""
+    """``pool show``: the pool's settings, then its resources, its sampled GPUs, and a
+    line per tenant with a quota here (used against min/max)."""
     return Group(
         _fields(
             [
@@ -531,6 +652,8 @@ def pool_detail(pool: PoolInfo, *, plain: bool) -> Group:
         resources_table(pool, plain=plain),
         *([Text("")] if pool.devices else []),
         *(device_line(pool.name, d, plain=plain) for d in pool.devices),
+        *([Text("")] if pool.quotas else []),
+        *quota_lines([pool], plain=plain),
     )
 
 
@@ -548,37 +671,61 @@ def _ids(values: list[int], name: Any) -> str:
 
 
 def tenants_table(tenants: Sequence[TenantInfo], *, plain: bool) -> Table:
-    """Tenants, highest priority first (then by name), as resgate lists them."""
+    """Tenants, highest priority first (then by name), as resgate lists them, with
+    their fair-share weight, decayed usage and share, and the pools where they have
+    a quota (``quotas_summary``)."""
     table = make_table(
-        "name", "priority", "weight", "owners", "groups", "active", "created", plain=plain
+        "name",
+        "priority",
+        "weight",
+        "usage",
+        "share",
+        "owners",
+        "groups",
+        "active",
+        "quotas",
+        "created",
+        plain=plain,
+        keep=("name",),
     )
+    table.columns[3].min_width = None  # a figure here, not a bar
     for t in sorted(tenants, key=lambda t: (-t.priority, t.name)):
         table.add_row(
             t.name,
             str(t.priority),
             f"{t.weight:g}",
+            usage_text(t.usage),
+            share_text(t.share),
             _ids(t.owners, user_name),
             _ids(t.groups, group_name),
             str(t.active),
+            quotas_summary(t),
             timestamp(t.created_at),
         )
     return table
 
 
-def tenant_detail(tenant: TenantInfo, *, plain: bool) -> Table:
-    """``tenant show``: one field per line."""
-    return _fields(
+def tenant_detail(tenant: TenantInfo, *, plain: bool) -> RenderableType:
+    """``tenant show``: one field per line (fair-share usage and share among them),
+    then its quotas per pool (``quotas_table``) when it has any."""
+    fields = _fields(
         [
             ("name", tenant.name),
             ("priority", str(tenant.priority)),
             ("weight", f"{tenant.weight:g}"),
+            ("usage", f"{usage_text(tenant.usage)} (decayed dominant-share seconds)"),
+            ("share", f"{share_text(tenant.share)} of all tenants' usage"),
             ("owners", _ids(tenant.owners, user_name)),
             ("groups", _ids(tenant.groups, group_name)),
             ("active reservations", str(tenant.active)),
+            ("quotas", "-" if not tenant.quotas else f"{len(tenant.quotas)} pool(s)"),
             ("created", timestamp(tenant.created_at)),
         ],
         plain=plain,
     )
+    if not tenant.quotas:
+        return fields
+    return Group(fields, Text(""), quotas_table(tenant, plain=plain))
 
 
 def reservations_table(
@@ -651,7 +798,8 @@ def status_view(
     plain: bool,
     heading: str | None = None,
 ) -> RenderableType:
-    """``status`` and each ``watch`` frame: daemon facts, counts, utilization."""
+    """``status`` and each ``watch`` frame: daemon facts, counts, utilization, each
+    sampled GPU, and per pool with quotas a line per tenant with one."""
     lines: list[RenderableType] = []
     if heading is not None:
         lines.append(Text(heading, style="" if plain else "bold"))
@@ -674,6 +822,9 @@ def status_view(
         gpus = gpu_lines(pools, plain=plain)
         if gpus:
             lines += [Text(""), *gpus]
+        quotas = quota_lines(pools, plain=plain)
+        if quotas:
+            lines += [Text(""), *quotas]
     else:
         lines.append(Text("no pools"))
     return Group(*lines)
@@ -718,15 +869,67 @@ def pending_table(waiters: Sequence[ReservationInfo], now: float, *, plain: bool
     return table
 
 
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def quota_detail_lines(details: Mapping[str, Any]) -> list[str]:
+    """A ``quota_exceeded`` refusal's (or a ``quota`` waiter's) details in human
+    units: ``  gpu in pool p: tenant a holds 4, asks 2 more, its max is 6``."""
+    name = details.get("resource")
+    cap = _int(details.get("max"))
+    if not isinstance(name, str) or cap is None:
+        return []
+    held = _int(details.get("held")) or 0
+    line = f"  {name}"
+    if isinstance(details.get("pool"), str):
+        line += f" in pool {details['pool']}"
+    line += ": "
+    if isinstance(details.get("tenant"), str):
+        line += f"tenant {details['tenant']} "
+    line += f"holds {render_quantity(name, held)}"
+    requested = _int(details.get("requested"))
+    if requested is not None:
+        line += f", asks {render_quantity(name, requested)} more"
+    line += f", its max is {render_quantity(name, cap)}"
+    lines = [line]
+    if details.get("never") is True:
+        lines.append("  it asks more than the max by itself: it can never be granted")
+    return lines
+
+
+def reclaim_detail_lines(details: Mapping[str, Any]) -> list[str]:
+    """A ``reclaiming`` waiter's details: the borrowers' leases being taken back."""
+    victims = details.get("victims")
+    if not isinstance(victims, list) or not victims:
+        return []
+    where = f" in pool {details['pool']}" if isinstance(details.get("pool"), str) else ""
+    return [
+        f"  reclaiming from borrowers{where}: {', '.join(str(v) for v in victims)}",
+        "  (leases of tenants above their min; each is released when its grace ends)",
+    ]
+
+
+#: ``why``'s reasons whose code alone says too little (the others are shown as is)
+REASON_TEXT: Final = {"quota": "quota (it would take its tenant past its max)"}
+
+
 def wait_lines(info: WaitInfo) -> list[str]:
-    """``why``: the position, the reason, and the per-resource shortfall if any."""
+    """``why``: the position, the reason, and what it is short of: the per-resource
+    shortfall, its tenant's max (``quota``), or the borrowers' leases being
+    reclaimed for it (``reclaiming``)."""
     if info.state != "pending":
         return [info.message]
     lines = [
         f"{info.id} is waiting: position {info.position} of {info.queued}",
-        f"reason: {info.reason} — {info.message}",
+        f"reason: {REASON_TEXT.get(info.reason, info.reason)} — {info.message}",
     ]
-    lines += insufficient_lines(info.details)
+    if info.reason == "quota":
+        lines += quota_detail_lines(info.details)
+    elif info.reason == "reclaiming":
+        lines += reclaim_detail_lines(info.details)
+    else:
+        lines += insufficient_lines(info.details)
     return lines
 
 

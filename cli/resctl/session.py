@@ -18,7 +18,7 @@ from typing import Any, Final, NoReturn
 import typer
 from rich.console import Console, RenderableType
 
-from resctl.render import insufficient_lines, is_plain, json_text, make_console
+from resctl.render import insufficient_lines, is_plain, json_text, make_console, quota_detail_lines
 from resd_client import Client
 from resd_client.errors import ErrorCode, ResdError
 
@@ -64,6 +64,8 @@ class Output:
         lines = [f"resctl: {exc.code}: {exc.message}"]
         if exc.code == ErrorCode.INSUFFICIENT:
             lines += insufficient_lines(exc.details)
+        elif exc.code == ErrorCode.QUOTA_EXCEEDED:
+            lines += quota_detail_lines(exc.details)
         sys.stderr.write("\n".join(lines) + "\n")
         if self.json:
             sys.stdout.write(json.dumps({"error": exc.to_wire()}, ensure_ascii=False) + "\n")

@@ -1,6 +1,7 @@
-"""Queue commands: ``why`` (why a request waits) and ``plan`` (what a request would
-take, evictions included, without changing anything). ``list --pending`` lives
-with ``list``."""
+"""Queue commands: ``why`` (why a request waits: resources, conflict, its tenant's
+max — ``quota`` —, or borrowers' leases being reclaimed for it — ``reclaiming``)
+and ``plan`` (what a request would take, evictions and quota reclaims included,
+without changing anything). ``list --pending`` lives with ``list``."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ PlanTenantOpt = Annotated[
 def why(
     reservation_id: ReservationIdOpt, json_out: JsonOpt = False, socket: SocketOpt = None
 ) -> None:
-    """Why a request waits: its place in the queue and what it is short of."""
+    """Why a request waits: its place in the queue and what it is short of, its
+    tenant's quota max it would pass, or the borrowers' leases reclaimed for it."""
     out = Output(json_out)
     with guard(out):
         args = build(ReservationRef, {"id": reservation_id})
@@ -77,7 +79,8 @@ def plan(
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
 ) -> None:
-    """Dry run: would this request fit, wait, or evict whom? Changes nothing."""
+    """Dry run: would this request fit, wait, evict whom, or reclaim whom from borrowers
+    (when its tenant asks within its quota's min)? Changes nothing."""
     out = Output(json_out)
     with guard(out):
         request = build(
@@ -93,4 +96,18 @@ def plan(
         out.emit(result)
         out.line(f"{result.outcome}: {result.message}")
         if result.victims:
+            out.line(victims_heading(result))
             out.show(reservations_table(result.victims, time.time(), plain=out.plain))
+
+
+def victims_heading(result: PlanResult) -> str:
+    """The heading of ``plan``'s table of ``result.victims``: borrowers' leases it
+    would reclaim (any priority: the tenant asks within its min), lower-priority
+    leases it would evict, or leases already leaving that it would wait for."""
+    match result.outcome:
+        case "reclaim":
+            return "to reclaim from borrowers (tenants above their min, whatever their priority):"
+        case "preempt":
+            return "to evict (lower priority):"
+        case _:
+            return "already giving back:"
