@@ -357,6 +357,7 @@ class PoolActor(Actor):
         refuses them."""
         if not events:
             return 0
+        events = self.book.gang_whole(events)  # a gang's parts go together, always
         gone = {e.id: self.book.reservations[e.id] for e in events if isinstance(e, Ended)}
         lsn = journal_events(self.journal, DOMAIN, events)
         self.book.apply(events)
@@ -588,7 +589,7 @@ class PoolActor(Actor):
             self._replying = None
         r = self.book.reservations.get(w.id)
         if r is not None:
-            return r.info(), self.journal.last_lsn
+            return self.book.lease_info(r.id), self.journal.last_lsn
         if not args.wait:
             error = scheduler.error_of(w)
             w.outbox = None  # the reply tells it
@@ -601,7 +602,7 @@ class PoolActor(Actor):
         lsn = self._commit(events)
         if w.outbox is not None:
             self.holders.add(w.id, w.session, w.outbox)
-        return self.book.reservations[w.id].info(), lsn
+        return self.book.lease_info(w.id), lsn
 
     # ------------------------------------------------------------------ queue
 
@@ -762,7 +763,7 @@ class PoolActor(Actor):
             info = w.info()
             lsn = self._end_waiter(w, ConflictError(f"request {w.id} was cancelled", {"id": w.id}))
             return dataclasses.replace(info, state="cancelled"), lsn
-        info = self.book.reservation(msg.id).info(state="released")
+        info = self.book.lease_info(msg.id, state="released")
         self._releaser = msg.session
         try:
             lsn = self._commit(self.book.release(msg.id, self.wall()))
@@ -775,7 +776,7 @@ class PoolActor(Actor):
         if check is not None:
             return check
         lsn = self._commit(self.book.renew(msg.args, self.wall()))
-        return self.book.reservation(msg.args.id).info(), lsn
+        return self.book.lease_info(msg.args.id), lsn
 
     def _preempt(self, msg: PreemptTenant) -> tuple[list[ReservationInfo], int]:
         events = self.book.preempt(msg.target, msg.pool, msg.by, self.wall(), admin=msg.admin)
@@ -821,7 +822,7 @@ class PoolActor(Actor):
         self.holders.drop(rid)
         if msg.outbox is not None:
             self.holders.add(rid, msg.session, msg.outbox)
-        return self.book.reservations[rid].info(), lsn
+        return self.book.lease_info(rid), lsn
 
     def _ended_info(self, rid: str | None) -> ReservationInfo:
         """How ``rid`` ended, from history; raises NotFoundError when it is unknown."""
@@ -879,9 +880,10 @@ class PoolActor(Actor):
                 and (msg.tenant is None or w.tenant.name == msg.tenant)
             ]
         return [
-            r.info()
+            self.book.lease_info(r.id)
             for r in sorted(self.book.reservations.values(), key=lambda r: r.created_at)
-            if (msg.pool is None or r.pool == msg.pool)
+            if (not r.gang or r.gang[0] == r.id)  # a gang is one lease
+            and (msg.pool is None or msg.pool in self.book.pools_of(r))
             and (msg.tenant is None or r.tenant == msg.tenant)
             and (not msg.idle or "idle" in r.marks)
         ]

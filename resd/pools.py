@@ -9,8 +9,9 @@ The pool actor is the book's one owner.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -64,6 +65,7 @@ from resd_client.protocol import (
     PoolSet,
     QuotaInfo,
     Renew,
+    ReservationInfo,
     Reserve,
     ResourceStatus,
     ResourceUsage,
@@ -472,7 +474,19 @@ class PoolBook:
 
     def check_request(self, args: Reserve) -> list[Pool]:
         """The candidate pools on which ``args`` is well-formed; raises the first
-        InvalidError/NotFoundError when it fits none. Capacity is not checked."""
+        InvalidError/NotFoundError when it fits none. Capacity is not checked. A gang:
+        each part on its own pool, and the pools of its parts."""
+        if args.parts:
+            named: dict[str, Pool] = {}
+            for i, part in enumerate(args.parts):
+                try:
+                    (pool,) = self.check_request(part.request(args))
+                except ResdError as exc:
+                    raise type(exc)(
+                        f"parts[{i}]: {exc.message}", {**exc.details, "part": i}
+                    ) from None
+                named[pool.name] = pool
+            return list(named.values())
         pools, first = [], None
         for pool in self.candidates(args):
             try:
@@ -508,6 +522,10 @@ class PoolBook:
         """
         if rid in self.reservations:  # pragma: no cover - ids are random 48-bit
             raise ExistsError(f"reservation id {rid} collides", {"id": rid})
+        if args.parts:
+            return self._reserve_gang(
+                args, tenant, uid=uid, session=session, now=now, rid=rid, pid=pid, peer=peer
+            )
         pools = self.check_request(args) if pools is None else pools
         granted: list[tuple[float, Reservation]] = []
         refusals: list[ResdError] = []
@@ -531,6 +549,106 @@ class PoolBook:
         )
         return [Reserved(best[1])]
 
+    def _reserve_gang(
+        self,
+        args: Reserve,
+        tenant: Tenant,
+        *,
+        uid: int,
+        session: str,
+        now: float,
+        rid: str,
+        pid: tuple[int, float] | None,
+        peer: int | None,
+    ) -> list[PoolEvent]:
+        """All parts of gang ``args`` or none: each part is placed with the earlier
+        ones held (in place, undone before returning), so parts in one pool see each
+        other. The parts are reservations ``rid``, ``rid.1``, ``rid.2``...; the first
+        carries the attach token and answers for the lease."""
+        self.check_request(args)
+        ids = tuple(rid if i == 0 else f"{rid}.{i}" for i in range(len(args.parts)))
+        placed: list[Reservation] = []
+        try:
+            for i, part in enumerate(args.parts):
+                request = part.request(args)
+                if i:
+                    request = dataclasses.replace(request, token=None)
+                outcome = self._try(
+                    self.pools[part.pool],
+                    request,
+                    tenant,
+                    uid=uid,
+                    session=session,
+                    now=now,
+                    rid=ids[i],
+                    pid=pid,
+                    siblings=frozenset(ids),
+                )
+                if isinstance(outcome, ResdError):
+                    error = type(outcome)(
+                        f"parts[{i}]: {outcome.message}", {**outcome.details, "part": i}
+                    )
+                    return [self.denied(args, part.pool, tenant, now, error)]
+                outcome = attrs.evolve(
+                    outcome, gang=ids, peer=peer if args.binding == "session" else None
+                )
+                self._hold(outcome)
+                placed.append(outcome)
+        finally:
+            for r in reversed(placed):
+                self._unhold(r)
+        return [Reserved(r) for r in placed]
+
+    def gang_whole(self, events: Sequence[PoolEvent]) -> list[PoolEvent]:
+        """``events`` with what happens to one part of a gang done to all of its parts
+        (ended, preempted, renewed, re-attached, a process registered): a gang is
+        held, preempted and released as a whole, whatever decided it."""
+        out = list(events)
+        done = {(type(e), getattr(e, "id", None)) for e in events}
+        for e in events:
+            if not isinstance(e, Ended | Terminating | Renewed | Rebound | Registered):
+                continue
+            r = self.reservations.get(e.id)
+            if r is None or not r.gang:
+                continue
+            for sibling in r.gang:
+                if (type(e), sibling) not in done and sibling in self.reservations:
+                    out.append(attrs.evolve(e, id=sibling))
+                    done.add((type(e), sibling))
+        return out
+
+    def pools_of(self, r: Reservation) -> set[str]:
+        """The pools lease ``r`` holds something in (a gang: its parts')."""
+        return {self.reservations[i].pool for i in r.gang if i in self.reservations} or {r.pool}
+
+    def lease_info(self, rid: str, **kw: Any) -> ReservationInfo:
+        """What the holder sees of lease ``rid``: a gang as one lease whose amounts,
+        members, values and devices are its parts' together, with ``parts``."""
+        r = self.reservation(rid)
+        info = r.info(**kw)
+        if not r.gang:
+            return info
+        parts = [self.reservations[i].info(**kw) for i in r.gang if i in self.reservations]
+        resources: dict[str, int] = {}
+        members: dict[str, list[str]] = {}
+        values: dict[str, list[list[int]]] = {}
+        for p in parts:
+            for k, v in p.resources.items():
+                resources[k] = resources.get(k, 0) + v
+            for k, names in p.members.items():
+                members.setdefault(k, []).extend(names)
+            for k, vals in p.values.items():
+                values.setdefault(k, []).extend(vals)
+        return dataclasses.replace(
+            info,
+            pool=",".join(dict.fromkeys(p.pool for p in parts)),
+            resources=resources,
+            members=members,
+            values=values,
+            devices=[d for p in parts for d in p.devices],
+            parts=parts,
+        )
+
     def _try(
         self,
         pool: Pool,
@@ -542,8 +660,9 @@ class PoolBook:
         now: float,
         rid: str,
         pid: tuple[int, float] | None,
+        siblings: frozenset[str] = frozenset(),
     ) -> Reservation | ResdError:
-        held = self.held(pool.name, tenant.name)
+        held = self.held(pool.name, tenant.name) - siblings
         if pool.quotas:
             refusal = quotas.over_max(
                 pool, tenant.name, self.quota_use(pool.name, tenant.name), args
@@ -601,7 +720,13 @@ class PoolBook:
     ) -> ResdError | None:
         """The refusal of a request that would not fit any of its pools even if they
         were empty, or is past ``tenant``'s max there by itself (waiting for it would
-        be forever); None when it could fit."""
+        be forever); None when it could fit. A gang never fits when one part does not."""
+        if args.parts:
+            for i, part in enumerate(args.parts):
+                error = self.never_fits(part.request(args), None, tenant)
+                if error is not None:
+                    return type(error)(f"parts[{i}]: {error.message}", {**error.details, "part": i})
+            return None
         pools = self.check_request(args) if pools is None else pools
         shorts = []
         capped: ResdError | None = None

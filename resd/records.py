@@ -150,6 +150,8 @@ class Reservation:
     enforcement: str = "none"
     #: reconciler marks standing now: ``overuse`` / ``idle`` → what was seen
     marks: dict[str, str] = attrs.Factory(dict)
+    #: a gang part: the ids of all its parts, the first being the lease's own id
+    gang: tuple[str, ...] = ()
 
     def roots(self) -> tuple[int, ...]:
         """The processes whose trees are this lease's own (SPEC §10 attribution)."""

@@ -51,6 +51,11 @@ def resize(
             f"reservation {rid} is being preempted and cannot be resized",
             {"id": rid, "state": r.state},
         )
+    if r.gang:
+        raise InvalidError(
+            f"{rid} is a gang; its parts cannot be resized (release it and reserve anew)",
+            {"id": rid},
+        )
     pool = book.pools[r.pool]
     holdings = book.holdings[r.pool]
     if VRAM in targets and GPU in targets:

@@ -129,7 +129,7 @@ def run_pass(
         w.waits_for(*waiting_reason(denial_error(events[0])))
         if w.reason in ("conflict", "quota"):
             continue  # waits for its own tenant's release: holds nothing back
-        if w.resize_of:  # a lease growing in place evicts nobody (yet): it waits
+        if w.resize_of or w.args.parts:  # a resize or a gang evicts nobody: it waits
             for k in w.keys:
                 blocked.setdefault(k, w.id)
             continue

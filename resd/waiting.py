@@ -34,6 +34,8 @@ Key = tuple[str, str]
 def touched(pools: Iterable[str], args: Reserve) -> frozenset[Key]:
     """The (pool, resource) pairs a request competes for; a VRAM slice competes for
     the GPU set it is cut from."""
+    if args.parts:  # a gang: each part competes in its own pool
+        return frozenset(k for part in args.parts for k in touched([part.pool], part.request()))
     names = {GPU if n == VRAM else n for n in (*args.resources, *args.members)}
     return frozenset((p, n) for p in pools for n in names)
 
@@ -114,11 +116,15 @@ class Waiter:
 
     def info(self) -> ReservationInfo:
         a = self.args
+        asked = dict(a.resources)
+        for part in a.parts:  # a gang asks for its parts' amounts together
+            for name, amount in part.resources.items():
+                asked[name] = asked.get(name, 0) + amount
         return ReservationInfo(
             id=self.id,
             tenant=self.tenant.name,
             pool=self.pools[0] if len(self.pools) == 1 else ",".join(self.pools),
-            resources=dict(a.resources),
+            resources=asked,
             label=a.label,
             created_at=self.arrived,
             ttl=a.ttl,

@@ -55,7 +55,11 @@ def visible_state(client: Client) -> dict[str, Any]:
     """Everything a request could change, as clients see it (for "changes nothing")."""
     return {
         "pools": wire(client, "pool.list", {})["pools"],
-        "tenants": wire(client, "tenant.list", {})["tenants"],
+        # fair-share usage grows by itself while leases are held: not a change
+        "tenants": [
+            {k: v for k, v in t.items() if k not in ("usage", "share")}
+            for t in wire(client, "tenant.list", {})["tenants"]
+        ],
         "reservations": wire(client, "list", {})["reservations"],
         "pending": wire(client, "list", {"pending": True})["reservations"],
         "history": wire(client, "export", {})["events"],

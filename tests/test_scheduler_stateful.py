@@ -72,7 +72,11 @@ class Scheduling(RuleBasedStateMachine):
         resources = {k: v for k, v in (("cpu", cpu), ("gpu", gpu), ("vram", vram)) if v}
         if not resources or (gpu and vram):
             return
-        args = from_wire(Reserve, {"pool": POOL, "resources": resources, "wait": True})
+        self._queue(
+            tenant, from_wire(Reserve, {"pool": POOL, "resources": resources, "wait": True})
+        )
+
+    def _queue(self, tenant: str, args: Reserve) -> None:
         w = Waiter(
             id=f"r-{next(self.ids):012x}",
             args=args,
@@ -87,6 +91,21 @@ class Scheduling(RuleBasedStateMachine):
         )
         self.queue.add(w, None)
 
+    @rule(
+        tenant=st.sampled_from(sorted(TENANTS)),
+        cpu=st.sampled_from([1000, 4000]),
+        gpu=st.integers(1, 3),
+    )
+    @precondition(lambda self: self.book.pools)
+    def enqueue_gang(self, tenant: str, cpu: int, gpu: int) -> None:
+        """A gang of two asks in the one pool: CPUs, and whole GPUs."""
+        parts = [
+            {"pool": POOL, "resources": {"cpu": cpu}},
+            {"pool": POOL, "resources": {"gpu": gpu}},
+        ]
+        args = from_wire(Reserve, {"parts": parts, "wait": True})
+        self._queue(tenant, args)
+
     @rule(borrower=st.sampled_from(["mid", "hi"]))
     @precondition(lambda self: self.book.pools)
     def contend(self, borrower: str) -> None:
@@ -99,13 +118,14 @@ class Scheduling(RuleBasedStateMachine):
     @precondition(lambda self: self.book.reservations)
     def release(self, data: st.DataObject) -> None:
         rid = data.draw(st.sampled_from(sorted(self.book.reservations)))
-        self.book.apply(self.book.release(rid, self.now))
+        self.book.apply(self.book.gang_whole(self.book.release(rid, self.now)))
 
     @rule()
     def finish_graces(self) -> None:
         self.now += 10
         for r in [r for r in self.book.reservations.values() if r.state == "terminating"]:
-            self.book.apply(self.book.finish_grace(r.id, self.now))
+            if r.id in self.book.reservations:  # its gang may have ended with a sibling
+                self.book.apply(self.book.gang_whole(self.book.finish_grace(r.id, self.now)))
 
     @rule()
     @precondition(lambda self: self.book.pools)
@@ -115,6 +135,7 @@ class Scheduling(RuleBasedStateMachine):
             match step:
                 case scheduler.Grant(waiter=w, events=events):
                     assert isinstance(events[0], Reserved) and events[0].reservation.id == w.id
+                    assert len(events) == max(1, len(w.args.parts)), "a gang all at once"
                     self.book.apply(events)
                     self.queue.remove(w.id)
                     granted.add(w.id)
@@ -131,7 +152,7 @@ class Scheduling(RuleBasedStateMachine):
                     else:
                         assert all(v.priority < w.tenant.priority for v in victims), "only lower"
                     assert all(isinstance(e, Ended | Terminating) for e in events)
-                    self.book.apply(events)
+                    self.book.apply(self.book.gang_whole(events))
                 case scheduler.Drop(waiter=w):
                     self.queue.remove(w.id)
         self.check_no_idle_capacity()
@@ -148,6 +169,11 @@ class Scheduling(RuleBasedStateMachine):
             elif not ahead and w.reason != "reclaiming":
                 plan = scheduler.reclaim_plan(self.book, w.args, w.tenant, self.now)
                 assert plan is None, f"{w.id} could reclaim {plan} but waits: {w.message}"
+
+    @invariant()
+    def gangs_whole(self) -> None:
+        for r in self.book.reservations.values():
+            assert all(part in self.book.reservations for part in r.gang), f"{r.id} half held"
 
     @invariant()
     def within_max(self) -> None:

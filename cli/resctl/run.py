@@ -82,6 +82,7 @@ from resctl.session import CLIENT_NAME, Output, guard
 from resd_client import Client, ConnectionLost, Disconnected, Lease, Reconnected
 from resd_client.env import GPU_IDS, GpuIds
 from resd_client.errors import (
+    ErrorCode,
     InvalidError,
     PreemptedError,
     ResdError,
@@ -390,6 +391,9 @@ class Supervisor:
                     return
                 if isinstance(exc, InvalidError) and exc.details.get("field") == "op":
                     log.debug("resd does not know register: %s", exc.message)
+                    return
+                if exc.code == ErrorCode.NOT_FOUND and exc.details.get("field") == "pid":
+                    log.debug("CMD ended before it was registered: %s", exc.message)
                     return
                 self.warn(
                     f"could not register CMD (pid {pid}) with {self.lease.id}: {exc.code}:"

@@ -776,6 +776,33 @@ class TenantRemove:
         check_name("tenant", self.name)
 
 
+#: the most parts one gang may have
+MAX_PARTS: Final = 16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Part:
+    """One part of a gang: what one pool is asked for."""
+
+    pool: str
+    resources: dict[str, int] = field(default_factory=dict)
+    members: dict[str, list[str]] = field(default_factory=dict)
+    constraints: dict[str, str] = field(default_factory=dict)
+    contiguous: list[str] = field(default_factory=list)
+
+    def request(self, base: Reserve | None = None) -> Reserve:
+        """This part as a plain request (with ``base``'s tenant, ttl, binding, ...)."""
+        return dataclasses.replace(
+            base or Reserve(),
+            pool=self.pool,
+            resources=dict(self.resources),
+            members={k: list(v) for k, v in self.members.items()},
+            constraints=dict(self.constraints),
+            contiguous=list(self.contiguous),
+            parts=[],
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reserve:
     """Reserve ``resources`` (internal units) in ``pool`` as ``tenant``.
@@ -804,21 +831,45 @@ class Reserve:
     #: Presenting it again (``attach``, or this same ``reserve`` retried after a lost
     #: reply) re-binds the lease or waiter to the presenting connection.
     token: str | None = None
+    #: a gang (SPEC §4): several parts granted all or nothing as one lease; then the
+    #: parts say pool and amounts, and ``pool``/``resources``/``members``/
+    #: ``constraints``/``contiguous``/``selector`` stay empty
+    parts: list[Part] = field(default_factory=list)
 
     def check(self) -> None:
+        if self.parts:
+            self._check_gang()
+        else:
+            self._check_ask()
+        self._check_common()
+
+    def _check_gang(self) -> None:
+        if self.pool or self.resources or self.members or self.constraints:
+            raise InvalidError(
+                "parts: a gang gives each part's pool and amounts; leave pool, resources,"
+                " members and constraints empty",
+                {"field": "parts"},
+            )
+        if self.contiguous or self.selector:
+            raise InvalidError(
+                "parts: contiguous and constraints go in each part; a gang has no selector",
+                {"field": "parts"},
+            )
+        if not 2 <= len(self.parts) <= MAX_PARTS:
+            raise InvalidError(
+                f"parts: a gang has 2 to {MAX_PARTS} parts, got {len(self.parts)}",
+                {"field": "parts"},
+            )
+        for i, part in enumerate(self.parts):
+            try:
+                part.request()._check_ask()
+            except InvalidError as exc:
+                raise InvalidError(f"parts[{i}]: {exc.message}", {**exc.details, "part": i}) from None
+
+    def _check_common(self) -> None:
         check_token(self.token)
-        if self.pool is not None:
-            check_name("pool", self.pool)
         if self.tenant is not None:
             check_name("tenant", self.tenant)
-        # A resource named in ``members`` may leave its count at 0 (the names say it);
-        # every other amount must be positive.
-        counted = {k: v for k, v in self.resources.items() if k not in self.members}
-        if counted or not self.members:
-            check_amounts(counted, allow_zero=False)
-        check_amounts(
-            {k: v for k, v in self.resources.items() if k in self.members}, allow_zero=True
-        )
         check_wait("timeout", self.timeout)
         if self.timeout is not None and not self.wait:
             raise InvalidError(
@@ -832,6 +883,21 @@ class Reserve:
         check_pid(self.pid)
         if self.pid is not None and self.binding != "pid":
             raise InvalidError("pid: only a pid binding names a process", {"field": "pid"})
+        check_ttl(self.ttl)
+        check_label(self.label)
+
+    def _check_ask(self) -> None:
+        """What one pool is asked for (a plain request, or one part of a gang)."""
+        if self.pool is not None:
+            check_name("pool", self.pool)
+        # A resource named in ``members`` may leave its count at 0 (the names say it);
+        # every other amount must be positive.
+        counted = {k: v for k, v in self.resources.items() if k not in self.members}
+        if counted or not self.members:
+            check_amounts(counted, allow_zero=False)
+        check_amounts(
+            {k: v for k, v in self.resources.items() if k in self.members}, allow_zero=True
+        )
         if not self.resources and not self.members:
             raise InvalidError(
                 "resources: ask for at least one resource (e.g. cpu, memory, gpu)",
@@ -857,8 +923,6 @@ class Reserve:
         check_labels(self.selector, "selector")
         if self.pool is not None and self.selector:
             raise InvalidError("give a pool or a label selector, not both", {"field": "selector"})
-        check_ttl(self.ttl)
-        check_label(self.label)
 
 
 RESERVATION_ID: Final = re.compile(r"^r-[0-9a-f]{6,32}$")
@@ -1216,6 +1280,9 @@ class ReservationInfo:
     marks: dict[str, str] = field(default_factory=dict)
     #: processes registered to it (``register``), besides its pid / session peer
     processes: list[int] = field(default_factory=list)
+    #: a gang's parts (one per pool ask), all granted and ended together; the lease's
+    #: own amounts, members and devices are theirs together
+    parts: list[ReservationInfo] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
