@@ -482,9 +482,7 @@ class PoolBook:
                 try:
                     (pool,) = self.check_request(part.request(args))
                 except ResdError as exc:
-                    raise type(exc)(
-                        f"parts[{i}]: {exc.message}", {**exc.details, "part": i}
-                    ) from None
+                    raise in_part(i, exc) from None
                 named[pool.name] = pool
             return list(named.values())
         pools, first = [], None
@@ -585,10 +583,7 @@ class PoolBook:
                     siblings=frozenset(ids),
                 )
                 if isinstance(outcome, ResdError):
-                    error = type(outcome)(
-                        f"parts[{i}]: {outcome.message}", {**outcome.details, "part": i}
-                    )
-                    return [self.denied(args, part.pool, tenant, now, error)]
+                    return [self.denied(args, part.pool, tenant, now, in_part(i, outcome))]
                 outcome = attrs.evolve(
                     outcome, gang=ids, peer=peer if args.binding == "session" else None
                 )
@@ -725,7 +720,7 @@ class PoolBook:
             for i, part in enumerate(args.parts):
                 error = self.never_fits(part.request(args), None, tenant)
                 if error is not None:
-                    return type(error)(f"parts[{i}]: {error.message}", {**error.details, "part": i})
+                    return in_part(i, error)
             return None
         pools = self.check_request(args) if pools is None else pools
         shorts = []
@@ -1136,6 +1131,11 @@ class PoolBook:
         for raw in state.get("waiting", ()):  # absent in snapshots made before issue 9
             book.apply([Queued(converter.structure(raw, Waiting))])
         return book
+
+
+def in_part(i: int, error: ResdError) -> ResdError:
+    """``error`` of a gang's part ``i``, saying which part."""
+    return type(error)(f"parts[{i}]: {error.message}", {**error.details, "part": i})
 
 
 def _short_text(short: dict[str, dict[str, int]], have: str, tail: str = "") -> str:
