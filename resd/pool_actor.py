@@ -691,7 +691,13 @@ class PoolActor(Actor):
         if not args.wait:
             raise denial_error(events[0])
         r = self.book.reservations[args.id]
-        request = Reserve(pool=r.pool, resources=dict(args.resources), tenant=r.tenant, wait=True)
+        request = Reserve(
+            pool=r.pool,
+            resources=dict(args.resources),
+            tenant=r.tenant,
+            wait=True,
+            timeout=args.timeout,
+        )
         w = Waiter(
             id=self.new_id(),
             args=request,
@@ -711,7 +717,8 @@ class PoolActor(Actor):
         self.queue.add(w, self._trio_at(w.timeout_at))
         self._queue_dirty = True
         log.info("resize_queued", reservation=r.id, waiter=w.id)
-        return w.info(), lsn
+        order = self.queue.ordered(self.book.usage_at(now))
+        return dataclasses.replace(w.info(), position=order.index(w) + 1), lsn
 
     def _register(self, msg: DoRegister) -> tuple[ReservationInfo, int] | OwnerCheck:
         check = self._owner_check(msg.id, msg.uid)

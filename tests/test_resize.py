@@ -134,3 +134,26 @@ async def test_a_waiting_resize_is_granted_when_room_appears(
     c2 = await WireClient.connect(inproc.socket)
     listed = {r["id"]: r for r in (await c2.ok("list", {}))["reservations"]}
     assert listed[theirs["id"]]["resources"] == {"cpu": 2000}
+
+
+async def test_a_waiting_resize_times_out_and_the_lease_keeps_its_amounts(
+    inproc: InProcess, mock_clock: trio.testing.MockClock
+) -> None:
+    c = await WireClient.connect(inproc.socket)
+    await c.ok(
+        "pool.create",
+        {"name": "p", "resources": {"cpu": {"capacity": 2000}}, "max_per_tenant": 0},
+    )
+    mine = await c.ok("reserve", {"pool": "p", "resources": {"cpu": 1000}})
+    await c.ok("reserve", {"pool": "p", "resources": {"cpu": 1000}})
+    t0 = trio.current_time()
+    pending = await c.ok(
+        "resize", {"id": mine["id"], "resources": {"cpu": 2000}, "wait": True, "timeout": 5.0}
+    )
+    assert pending["position"] == 1
+    denied = await c.push()
+    assert denied["event"] == "denied" and denied["reservation_id"] == pending["id"], denied
+    assert denied["error"]["code"] == "timeout"
+    assert trio.current_time() - t0 == pytest.approx(5.0, abs=0.2)
+    listed = {r["id"]: r for r in (await c.ok("list", {}))["reservations"]}
+    assert listed[mine["id"]]["resources"] == {"cpu": 1000}

@@ -864,7 +864,9 @@ class Reserve:
             try:
                 part.request()._check_ask()
             except InvalidError as exc:
-                raise InvalidError(f"parts[{i}]: {exc.message}", {**exc.details, "part": i}) from None
+                raise InvalidError(
+                    f"parts[{i}]: {exc.message}", {**exc.details, "part": i}
+                ) from None
 
     def _check_common(self) -> None:
         check_token(self.token)
