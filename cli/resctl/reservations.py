@@ -1,5 +1,5 @@
-"""Reservation commands: ``reserve``, ``unreserve``/``release``, ``renew``, ``preempt``,
-``list`` and ``resources``."""
+"""Reservation commands: ``reserve``, ``unreserve``/``release``, ``renew``, ``resize``,
+``preempt``, ``list`` and ``resources``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ from resctl.options import (
     build,
     parse_deadline,
     parse_duration,
+    parse_resources,
     reserve_fields_of,
+    split_pair,
 )
 from resctl.render import (
     host_resources_view,
@@ -52,8 +54,10 @@ from resd_client.protocol import (
     ReservationList,
     ReservationRef,
     Reserve,
+    Resize,
     ResourcesOf,
 )
+from resd_client.quantity import check_resource_name
 
 TenantOpt = Annotated[
     str | None,
@@ -178,6 +182,166 @@ def renew(
         args = build(Renew, {"id": reservation_id, "ttl": _ttl(ttl)})
         with connect(socket) as client:
             info: ReservationInfo = client.call("renew", args)
+        out.emit(info)
+        out.line(reservation_line(info, time.time()))
+
+
+GiveBackOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--give-back",
+        metavar="NAME=M1,M2",
+        help="When a set or range resource shrinks, give back exactly these members"
+        " (gpu=3) or values (ports=30005-30009) instead of the last ones (repeatable).",
+    ),
+]
+#: the flag that gives each well-known resource's amount (others: ``--res NAME=QTY``)
+_AMOUNT_FLAGS = ("cpu", "memory", "gpu", "vram")
+
+
+def _amount_flag(name: str) -> str:
+    return f"--{name} N" if name in _AMOUNT_FLAGS else f"--res {name}=N"
+
+
+def resize_amounts(
+    cpu: str | None, memory: str | None, gpu: str | None, vram: str | None, res: list[str] | None
+) -> dict[str, int]:
+    """The new amounts of ``resctl resize`` (internal units; 0 allowed). Raises
+    InvalidError when none is given, for a negative or bad quantity, a resource given
+    twice, or both --gpu and --vram."""
+    given: list[tuple[str, str | None]] = [
+        (f"--{n}", v) for n, v in zip(_AMOUNT_FLAGS, (cpu, memory, gpu, vram), strict=True)
+    ]
+    given += [
+        (f"--res {name}", qty)
+        for name, qty in (split_pair(i, "--res", "NAME=QTY", "ports=8") for i in res or [])
+    ]
+    for flag, value in given:
+        if value is not None and value.strip().startswith("-"):
+            raise InvalidError(
+                f"{flag}: {value!r} is negative; give the new amount (0 gives it all back)",
+                {"field": flag.split()[-1].lstrip("-"), "value": value},
+            )
+    amounts = parse_resources(cpu=cpu, memory=memory, gpu=gpu, vram=vram, res=res, allow_zero=True)
+    if not amounts:
+        raise InvalidError(
+            "say what to resize: --cpu, --memory, --gpu, --vram or --res NAME=QTY, each"
+            " with the new amount (0 gives that resource all back)",
+            {"field": "resources"},
+        )
+    if "gpu" in amounts and "vram" in amounts:
+        raise InvalidError(
+            "give --gpu or --vram, not both: whole GPUs resize by --gpu, a VRAM slice by --vram",
+            {"field": "resources"},
+        )
+    return amounts
+
+
+def parse_give_back(items: list[str] | None, amounts: dict[str, int]) -> dict[str, list[str]]:
+    """``--give-back NAME=M1,M2`` flags as ``{name: [M1, M2]}`` (a name given again
+    adds to its list). Raises InvalidError for a malformed pair or name, an empty or
+    repeated member, or a resource whose new amount is not given."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        name, value = split_pair(item, "--give-back", "NAME=M1,M2", "gpu=3")
+        check_resource_name(name)
+        values = [v.strip() for v in value.split(",")]
+        if any(not v for v in values):
+            raise InvalidError(
+                f"--give-back {name}: {value!r} has an empty member; separate members or"
+                " values with commas (gpu=2,3 or ports=30005-30009)",
+                {"field": "give_back", "resource": name},
+            )
+        out.setdefault(name, []).extend(values)
+    for name, values in out.items():
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise InvalidError(
+                f"--give-back {name}: {', '.join(twice)} named more than once",
+                {"field": "give_back", "resource": name},
+            )
+        if name not in amounts and not (name == "gpu" and "vram" in amounts):
+            raise InvalidError(
+                f"--give-back {name}: give {name}'s new amount too ({_amount_flag(name)})",
+                {"field": "give_back", "resource": name},
+            )
+    return out
+
+
+def resize_request(
+    reservation_id: str,
+    *,
+    cpu: str | None = None,
+    memory: str | None = None,
+    gpu: str | None = None,
+    vram: str | None = None,
+    res: list[str] | None = None,
+    give_back: list[str] | None = None,
+    wait: bool = False,
+    timeout: str | None = None,
+) -> Resize:
+    """The checked ``Resize`` of ``resctl resize``'s flags; raises InvalidError."""
+    amounts = resize_amounts(cpu, memory, gpu, vram, res)
+    returned = parse_give_back(give_back, amounts)
+    fields = wait_fields(wait, timeout, None)
+    return build(
+        Resize,
+        {
+            "id": reservation_id,
+            "resources": amounts,
+            "give_back": returned or None,
+            "wait": wait,
+            "timeout": fields["timeout"],
+        },
+    )
+
+
+def resize(
+    reservation_id: ReservationIdOpt,
+    cpu: CpuOpt = None,
+    memory: MemoryOpt = None,
+    gpu: GpuOpt = None,
+    vram: VramOpt = None,
+    res: ResOpt = None,
+    give_back: GiveBackOpt = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="When growing does not fit now, wait for room, keeping what the lease"
+            " holds (Ctrl-C cancels the wait).",
+        ),
+    ] = False,
+    timeout: WaitTimeoutOpt = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
+) -> None:
+    """Change a lease's amounts in place; prints it with its new amounts.
+
+    Each flag gives a resource's new amount (0 gives it all back); the others stay,
+    and so do the TTL and binding. Shrinking always succeeds: the last GPUs or
+    values go, or those --give-back names. Growing that does not fit fails (exit 6,
+    or 7 past a quota's max) unless --wait."""
+    out = Output(json_out)
+    with guard(out):
+        args = resize_request(
+            reservation_id,
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            vram=vram,
+            res=res,
+            give_back=give_back,
+            wait=wait,
+            timeout=timeout,
+        )
+        with connect(socket) as client:
+            info = client.request_resize(
+                args,
+                on_pending=lambda w: out.warn(
+                    f"{reservation_id} cannot grow yet; {waiting_line(w)}"
+                ),
+            )
         out.emit(info)
         out.line(reservation_line(info, time.time()))
 

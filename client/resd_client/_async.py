@@ -43,11 +43,13 @@ from resd_client._core import (
     Reconnect,
     Reply,
     ReserveOptions,
+    ResizeOptions,
     Runner,
     Send,
     Session,
     notify,
     reserve_args,
+    resize_args,
 )
 from resd_client._sync import CONNECT_TIMEOUT, backoff, connect_socket, reconnect_limit
 from resd_client.errors import UnavailableError
@@ -60,6 +62,7 @@ from resd_client.protocol import (
     PlanResult,
     ReservationInfo,
     Reserve,
+    Resize,
     Status,
     TopSnapshot,
     WaitInfo,
@@ -120,6 +123,20 @@ class Lease(LeaseState):
         """Count process ``pid`` (and its descendants) as this lease's, for resd's GPU
         accounting (SPEC §10): a worker it started that holds GPU memory."""
         await self.client._run(flows.register(self.client, self.id, pid))
+
+    async def resize(
+        self,
+        *,
+        wait: bool = False,
+        on_pending: Callable[[ReservationInfo], object] | None = None,
+        **options: Unpack[ResizeOptions],
+    ) -> ReservationInfo:
+        """Give this lease new amounts (``await lease.resize(cpu=4)``; what is not
+        named stays); ``info`` then has them, and so does the result. As the sync
+        ``Lease.resize`` (``on_pending(info)`` runs once with the waiting request if
+        it waits); a cancelled wait is cancelled at the daemon (shielded)."""
+        args = resize_args(self.id, wait=wait, **options)
+        return await self.client._run(flows.resize(self.client, args, self, on_pending))
 
     async def __aenter__(self) -> Lease:
         return self
@@ -347,7 +364,7 @@ class AsyncClient(abc.ABC):
         if isinstance(need, Reconnect):
             await self._wait(cast(AsyncFlag, need.flag), None)
             return None
-        return await self._wait(cast(AsyncFlag, need.lease._settled), need.timeout)
+        return await self._wait(cast(AsyncFlag, need.flag), need.timeout)
 
     async def _broken(self, stream: Stream, epoch: int, reason: str) -> None:
         """A write on ``stream`` (connection ``epoch``) failed: drop that connection;
@@ -508,6 +525,28 @@ class AsyncClient(abc.ABC):
 
     async def renew(self, reservation_id: str, ttl: float | None = None) -> ReservationInfo:
         return await self._run(flows.renew(self, reservation_id, ttl))
+
+    async def resize(
+        self,
+        reservation_id: str,
+        *,
+        wait: bool = False,
+        on_pending: Callable[[ReservationInfo], object] | None = None,
+        **options: Unpack[ResizeOptions],
+    ) -> ReservationInfo:
+        """Give a lease new amounts in place; returns it with them. As the sync
+        ``Client.resize``: with ``wait`` a growth that does not fit waits until
+        granted; a cancelled wait is cancelled at the daemon (shielded) before the
+        cancellation goes on. Bad arguments raise InvalidError before any await."""
+        return await self.request_resize(
+            resize_args(reservation_id, wait=wait, **options), on_pending
+        )
+
+    async def request_resize(
+        self, args: Resize, on_pending: Callable[[ReservationInfo], object] | None = None
+    ) -> ReservationInfo:
+        """``resize`` with prebuilt arguments (internal units; ``args.wait`` decides)."""
+        return await self._run(flows.resize(self, args, on_pending=on_pending))
 
     async def status(self) -> Status:
         return await self._run(flows.status(self))

@@ -5,7 +5,8 @@ A client owns a ``Session`` and moves bytes: ``Session.ask`` numbers a request a
 gives the frame to send; ``Session.receive`` takes the bytes read from the socket,
 completes the matching ``Call`` (its ``done`` flag is set; ``Call.result`` decodes
 the typed result or raises the typed error) and routes pushes to the ``LeaseState``
-they concern (a ``marked`` push updates the lease's ``marks``). A push about a
+they concern (a ``marked`` push updates the lease's ``marks``, a ``resized`` push its
+amounts and what it holds). A push about a
 reservation this session does not track yet (a ``granted`` that overtook the
 ``pending`` reply) waits in a small buffer and is applied when the lease is
 tracked. A push this client does not understand (a newer daemon's) is skipped.
@@ -84,6 +85,8 @@ from resd_client.protocol import (
     ReservationList,
     ReservationRef,
     Reserve,
+    Resize,
+    ResizedEvent,
     Status,
     Subscribe,
     TopSnapshot,
@@ -111,7 +114,9 @@ MAX_REPLY_FRAME: Final = 64 << 20
 RESUME_WINDOW: Final = 32
 #: ops sent again after a reconnection when their reply was lost: reads, and changes
 #: that come out the same when made twice (a second ``release`` of an ended lease
-#: says ``not_found``; ``reserve`` is re-sent by its token, see ``reserve``)
+#: says ``not_found``; ``reserve`` is re-sent by its token, see ``reserve``). Not
+#: ``resize``: a lost reply may or may not have resized, and the same amounts asked
+#: again could queue a second growth; its caller gets ConnectionLost
 RESENT: Final = frozenset(
     {
         "attach",
@@ -133,8 +138,9 @@ RESENT: Final = frozenset(
     }
 )
 #: ops whose reply is the newest ``ReservationInfo`` of a lease: the session applies
-#: it as it reads it, so that a push read after it is not undone by it
-LEASE_REPLIES: Final = frozenset({"register", "renew"})
+#: it as it reads it, so that a push read after it is not undone by it (a waiting
+#: ``resize`` answers its waiting request, which no lease is: nothing is applied)
+LEASE_REPLIES: Final = frozenset({"register", "renew", "resize"})
 #: what ``subscribe`` can ask for (``Subscribe.topics``)
 Topic = Literal["state", "top"]
 #: reservation states that are an end (what ``attach`` reports from history)
@@ -216,15 +222,17 @@ def resources_from(
     gpu: object = None,
     resources: Mapping[str, object] | None = None,
     vram: object = None,
+    *,
+    allow_zero: bool = False,
 ) -> dict[str, int]:
     """Internal-unit amounts from human quantities (``memory="8G"``, ``cpu=1.5``);
-    raises InvalidError naming the bad one."""
+    raises InvalidError naming the bad one (0 too, unless ``allow_zero``)."""
     out: dict[str, int] = {}
     for name, value in (("cpu", cpu), ("memory", memory), ("gpu", gpu), ("vram", vram)):
         if value is not None:
-            out[name] = parse_quantity(name, value)
+            out[name] = parse_quantity(name, value, allow_zero=allow_zero)
     for name, value in (resources or {}).items():
-        out[name] = parse_quantity(name, value)
+        out[name] = parse_quantity(name, value, allow_zero=allow_zero)
     return out
 
 
@@ -263,7 +271,60 @@ def reserve_args(pool: str | None = None, *, wait: bool, **options: Any) -> Rese
     return args
 
 
-def wait_limit(args: Reserve, margin: float) -> float | None:
+class ResizeOptions(TypedDict, total=False):
+    """Keyword arguments of ``resize`` (all clients): the *new* amounts, in the same
+    human quantities as ``reserve`` (``cpu=4``, ``memory="16G"``, ``gpu=2``,
+    ``vram="40G"``, ``resources={"ports": 8}``; 0 gives a resource all back), and
+    which set members or range values go when one shrinks (``give_back={"gpu":
+    ["3"], "ports": ["30005-30009"]}``; default: the last ones). ``timeout``
+    (seconds) bounds a wait. Resources not named keep their amounts.
+    """
+
+    cpu: object
+    memory: object
+    gpu: object
+    vram: object
+    resources: Mapping[str, object]
+    give_back: Mapping[str, Sequence[str | int]] | None
+    timeout: float | None
+
+
+def resize_args(reservation_id: str, *, wait: bool, **options: Any) -> Resize:
+    """The checked ``Resize`` for ``resize(reservation_id, wait=..., **options)``.
+
+    ``options`` are those of ``ResizeOptions``; raises InvalidError (checked here,
+    before anything is sent: no amount given, a bad quantity, a ``give_back`` of a
+    resource not resized, a ``timeout`` without ``wait``) and TypeError for an
+    unknown keyword.
+    """
+    unknown = sorted(set(options) - set(ResizeOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected resize argument(s): {', '.join(unknown)}")
+    opt: ResizeOptions = options  # type: ignore[assignment]
+    amounts = resources_from(
+        opt.get("cpu"),
+        opt.get("memory"),
+        opt.get("gpu"),
+        opt.get("resources"),
+        opt.get("vram"),
+        allow_zero=True,
+    )
+    give_back = opt.get("give_back") or {}
+    args = Resize(
+        id=reservation_id,
+        resources=amounts,
+        give_back={
+            k: [str(v) for v in ([vs] if isinstance(vs, str | int) else vs)]
+            for k, vs in give_back.items()
+        },
+        wait=wait,
+        timeout=opt.get("timeout"),
+    )
+    args.check()
+    return args
+
+
+def wait_limit(args: Reserve | Resize, margin: float) -> float | None:
     """How long a client waits for the daemon to decide a queued ``args``: its
     ``timeout`` plus ``margin`` (the daemon pushes ``denied`` when the timeout passes;
     the margin only guards against a daemon that never says), or for ever."""
@@ -394,6 +455,53 @@ def marked(known: ReservationInfo, event: MarkedEvent) -> ReservationInfo:
     return dataclasses.replace(event.reservation, marks=marks)
 
 
+class Resizing:
+    """A ``resize`` with ``wait`` as this session sees it, from before it is sent
+    until it is decided; the session is its only writer.
+
+    ``lease_id`` is the lease that grows; ``waiter`` the id of its waiting request
+    once the reply said it was queued (releasing that id cancels the wait). It is
+    decided (``settled`` is set) by the ``resized`` push for the lease (``info``:
+    the lease with its new amounts), a ``denied`` push for the waiter (``error``:
+    TimeoutError_ when its timeout passed, or why else resd gave up, e.g. the lease
+    ended), or the end of the connection (``error``: ConnectionLost; resd ends a
+    waiting resize with the connection that asked) or of the session.
+    """
+
+    def __init__(self, lease_id: str, settled: Flag) -> None:
+        self.lease_id = lease_id
+        self.settled = settled
+        self.waiter: str | None = None
+        self.info: ReservationInfo | None = None
+        self.error: ResdError | None = None
+
+    @property
+    def decided(self) -> bool:
+        return self.info is not None or self.error is not None
+
+    def _grant(self, info: ReservationInfo) -> None:
+        if not self.decided:
+            self.info = info
+        self.settled.set()
+
+    def _fail(self, error: ResdError) -> None:
+        if not self.decided:
+            self.error = error
+        self.settled.set()
+
+    def outcome(self) -> ReservationInfo:
+        """The lease with its new amounts; raises the error that ended the wait."""
+        if self.error is not None:
+            raise self.error
+        if self.info is None:  # pragma: no cover - flows only ask once it settled
+            raise InternalError(f"the resize of {self.lease_id} is still waiting")
+        return self.info
+
+    def __repr__(self) -> str:
+        state = "granted" if self.info else "failed" if self.error else "waiting"
+        return f"Resizing({self.lease_id}, waiter={self.waiter}, {state})"
+
+
 def resume_events(lease: LeaseState, info: ReservationInfo) -> list[Any]:
     """What ``info`` (an ``attach`` reply after a reconnection) tells ``lease`` that it
     does not know yet, as the pushes it missed: a grant (the lease was pending), a
@@ -499,6 +607,17 @@ def _reservation_id(event: Any) -> str | None:
     return reservation.id if isinstance(reservation, ReservationInfo) else None
 
 
+def _resize_lost(reason: str, resizing: Resizing) -> ConnectionLost:
+    """What a waiting resize raises when the connection ends: resd ends the wait
+    with the connection that asked (it has no attach token to come back by)."""
+    return ConnectionLost(
+        f"the connection to resd was lost ({reason}) while {resizing.lease_id} waited to"
+        " grow; resd ends such a wait with its connection, so the lease keeps its old"
+        " amounts unless the growth was granted just before: look, and resize again",
+        {"op": "resize", "sent": True, "id": resizing.lease_id, "waiter": resizing.waiter},
+    )
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class _Resume:
     """A resumption in progress: the replies it waits for, by call id, with what to
@@ -532,6 +651,7 @@ class Session:
         self._calls: dict[int, Call] = {}
         self._leases: dict[str, LeaseState] = {}
         self._early: OrderedDict[str, list[Any]] = OrderedDict()
+        self._resizes: list[Resizing] = []
         self._decoder = FrameDecoder(max_frame=MAX_REPLY_FRAME)
         self._on_push = on_push
         self._on_lease = on_lease
@@ -644,13 +764,33 @@ class Session:
         except ResdError as exc:
             log.debug("ignoring push: %s", exc)
             return
+        taken = self._decide_resize(event)
         rid = _reservation_id(event)
         lease = self._leases.get(rid) if rid is not None else None
         if lease is not None:
             self._apply(lease, event)
-        elif rid is not None:
+        elif rid is not None and not taken:
             self._buffer(rid, event)
         self._on_push(event)
+
+    def _decide_resize(self, event: Any) -> bool:
+        """Decide the waiting resize ``event`` is about, if any: a ``resized`` push
+        grants the lease's (one already queued first, else one whose reply is still
+        to come: the push overtook it), a ``denied`` push for its waiter fails it."""
+        found: Resizing | None = None
+        if isinstance(event, ResizedEvent):
+            mine = [r for r in self._resizes if r.lease_id == event.reservation.id]
+            found = next((r for r in mine if r.waiter is not None), mine[0] if mine else None)
+            if found is not None:
+                found._grant(event.reservation)
+        elif isinstance(event, DeniedEvent):
+            found = next((r for r in self._resizes if r.waiter == event.reservation_id), None)
+            if found is not None:
+                found._fail(error_from_wire(event.error))
+        if found is None:
+            return False
+        self._resizes.remove(found)
+        return True
 
     def _lease_reply(self, call: Call) -> None:
         """Apply a ``LEASE_REPLIES`` reply to its tracked lease now, in stream order
@@ -719,6 +859,35 @@ class Session:
         if lease is not None:
             lease.info = info
 
+    # ---- waiting resizes
+
+    def resizing(self, lease_id: str, settled: Flag) -> Resizing:
+        """Watch for the outcome of a waiting ``resize`` of ``lease_id`` about to be
+        sent (its ``resized`` push may overtake the reply); ``settled`` is set when
+        it is decided. ``resize_done`` stops watching."""
+        resizing = Resizing(lease_id, settled)
+        self._resizes.append(resizing)
+        return resizing
+
+    def resize_queued(self, resizing: Resizing, waiter: str) -> None:
+        """The reply said ``resizing`` waits as request ``waiter``: a ``denied`` push
+        for it (one read before the reply too) fails it."""
+        resizing.waiter = waiter
+        for event in self._early.pop(waiter, []):
+            if isinstance(event, DeniedEvent) and resizing in self._resizes:
+                self._resizes.remove(resizing)
+                resizing._fail(error_from_wire(event.error))
+
+    def resize_done(self, resizing: Resizing) -> None:
+        """Stop watching ``resizing`` (decided, answered at once, or given up)."""
+        if resizing in self._resizes:
+            self._resizes.remove(resizing)
+
+    def _fail_resizes(self, error: Callable[[Resizing], ResdError]) -> None:
+        resizes, self._resizes = self._resizes, []
+        for resizing in resizes:
+            resizing._fail(error(resizing))
+
     # ---- losing the connection, and resuming on a new one
 
     @property
@@ -749,6 +918,7 @@ class Session:
         for call in calls.values():
             call.lost = reason
             call.done.set()
+        self._fail_resizes(partial(_resize_lost, reason))
         if first:
             self._on_push(Disconnected(reason))
 
@@ -869,6 +1039,7 @@ class Session:
             if lease.pending:
                 lease.error = error
                 lease._end("closed")
+        self._fail_resizes(lambda _: error)
         self._back.set()
         self._on_close()
 
@@ -912,6 +1083,26 @@ class Await:
     lease: LeaseState
     timeout: float | None
 
+    @property
+    def flag(self) -> Flag:
+        """What the client waits on."""
+        return self.lease._settled
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AwaitResize:
+    """Wait until the waiting resize ``resizing`` is decided (granted, denied, or
+    failed with the connection), at most ``timeout`` seconds (None: no limit); the
+    outcome is whether it was."""
+
+    resizing: Resizing
+    timeout: float | None
+
+    @property
+    def flag(self) -> Flag:
+        """What the client waits on."""
+        return self.resizing.settled
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reconnect:
@@ -922,7 +1113,7 @@ class Reconnect:
     flag: Flag
 
 
-Need = Send | Reply | Await | Reconnect
+Need = Send | Reply | Await | AwaitResize | Reconnect
 Flow = Generator[Need, Any, T]
 
 
@@ -1163,6 +1354,99 @@ def renew(host: Host[LeaseState], reservation_id: str, ttl: float | None) -> Flo
     return ask(host, "renew", Renew(id=reservation_id, ttl=ttl), ReservationInfo)
 
 
+def resize(
+    host: Host[LeaseState],
+    args: Resize,
+    lease: LeaseState | None = None,
+    on_pending: Callable[[ReservationInfo], object] | None = None,
+) -> Flow[ReservationInfo]:
+    """Give lease ``args.id`` new amounts; the lease with them (a tracked lease's
+    ``info`` is updated by the session, in stream order; ``lease``, when given and
+    not tracked, is updated here).
+
+    Growing that does not fit raises InsufficientError (QuotaExceededError past a
+    quota's max) — or, with ``args.wait``, waits: ``on_pending(info)`` runs once with
+    the waiting request (its own id, position and reason) and the flow returns when
+    the ``resized`` push comes. A wait that resd ends raises its error (TimeoutError_
+    when ``timeout`` passed; NotFoundError or ConflictError when the lease ended or
+    is being preempted meanwhile); one the daemon
+    never decides raises TimeoutError_ after ``timeout`` plus the client's reply
+    timeout. An interruption (KeyboardInterrupt, cancellation) cancels the waiting
+    request at the daemon first (what was already granted stays).
+
+    ``resize`` is not safe to send twice: a reply lost with the connection raises
+    ConnectionLost (the lease may or may not have been resized), and so does a wait
+    the connection's end cut short. Also InvalidError, NotFoundError,
+    ForbiddenError, ConflictError (the lease is being preempted).
+    """
+    if not args.wait:
+        now = yield from ask(host, "resize", args, ReservationInfo)
+        _refresh(host, lease, now)
+        return now
+    while True:
+        yield from reconnected(host)
+        resizing = host.session.resizing(args.id, host._new_flag())
+        try:
+            sent = yield from send(host, "resize", args, wait=False)
+            try:
+                info: ReservationInfo = yield Reply(sent)
+            except ConnectionLost:
+                if not sent.sent:
+                    continue  # never written: send it once the session is back
+                raise ConnectionLost(
+                    f"the connection to resd was lost before the reply to resize ({sent.lost});"
+                    " the change may or may not have been made",
+                    {"op": "resize", "sent": True},
+                ) from None
+            except ResdError:
+                raise
+            except BaseException:
+                yield from _undo_resize(host, sent, args.id)
+                raise
+            if info.id == args.id:  # resized at once
+                _refresh(host, lease, info)
+                return info
+            host.session.resize_queued(resizing, info.id)
+            try:
+                if on_pending is not None and not resizing.decided:
+                    on_pending(info)
+                settled = yield AwaitResize(resizing, wait_limit(args, host.timeout))
+                if not settled:
+                    raise TimeoutError_(
+                        f"resd did not decide the resize of {args.id} (waiting as {info.id})"
+                        f" within {args.timeout:g}s",
+                        {"id": args.id, "waiter": info.id, "timeout": args.timeout},
+                    )
+            except BaseException:
+                if not resizing.decided:
+                    host.session.resize_done(resizing)
+                    yield from _release_quietly(host, info.id)
+                raise
+            done = resizing.outcome()
+            _refresh(host, lease, done)
+            return done
+        finally:
+            host.session.resize_done(resizing)
+
+
+def _refresh(host: Host[LeaseState], lease: LeaseState | None, info: ReservationInfo) -> None:
+    """Give ``lease`` the ``info`` a resize got, unless the session keeps it (then it
+    did, in stream order) or it ended."""
+    if lease is not None and lease.ended is None and host.session.lease(lease.id) is not lease:
+        lease.info = info
+
+
+def _undo_resize(host: Host[LeaseState], sent: Call, lease_id: str) -> Flow[None]:
+    """Cancel the waiting request an interrupted waiting ``resize`` made, once its
+    reply comes; a resize done at once stays done."""
+    try:
+        info = yield Reply(sent)
+    except ResdError:
+        return
+    if info.id != lease_id and info.state == "pending":
+        yield from _release_quietly(host, info.id)
+
+
 def status(host: Host[LeaseState]) -> Flow[Status]:
     return ask(host, "status", Empty(), Status)
 
@@ -1226,6 +1510,7 @@ def plan(
 
 __all__ = [
     "Await",
+    "AwaitResize",
     "Call",
     "ConnectionLost",
     "Disconnected",
@@ -1238,11 +1523,14 @@ __all__ = [
     "Reconnected",
     "Reply",
     "ReserveOptions",
+    "ResizeOptions",
+    "Resizing",
     "Runner",
     "Send",
     "Session",
     "notify",
     "reserve_args",
+    "resize_args",
     "resources_from",
     "resume_events",
     "subscribe_args",

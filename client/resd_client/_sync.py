@@ -3,7 +3,7 @@
 Requests may be issued from several threads; replies are matched by id. The reader
 thread feeds what it reads to the connection's ``Session`` (``_core``), which
 completes calls and applies pushes (``granted``, ``reclaim``, ``expired``,
-``preempted``, ``released``, ``marked``) to the leases they concern; every push,
+``preempted``, ``released``, ``marked``, ``resized``) to the leases they concern; every push,
 ``state`` and ``top`` too, is also queued for ``events()``. Lease callbacks
 (``on_event``, ``on_reclaim``) run on a separate callback thread, one at a time in
 push order, so a callback may call the client (``lease.release()``) without
@@ -47,11 +47,13 @@ from resd_client._core import (
     Reconnected,
     Reply,
     ReserveOptions,
+    ResizeOptions,
     Runner,
     Send,
     Session,
     notify,
     reserve_args,
+    resize_args,
     resources_from,
 )
 from resd_client.errors import InvalidError, UnavailableError
@@ -65,6 +67,7 @@ from resd_client.protocol import (
     PlanResult,
     ReservationInfo,
     Reserve,
+    Resize,
     StateEvent,
     Status,
     TopSnapshot,
@@ -250,6 +253,21 @@ class Lease(LeaseState):
         accounting (SPEC §10): a worker it started that holds GPU memory."""
         self.client._run(flows.register(self.client, self.id, pid))
 
+    def resize(
+        self,
+        *,
+        wait: bool = False,
+        on_pending: Callable[[ReservationInfo], object] | None = None,
+        **options: Unpack[ResizeOptions],
+    ) -> ReservationInfo:
+        """Give this lease new amounts (``lease.resize(cpu=4, memory="16G")``; what is
+        not named stays); ``info`` then has them, and so does the result. As
+        ``Client.resize``: ``wait=True`` blocks until a growth that does not fit now
+        is granted (``timeout`` seconds at most; ``on_pending(info)`` runs once with
+        the waiting request if it waits)."""
+        args = resize_args(self.id, wait=wait, **options)
+        return self.client._run(flows.resize(self.client, args, self, on_pending))
+
     def __enter__(self) -> Lease:
         return self
 
@@ -364,7 +382,7 @@ class Client:
         if isinstance(need, Reconnect):
             cast(threading.Event, need.flag).wait()
             return None
-        return cast(threading.Event, need.lease._settled).wait(need.timeout)
+        return cast(threading.Event, need.flag).wait(need.timeout)
 
     def _new_flag(self) -> threading.Event:
         return threading.Event()
@@ -579,6 +597,37 @@ class Client:
 
     def renew(self, reservation_id: str, ttl: float | None = None) -> ReservationInfo:
         return self._run(flows.renew(self, reservation_id, ttl))
+
+    def resize(
+        self,
+        reservation_id: str,
+        *,
+        wait: bool = False,
+        on_pending: Callable[[ReservationInfo], object] | None = None,
+        **options: Unpack[ResizeOptions],
+    ) -> ReservationInfo:
+        """Give a lease new amounts in place; returns it with them. TTL and binding
+        do not change.
+
+        Options: ``ResizeOptions`` (``cpu=4``, ``memory="16G"``, ``gpu=1``,
+        ``resources={"ports": 2}``, 0 giving a resource all back; ``give_back``
+        names the members or values that go). Shrinking always succeeds. Growing
+        that does not fit raises InsufficientError (QuotaExceededError past a max),
+        unless ``wait``: then it waits, keeping what it holds (``on_pending(info)``
+        gets the waiting request, whose id cancels it by ``release``), until resd
+        grants it, or raises TimeoutError_ after ``timeout``. A KeyboardInterrupt
+        while waiting cancels the wait at the daemon. A lost connection raises
+        ConnectionLost (the change may or may not have been made; it is never sent
+        twice). Also InvalidError, NotFoundError, ForbiddenError, ConflictError.
+        """
+        args = resize_args(reservation_id, wait=wait, **options)
+        return self.request_resize(args, on_pending)
+
+    def request_resize(
+        self, args: Resize, on_pending: Callable[[ReservationInfo], object] | None = None
+    ) -> ReservationInfo:
+        """``resize`` with prebuilt arguments (internal units; ``args.wait`` decides)."""
+        return self._run(flows.resize(self, args, on_pending=on_pending))
 
     def status(self) -> Status:
         return self._run(flows.status(self))
