@@ -26,7 +26,13 @@ from resd import preemption, quotas, resize
 from resd.pools import PoolBook, denial_error
 from resd.records import Pool, PoolEvent, Reservation, Reserved, Resized, Tenant
 from resd.waiting import Waiter, WaitQueue
-from resd_client.errors import ConflictError, ErrorCode, InsufficientError, ResdError
+from resd_client.errors import (
+    ConflictError,
+    ErrorCode,
+    InsufficientError,
+    NotFoundError,
+    ResdError,
+)
 from resd_client.protocol import Reserve
 
 
@@ -110,6 +116,9 @@ def run_pass(
     blocked: dict[tuple[str, str], str] = {}
     for position, w in enumerate(queue.ordered(book.usage_at(now)), 1):
         w.position = position
+        if w.resize_of and w.resize_of not in book.reservations:
+            yield Drop(w, NotFoundError(f"{w.resize_of} ended before it could grow", {"id": w.id}))
+            continue
         head = next((blocked[k] for k in w.keys if k in blocked), None)
         if head is not None:
             w.waits_for(

@@ -16,10 +16,11 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from resd import quotas, scheduler
+from resd import quotas, resize, scheduler
 from resd.pools import PoolBook
-from resd.records import Ended, Reserved, Tenant, Terminating
+from resd.records import Ended, Reserved, Resized, Tenant, Terminating
 from resd.waiting import Waiter, WaitQueue, touched
+from resd_client.errors import InvalidError
 from resd_client.protocol import PoolCreate, Reserve, from_wire
 
 POOL = "p"
@@ -76,8 +77,9 @@ class Scheduling(RuleBasedStateMachine):
             tenant, from_wire(Reserve, {"pool": POOL, "resources": resources, "wait": True})
         )
 
-    def _queue(self, tenant: str, args: Reserve) -> None:
+    def _queue(self, tenant: str, args: Reserve, resize_of: str = "") -> None:
         w = Waiter(
+            resize_of=resize_of,
             id=f"r-{next(self.ids):012x}",
             args=args,
             tenant=TENANTS[tenant],
@@ -114,6 +116,28 @@ class Scheduling(RuleBasedStateMachine):
         self.schedule()
         self.enqueue("lo", 3000, 0, 0)
 
+    @rule(data=st.data(), cpu=st.sampled_from([0, 1000, 2000, 6000]), wait=st.booleans())
+    @precondition(lambda self: self.book.reservations)
+    def resize(self, data: st.DataObject, cpu: int, wait: bool) -> None:
+        """Change a lease's CPUs in place: done at once when it fits (one record, the
+        rest kept), else refused or, with wait, queued to grow later."""
+        live = [r for r in self.book.reservations.values() if r.state == "active" and not r.gang]
+        if not live:
+            return
+        r = data.draw(st.sampled_from(sorted(live, key=lambda r: r.id)))
+        try:
+            events = resize.resize(self.book, r.id, {"cpu": cpu}, {}, self.now)
+        except InvalidError:
+            return  # e.g. resized to nothing
+        if isinstance(events[0], Resized):
+            self.book.apply(events)
+            after = self.book.reservations[r.id]
+            assert after.members == r.members and after.expires_at == r.expires_at
+            assert after.resources.get("cpu", 0) == cpu
+        elif wait:
+            args = from_wire(Reserve, {"pool": POOL, "resources": {"cpu": cpu}, "wait": True})
+            self._queue(r.tenant if r.tenant in TENANTS else "lo", args, resize_of=r.id)
+
     @rule(data=st.data())
     @precondition(lambda self: self.book.reservations)
     def release(self, data: st.DataObject) -> None:
@@ -133,6 +157,11 @@ class Scheduling(RuleBasedStateMachine):
         granted: set[str] = set()
         for step in scheduler.run_pass(self.book, self.queue, self.now, granted.__contains__):
             match step:
+                case scheduler.Grant(waiter=w, events=events) if w.resize_of:
+                    assert isinstance(events[0], Resized) and events[0].id == w.resize_of
+                    self.book.apply(events)
+                    self.queue.remove(w.id)
+                    granted.add(w.id)
                 case scheduler.Grant(waiter=w, events=events):
                     assert isinstance(events[0], Reserved) and events[0].reservation.id == w.id
                     assert len(events) == max(1, len(w.args.parts)), "a gang all at once"
