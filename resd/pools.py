@@ -254,7 +254,15 @@ class PoolBook:
             )
             for r in sorted(self.active_in(pool.name), key=lambda r: r.created_at)
         ]
-        return HostResources(pool=pool.name, resources=statuses, gpus=gpus, allocations=allocations)
+        return HostResources(
+            pool=pool.name,
+            resources=statuses,
+            gpus=gpus,
+            allocations=allocations,
+            quotas={
+                t: quotas.info(pool, t, self.quota_use(pool.name, t)) for t in sorted(pool.quotas)
+            },
+        )
 
     def pool_info(self, pool: Pool) -> PoolInfo:
         active = self.active_in(pool.name)

@@ -255,7 +255,8 @@ def test_resources_json_is_hypemans_shape(host: Proc) -> None:
         ).stdout
     )
     view = resources(host)
-    assert set(view) == {"pool", "resources", "gpus", "allocations"}
+    # hypeman's fields, and resd's quotas (tenant → min, max, used in this pool)
+    assert set(view) == {"pool", "resources", "gpus", "allocations", "quotas"}
     assert view["pool"] == "host"
     res = view["resources"]
     assert {"cpu", "memory", "disk", "disk_io", "gpu", "vram"} <= set(res)

@@ -1376,6 +1376,8 @@ class HostResources:
     resources: dict[str, ResourceStatus]
     gpus: list[GpuStatus]
     allocations: list[Allocation]
+    #: tenant → its quota in this pool and what it holds (resd's addition)
+    quotas: dict[str, QuotaInfo] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
