@@ -31,6 +31,7 @@ from resd_client.errors import (
     ErrorCode,
     InsufficientError,
     NotFoundError,
+    QuotaExceededError,
     ResdError,
 )
 from resd_client.protocol import Reserve
@@ -95,6 +96,8 @@ def error_of(w: Waiter) -> ResdError:
     """The refusal a waiter that will not wait gets: why it would have waited."""
     if w.reason == "conflict":
         return ConflictError(w.message, w.details)
+    if w.reason == "quota":
+        return QuotaExceededError(w.message, w.details)
     return InsufficientError(w.message, w.details)
 
 

@@ -206,3 +206,23 @@ async def test_a_borrower_holding_everything_in_one_lease_gives_it_back_whole(
         if e["reservation"] == everything["id"]
     ]
     assert kinds == ["reserved", "preempting", "preempted"]
+
+
+async def test_past_max_is_quota_exceeded_in_a_preempting_pool_too(inproc: InProcess) -> None:
+    """A request that will not wait joins one scheduling pass where the pool may
+    preempt; its refusal still says quota_exceeded, not insufficient."""
+    c = await WireClient.connect(inproc.socket)
+    await c.ok(
+        "pool.create",
+        {
+            "name": "pre",
+            "resources": {"cpu": {"capacity": 8000}},
+            "max_per_tenant": 0,
+            "preemption": "lower_priority",
+        },
+    )
+    await c.ok("tenant.add", {"name": "t", "priority": 5})
+    await c.ok("tenant.set", {"name": "t", "pool": "pre", "max": {"cpu": 2000}})
+    await c.ok("reserve", {"pool": "pre", "tenant": "t", "resources": {"cpu": 2000}})
+    refused = await c.request("reserve", {"pool": "pre", "tenant": "t", "resources": {"cpu": 1000}})
+    assert refused["error"]["code"] == "quota_exceeded", refused
