@@ -574,6 +574,7 @@ class PoolBook:
         self.check_request(args)
         ids = tuple(rid if i == 0 else f"{rid}.{i}" for i in range(len(args.parts)))
         placed: list[Reservation] = []
+        held_now: list[Reservation] = []
         try:
             for i, part in enumerate(args.parts):
                 request = part.request(args)
@@ -595,10 +596,14 @@ class PoolBook:
                 outcome = attrs.evolve(
                     outcome, gang=ids, peer=peer if args.binding == "session" else None
                 )
-                self._hold(outcome)
+                # Held for the trial without its token: the token may already name
+                # this very request waiting in the queue, and undoing must not drop it.
+                trial = attrs.evolve(outcome, token="")
+                self._hold(trial)
+                held_now.append(trial)
                 placed.append(outcome)
         finally:
-            for r in reversed(placed):
+            for r in reversed(held_now):
                 self._unhold(r)
         return [Reserved(r) for r in placed]
 

@@ -180,3 +180,25 @@ with Client(sys.argv[1], reconnect=0) as c:
                 c.call("release", ReservationRef(id=rid))
             del held[:40]
 """
+
+
+async def test_a_waiting_gang_keeps_its_token_through_passes_that_cannot_grant_it(
+    inproc: InProcess, mock_clock: trio.testing.MockClock
+) -> None:
+    """A pass tries the gang part by part; undoing a trial must not drop the token
+    that names the waiting request (every client sends one)."""
+    c = await WireClient.connect(inproc.socket)
+    await pools(c)
+    blocker = await c.ok("reserve", {"pool": "b", "resources": {"cpu": 6000}, "tenant": "other"})
+    token = "gang-token-0123456789"
+    pending = await c.ok("reserve", {"parts": GANG, "wait": True, "token": token})
+    for i in range(3):  # passes that try it and cannot grant it (a pool change runs one)
+        await c.ok("pool.set", {"name": "b", "labels": {"round": str(i)}})
+    again = await c.ok("attach", {"token": token})
+    assert again["id"] == pending["id"] and again["state"] == "pending"
+    await c.ok("release", {"id": blocker["id"]})
+    granted = await c.push()
+    while granted["event"] != "granted":
+        granted = await c.push()
+    assert granted["reservation"]["id"] == pending["id"]
+    assert (await c.ok("attach", {"token": token}))["state"] == "active"
