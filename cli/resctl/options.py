@@ -18,7 +18,7 @@ from typing import Annotated, Any, Final, TypeVar
 import typer
 
 from resd_client.errors import InvalidError
-from resd_client.protocol import from_wire
+from resd_client.protocol import MAX_PARTS, Reserve, from_wire
 from resd_client.quantity import check_resource_name, parse_quantity
 
 T = TypeVar("T")
@@ -104,6 +104,20 @@ ResOpt = Annotated[
         "--res",
         metavar="NAME=QTY",
         help="Any resource by name, e.g. vram=20G, disk=500G, net=10Gbps, licenses=3 (repeatable).",
+    ),
+]
+PartOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--part",
+        metavar="pool=NAME,RES=QTY,...",
+        help="One part of a gang (repeat, 2 to 16): all parts are granted together or"
+        " none, as one lease. Items: pool=NAME (required), amounts as RES=QTY (cpu=4,"
+        " memory=8G, gpu=2, vram=20G, ports=3), members.RES=M1+M2 for exact members or"
+        " values (members.gpu=0+3, members.ports=30000-30009), gpu-model=NAME, numa=N."
+        " E.g. --part pool=a,gpu=2 --part pool=b,cpu=4,memory=8G. Not with --pool,"
+        " --selector or the resource flags (--cpu ... --res, --member, --contiguous,"
+        " --gpu-model, --numa); --contiguous has no part form.",
     ),
 ]
 PoolNameOpt = Annotated[str, typer.Option("--name", metavar="POOL", help="Pool name.")]
@@ -301,8 +315,114 @@ RESERVE_FLAGS: Final = (
 
 
 def reserve_fields_of(params: dict[str, Any]) -> dict[str, Any]:
-    """``reserve_fields`` from a command's parsed flags (typer's ``ctx.params``)."""
+    """``reserve_fields`` from a command's parsed flags (typer's ``ctx.params``); with
+    ``--part`` flags, the ``Reserve`` fields of a gang (``gang_fields``)."""
+    if params.get("part"):
+        return gang_fields(params["part"], params)
     return reserve_fields(**{name: params.get(name) for name in RESERVE_FLAGS})
+
+
+#: the flags whose place a gang's ``--part`` items take (``--placement`` applies to
+#: the whole gang and may come with them)
+_PART_EXCLUSIVE: Final = tuple(name for name in RESERVE_FLAGS if name != "placement")
+#: ``--part`` items that are constraints, by the ``--`` flag they stand for
+_PART_CONSTRAINTS: Final = ("gpu-model", "numa")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def gang_fields(parts: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """The ``Reserve`` fields of a gang: ``parts`` (the ``--part`` flags, each parsed
+    by ``parse_part``) and ``--placement`` from ``params``.
+
+    Raises InvalidError for fewer than 2 or more than ``MAX_PARTS`` parts, for a
+    flag that ``--part`` replaces (``--pool``, ``--cpu``, ``--member``, ...), and
+    for a bad part (saying which).
+    """
+    given = [_flag(name) for name in _PART_EXCLUSIVE if params.get(name)]
+    if given:
+        raise InvalidError(
+            f"--part gives each part's pool and amounts: do not combine it with"
+            f" {', '.join(given)}; put what they ask for in the parts instead"
+            " (--part pool=a,gpu=2 --part pool=b,cpu=4)",
+            {"field": "part", "flags": given},
+        )
+    if not 2 <= len(parts) <= MAX_PARTS:
+        raise InvalidError(
+            f"--part: a gang has 2 to {MAX_PARTS} parts, got {len(parts)}; for one pool"
+            " use --pool and the resource flags instead",
+            {"field": "part", "count": len(parts)},
+        )
+    placement = params.get("placement")
+    if placement is not None:
+        require_choice(placement, "--placement", ("binpack", "spread", "least_used"))
+    return {"parts": [parse_part(text) for text in parts], "placement": placement}
+
+
+def parse_part(text: str) -> dict[str, Any]:
+    """One ``--part pool=NAME,RES=QTY,members.RES=M1+M2,gpu-model=M,numa=N`` as the
+    wire map of a ``Part`` (internal units), checked as the daemon checks a part.
+
+    Raises InvalidError naming the ``--part`` and what is wrong: an item not of the
+    form KEY=VALUE, no pool or two, a resource given twice, a bad quantity, name or
+    member list.
+    """
+    where = f"--part {text!r}"
+    items: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not key or not value:
+            raise InvalidError(
+                f"{where}: {item.strip()!r} is not of the form KEY=VALUE; give"
+                " comma-separated items such as pool=a,gpu=2,members.gpu=0+1",
+                {"field": "part", "value": text},
+            )
+        if key in items:
+            raise InvalidError(
+                f"{where}: gives {key} twice"
+                + ("; give each part its own --part" if key == "pool" else ""),
+                {"field": "part", "value": text},
+            )
+        items[key] = value
+    pool = items.pop("pool", None)
+    if pool is None:
+        raise InvalidError(
+            f"{where}: name the part's pool (pool=NAME, e.g. --part pool=a,gpu=2)",
+            {"field": "part", "value": text},
+        )
+    try:
+        constraints = parse_constraints(items.pop("gpu-model", None), items.pop("numa", None))
+        members: dict[str, list[str]] = {}
+        for key in [k for k in items if k.startswith("members.")]:
+            members[check_resource_name(key.removeprefix("members."))] = _part_members(
+                key, items.pop(key)
+            )
+        part = {
+            "pool": pool,
+            "resources": parse_resources(res=[f"{k}={v}" for k, v in items.items()]),
+            "members": members,
+            "constraints": constraints,
+        }
+        build(Reserve, part)  # what the daemon checks of a part
+    except InvalidError as exc:
+        raise InvalidError(
+            f"{where}: {exc.message.removeprefix('--')}", {**exc.details, "part": text}
+        ) from None
+    return part
+
+
+def _part_members(key: str, value: str) -> list[str]:
+    """``0+3`` (a part's ``members.RES`` item) as ``["0", "3"]``."""
+    names = [v.strip() for v in value.split("+")]
+    if any(not v for v in names):
+        raise InvalidError(
+            f"{key}: {value!r} has an empty member; join members or values with '+'"
+            " (members.gpu=0+3, members.ports=30000-30009+30020)",
+            {"field": "members", "value": value},
+        )
+    return names
 
 
 def parse_ratios(items: list[str] | None) -> dict[str, float]:

@@ -785,6 +785,21 @@ def reservation_line(info: ReservationInfo, now: float) -> str:
     return " ".join(parts)
 
 
+def part_line(part: ReservationInfo) -> str:
+    """One part of a gang, shown indented under its lease: its id, pool and what it
+    holds (``  r-….1 pool=b cpu=4``)."""
+    fields = [f"  {part.id}", f"pool={part.pool}", amounts(part.resources)]
+    held = assigned_text(part)
+    if held:
+        fields.append(f"assigned={held}")
+    return " ".join(fields)
+
+
+def reservation_lines(info: ReservationInfo, now: float) -> list[str]:
+    """``reservation_line``, then for a gang one ``part_line`` per part."""
+    return [reservation_line(info, now), *(part_line(p) for p in info.parts)]
+
+
 def status_view(
     *,
     server_version: str,

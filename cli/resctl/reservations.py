@@ -18,6 +18,7 @@ from resctl.options import (
     MemberOpt,
     MemoryOpt,
     NumaOpt,
+    PartOpt,
     PidOpt,
     PlacementOpt,
     ReservationIdOpt,
@@ -39,6 +40,7 @@ from resctl.render import (
     host_resources_view,
     pending_table,
     reservation_line,
+    reservation_lines,
     reservations_table,
     waiting_line,
 )
@@ -100,6 +102,7 @@ def reserve(
     numa: NumaOpt = None,
     selector: SelectorOpt = None,
     placement: PlacementOpt = None,
+    part: PartOpt = None,
     ttl: TtlOpt = None,
     label: LabelOpt = "",
     reclaimable: ReclaimableOpt = False,
@@ -112,7 +115,9 @@ def reserve(
 ) -> None:
     """Reserve resources until released, expired or preempted; prints the id first.
 
-    With --wait it queues when it does not fit and returns once granted."""
+    With --wait it queues when it does not fit and returns once granted. With --part
+    (twice or more) it reserves a gang: every part or none, as one lease (one id
+    releases it all), printed with one indented line per part."""
     out = Output(json_out)
     with guard(out):
         args = build(
@@ -131,7 +136,8 @@ def reserve(
         with connect(socket) as client:
             info = client.request(args, on_pending=lambda w: out.warn(waiting_line(w))).info
         out.emit(info)
-        out.line(reservation_line(info, time.time()))
+        for line in reservation_lines(info, time.time()):
+            out.line(line)
 
 
 def wait_fields(wait: bool, timeout: str | None, deadline: str | None) -> dict[str, Any]:
@@ -183,7 +189,8 @@ def renew(
         with connect(socket) as client:
             info: ReservationInfo = client.call("renew", args)
         out.emit(info)
-        out.line(reservation_line(info, time.time()))
+        for line in reservation_lines(info, time.time()):
+            out.line(line)
 
 
 GiveBackOpt = Annotated[

@@ -65,6 +65,7 @@ from resctl.options import (
     MemoryOpt,
     NoWaitOpt,
     NumaOpt,
+    PartOpt,
     PlacementOpt,
     ReservePoolOpt,
     ResOpt,
@@ -76,7 +77,7 @@ from resctl.options import (
     require_choice,
     reserve_fields_of,
 )
-from resctl.render import json_text, reservation_line, waiting_line
+from resctl.render import json_text, reservation_lines, waiting_line
 from resctl.reservations import LabelOpt, ReclaimableOpt, TenantOpt, TtlOpt, _ttl, wait_fields
 from resctl.session import CLIENT_NAME, Output, guard
 from resd_client import Client, ConnectionLost, Disconnected, Lease, Reconnected
@@ -679,6 +680,13 @@ def pool_grace(client: Client, pool: str) -> float:
     return max(0.0, info.grace)
 
 
+def lease_grace(client: Client, info: ReservationInfo) -> float:
+    """The grace period of the lease's pool; for a gang the longest of its parts'
+    pools (0 when none can be read)."""
+    pools = dict.fromkeys(p.pool for p in info.parts) or {info.pool: None}
+    return max(pool_grace(client, pool) for pool in pools)
+
+
 # ------------------------------------------------------------------- command
 
 
@@ -701,6 +709,7 @@ def run(
     numa: NumaOpt = None,
     selector: SelectorOpt = None,
     placement: PlacementOpt = None,
+    part: PartOpt = None,
     ttl: TtlOpt = None,
     label: LabelOpt = "",
     reclaimable: ReclaimableOpt = False,
@@ -729,7 +738,9 @@ def run(
     resctl dies, it is released and CMD is killed. SIGINT, SIGTERM, SIGHUP, SIGQUIT,
     SIGUSR1 and SIGUSR2 are forwarded to CMD. If the reservation is preempted or
     expires, CMD gets SIGTERM, then SIGKILL after the grace period, and resctl exits
-    10 (preempted) or 9 (expired).
+    10 (preempted) or 9 (expired). With --part (twice or more) CMD runs on a gang,
+    granted all or nothing as one lease: its environment covers every part (e.g.
+    CUDA_VISIBLE_DEVICES lists the GPUs of all of them).
     """
     out = Output(json_out)
     code = 0
@@ -756,14 +767,14 @@ def run(
             )
             info: ReservationInfo = lease.info
             if not quiet:
-                text = (
-                    json_text(info, compact=True)
+                lines = (
+                    [json_text(info, compact=True)]
                     if out.json
-                    else f"resctl: {reservation_line(info, time.time())}"
+                    else [f"resctl: {line}" for line in reservation_lines(info, time.time())]
                 )
-                sys.stderr.write(text + "\n")
+                sys.stderr.write("".join(line + "\n" for line in lines))
                 sys.stderr.flush()
-            grace = pool_grace(client, info.pool)
+            grace = lease_grace(client, info)
             supervisor = Supervisor(
                 client,
                 lease,

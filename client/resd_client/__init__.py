@@ -1,6 +1,9 @@
 """Python client of resd; imports with only the standard library and msgpack.
 
 ``Client`` and ``Lease`` are the synchronous client (``resd_client._sync``).
+``Part`` and ``GangPart`` are the two ways to give one part of a gang to
+``reserve_gang`` (a ``protocol.Part`` in internal units, or a dict in the
+quantities of ``reserve``).
 ``Disconnected`` and ``Reconnected`` are the notices every client puts among its
 ``events()`` while it reconnects after resd restarted; ``ConnectionLost`` (an
 ``UnavailableError``) is what a change whose reply was lost that way raises.
@@ -21,7 +24,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 
 from typing import TYPE_CHECKING, Any
 
-from resd_client._core import ConnectionLost, Disconnected, Reconnected
+from resd_client._core import ConnectionLost, Disconnected, GangPart, Reconnected
 from resd_client._sync import Client, Lease
 from resd_client.errors import (
     ConflictError,
@@ -40,6 +43,7 @@ from resd_client.errors import (
     UnsupportedVersionError,
 )
 from resd_client.frameworks import limit_torch
+from resd_client.protocol import Part
 
 if TYPE_CHECKING:
     from resd_client.asyncio import AsyncioClient
@@ -69,11 +73,13 @@ __all__ = [
     "ErrorCode",
     "ExistsError",
     "ForbiddenError",
+    "GangPart",
     "InsufficientError",
     "InternalError",
     "InvalidError",
     "Lease",
     "NotFoundError",
+    "Part",
     "PreemptedError",
     "QuotaExceededError",
     "Reconnected",

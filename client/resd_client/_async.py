@@ -27,7 +27,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +38,8 @@ from resd_client import _core as flows
 from resd_client._core import (
     ConnectionLost,
     Flow,
+    GangOptions,
+    GangPart,
     LeaseState,
     Need,
     Reconnect,
@@ -47,6 +49,7 @@ from resd_client._core import (
     Runner,
     Send,
     Session,
+    gang_args,
     notify,
     reserve_args,
     resize_args,
@@ -59,6 +62,7 @@ from resd_client.protocol import (
     FrameTooLarge,
     Hello,
     HelloResult,
+    Part,
     PlanResult,
     ReservationInfo,
     Reserve,
@@ -510,13 +514,43 @@ class AsyncClient(abc.ABC):
         args = reserve_args(pool, wait=False, **options)
         return await self._run(flows.try_reserve(flows.reserve(self, args, on_reclaim)))
 
+    def reserve_gang(
+        self,
+        parts: Sequence[GangPart | Part],
+        *,
+        wait: bool = True,
+        on_reclaim: OnReclaim | None = None,
+        **options: Unpack[GangOptions],
+    ) -> LeaseRequest:
+        """Reserve a gang, several parts granted all or nothing as one lease: ``lease
+        = await client.reserve_gang([...])`` or ``async with client.reserve_gang([...])
+        as lease:``.
+
+        As the sync ``Client.reserve_gang`` (``parts``: dicts such as ``{"pool": "a",
+        "gpu": 2}``, or ``Part``s; options apply to the whole gang) and as
+        ``reserve`` otherwise. Bad parts raise InvalidError here, before any await.
+        """
+        return LeaseRequest(self, gang_args(parts, wait=wait, **options), on_reclaim)
+
+    async def try_reserve_gang(
+        self,
+        parts: Sequence[GangPart | Part],
+        *,
+        on_reclaim: OnReclaim | None = None,
+        **options: Unpack[GangOptions],
+    ) -> Lease | None:
+        """Reserve a gang now without waiting; None when a part does not fit or conflicts."""
+        args = gang_args(parts, wait=False, **options)
+        return await self._run(flows.try_reserve(flows.reserve(self, args, on_reclaim)))
+
     async def request(
         self,
         args: Reserve,
         on_reclaim: OnReclaim | None = None,
         on_pending: Callable[[ReservationInfo], object] | None = None,
     ) -> Lease:
-        """``reserve`` with prebuilt arguments (internal units; ``args.wait`` decides)."""
+        """``reserve`` with prebuilt arguments (internal units; ``args.wait`` decides;
+        a ``Reserve`` with ``parts`` is a gang)."""
         return await self._run(flows.reserve(self, args, on_reclaim, on_pending))
 
     async def release(self, reservation_id: str) -> ReservationInfo:

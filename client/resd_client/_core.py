@@ -46,7 +46,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, Final, Generic, Literal, Protocol, TypedDict, TypeVar
+from typing import Any, Final, Generic, Literal, Protocol, Required, TypedDict, TypeVar
 
 from resd_client.env import GpuIds, lease_env
 from resd_client.env import assigned as _assigned
@@ -54,6 +54,7 @@ from resd_client.errors import (
     ConflictError,
     InsufficientError,
     InternalError,
+    InvalidError,
     NotFoundError,
     ResdError,
     TimeoutError_,
@@ -61,6 +62,7 @@ from resd_client.errors import (
     error_from_wire,
 )
 from resd_client.protocol import (
+    MAX_PARTS,
     RESULTS,
     Attach,
     Binding,
@@ -73,6 +75,7 @@ from resd_client.protocol import (
     HelloResult,
     ListReservations,
     MarkedEvent,
+    Part,
     Placement,
     Plan,
     PlanResult,
@@ -236,18 +239,10 @@ def resources_from(
     return out
 
 
-def reserve_args(pool: str | None = None, *, wait: bool, **options: Any) -> Reserve:
-    """The checked ``Reserve`` for ``reserve(pool, wait=..., **options)``.
-
-    ``options`` are those of ``ReserveOptions``; raises InvalidError (checked here,
-    before anything is sent) and TypeError for an unknown keyword.
-    """
-    unknown = sorted(set(options) - set(ReserveOptions.__annotations__))
-    if unknown:
-        raise TypeError(f"unexpected reserve argument(s): {', '.join(unknown)}")
-    opt: ReserveOptions = options  # type: ignore[assignment]
+def _request(pool: str | None, wait: bool, opt: ReserveOptions) -> Reserve:
+    """The unchecked ``Reserve`` of ``ReserveOptions`` (amounts converted)."""
     pid = opt.get("pid")
-    args = Reserve(
+    return Reserve(
         pool=pool,
         resources=resources_from(
             opt.get("cpu"), opt.get("memory"), opt.get("gpu"), opt.get("resources"), opt.get("vram")
@@ -257,7 +252,7 @@ def reserve_args(pool: str | None = None, *, wait: bool, **options: Any) -> Rese
         binding=opt.get("binding") or ("session" if pid is None else "pid"),
         label=opt.get("label", ""),
         reclaimable=opt.get("reclaimable", False),
-        members={k: [str(v) for v in vs] for k, vs in (opt.get("members") or {}).items()},
+        members=_member_names(opt.get("members")),
         contiguous=list(opt.get("contiguous") or []),
         constraints=dict(opt.get("constraints") or {}),
         selector=dict(opt.get("selector") or {}),
@@ -267,6 +262,150 @@ def reserve_args(pool: str | None = None, *, wait: bool, **options: Any) -> Rese
         deadline=opt.get("deadline"),
         pid=pid,
     )
+
+
+def _member_names(members: Mapping[str, Sequence[str | int]] | None) -> dict[str, list[str]]:
+    return {k: [str(v) for v in vs] for k, vs in (members or {}).items()}
+
+
+def reserve_args(pool: str | None = None, *, wait: bool, **options: Any) -> Reserve:
+    """The checked ``Reserve`` for ``reserve(pool, wait=..., **options)``.
+
+    ``options`` are those of ``ReserveOptions``; raises InvalidError (checked here,
+    before anything is sent) and TypeError for an unknown keyword.
+    """
+    unknown = sorted(set(options) - set(ReserveOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected reserve argument(s): {', '.join(unknown)}")
+    args = _request(pool, wait, options)  # type: ignore[arg-type]
+    args.check()
+    return args
+
+
+class GangPart(TypedDict, total=False):
+    """One part of ``reserve_gang``, as a dict: its ``pool`` (required) and what
+    ``reserve`` takes for what one pool is asked for, in the same human quantities
+    (``{"pool": "a", "gpu": 2}``, ``{"pool": "b", "cpu": 4, "memory": "8G"}``,
+    ``{"pool": "c", "resources": {"ports": 2}, "contiguous": ["ports"]}``). A
+    ``protocol.Part`` (internal units) may stand in for it."""
+
+    pool: Required[str]
+    cpu: object
+    memory: object
+    gpu: object
+    vram: object
+    resources: Mapping[str, object]
+    members: Mapping[str, Sequence[str | int]]
+    contiguous: Sequence[str]
+    constraints: Mapping[str, str]
+
+
+class GangOptions(TypedDict, total=False):
+    """Keyword arguments of ``reserve_gang`` and ``try_reserve_gang`` (all clients):
+    the ``ReserveOptions`` that apply to the whole gang. What one pool is asked for
+    (amounts, ``members``, ``contiguous``, ``constraints``) goes in each part; a gang
+    has no ``selector``."""
+
+    placement: Placement | None
+    tenant: str | None
+    ttl: float | None
+    binding: Binding
+    pid: int | None
+    label: str
+    reclaimable: bool
+    timeout: float | None
+    deadline: float | None
+
+
+#: the ``ReserveOptions`` that say what one pool is asked for: in a gang they go in
+#: each part (``GangPart``); ``GANG_OPTIONS`` apply to the whole gang
+PART_OPTIONS: Final = frozenset(GangPart.__annotations__) - {"pool"}
+GANG_OPTIONS: Final = frozenset(GangOptions.__annotations__)
+
+
+def gang_part(index: int, spec: GangPart | Part) -> Part:
+    """Part ``index`` of a gang from a ``GangPart`` dict (quantities converted as
+    ``reserve`` converts them) or a ``Part`` (taken as it is).
+
+    Raises InvalidError saying which part (``parts[1]: ...``): no pool, a bad
+    quantity; TypeError for something that is not a part or an unknown key.
+    """
+    if isinstance(spec, Part):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise TypeError(
+            f"parts[{index}]: give a dict such as {{'pool': 'a', 'gpu': 2}} or a Part,"
+            f" not {type(spec).__name__}"
+        )
+    unknown = sorted(set(spec) - set(GangPart.__annotations__))
+    if unknown:
+        common = sorted(set(unknown) & GANG_OPTIONS)
+        hint = (
+            f"; {', '.join(common)} {'applies' if len(common) == 1 else 'apply'} to the"
+            f" whole gang: give {'it' if len(common) == 1 else 'them'} to reserve_gang"
+            if common
+            else ""
+        )
+        raise TypeError(f"parts[{index}]: unexpected key(s): {', '.join(unknown)}{hint}")
+    pool = spec.get("pool")
+    if not isinstance(pool, str) or not pool:
+        raise InvalidError(
+            f"parts[{index}]: pool: each part names the pool it asks in ({{'pool': 'a', ...}})",
+            {"field": "pool", "part": index},
+        )
+    try:
+        resources = resources_from(
+            spec.get("cpu"),
+            spec.get("memory"),
+            spec.get("gpu"),
+            spec.get("resources"),
+            spec.get("vram"),
+        )
+    except InvalidError as exc:
+        raise InvalidError(
+            f"parts[{index}]: {exc.message}", {**exc.details, "part": index}
+        ) from None
+    return Part(
+        pool=pool,
+        resources=resources,
+        members=_member_names(spec.get("members")),
+        contiguous=list(spec.get("contiguous") or []),
+        constraints=dict(spec.get("constraints") or {}),
+    )
+
+
+def gang_args(parts: Sequence[GangPart | Part], *, wait: bool, **options: Any) -> Reserve:
+    """The checked ``Reserve`` of a gang: ``parts`` (2 to ``MAX_PARTS``, each a
+    ``GangPart`` dict or a ``Part``) granted all or nothing as one lease, and the
+    ``ReserveOptions`` that apply to the whole gang (``ttl``, ``binding``, ``label``,
+    ``reclaimable``, ``timeout``, ``deadline``, ``pid``, ``tenant``, ``placement``).
+
+    Raises InvalidError (checked here, before anything is sent; a part's error says
+    which: ``parts[1]: ...``), TypeError for an unknown keyword or one that belongs
+    in a part (``gpu=``, ``members=``, ...).
+    """
+    if isinstance(parts, str | bytes | Mapping) or not isinstance(parts, Sequence):
+        raise TypeError(
+            "parts: give a list of parts, e.g. [{'pool': 'a', 'gpu': 2}, {'pool': 'b', 'cpu': 4}]"
+        )
+    if "selector" in options:
+        raise TypeError("reserve_gang: a gang has no selector; each part names its pool")
+    misplaced = sorted(set(options) & PART_OPTIONS)
+    if misplaced:
+        raise TypeError(
+            f"reserve_gang: give {', '.join(misplaced)} in each part"
+            " ({'pool': 'a', 'gpu': 2}), not to the whole gang"
+        )
+    unknown = sorted(set(options) - GANG_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected reserve_gang argument(s): {', '.join(unknown)}")
+    if not 2 <= len(parts) <= MAX_PARTS:
+        raise InvalidError(
+            f"parts: a gang has 2 to {MAX_PARTS} parts, got {len(parts)}",
+            {"field": "parts"},
+        )
+    gang = [gang_part(i, spec) for i, spec in enumerate(parts)]
+    args = dataclasses.replace(_request(None, wait, options), parts=gang)  # type: ignore[arg-type]
     args.check()
     return args
 
@@ -1509,6 +1648,8 @@ def plan(
 
 
 __all__ = [
+    "GANG_OPTIONS",
+    "PART_OPTIONS",
     "Await",
     "AwaitResize",
     "Call",
@@ -1516,6 +1657,7 @@ __all__ = [
     "Disconnected",
     "Flag",
     "Flow",
+    "GangPart",
     "Host",
     "LeaseState",
     "Need",
@@ -1528,6 +1670,8 @@ __all__ = [
     "Runner",
     "Send",
     "Session",
+    "gang_args",
+    "gang_part",
     "notify",
     "reserve_args",
     "resize_args",

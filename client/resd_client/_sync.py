@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar, Unpack, cast
@@ -41,6 +41,8 @@ from resd_client._core import (
     ConnectionLost,
     Disconnected,
     Flow,
+    GangOptions,
+    GangPart,
     LeaseState,
     Need,
     Reconnect,
@@ -51,6 +53,7 @@ from resd_client._core import (
     Runner,
     Send,
     Session,
+    gang_args,
     notify,
     reserve_args,
     resize_args,
@@ -64,6 +67,7 @@ from resd_client.protocol import (
     FrameTooLarge,
     Hello,
     HelloResult,
+    Part,
     PlanResult,
     ReservationInfo,
     Reserve,
@@ -582,13 +586,48 @@ class Client:
         args = reserve_args(pool, wait=False, **options)
         return self._run(flows.try_reserve(flows.reserve(self, args, on_reclaim)))
 
+    def reserve_gang(
+        self,
+        parts: Sequence[GangPart | Part],
+        *,
+        wait: bool = True,
+        on_reclaim: OnReclaim | None = None,
+        **options: Unpack[GangOptions],
+    ) -> Lease:
+        """Reserve a gang: several parts granted all or nothing, as one ``Lease``.
+
+        ``parts``: 2 to 16, each a dict of one pool and what it is asked for there,
+        in the quantities of ``reserve`` (``[{"pool": "a", "gpu": 2}, {"pool": "b",
+        "cpu": 4, "memory": "8G"}]``), or a ``Part``. Options (``GangOptions``: ttl,
+        binding, label, timeout, ...) apply to the whole gang. The lease's ``id``
+        releases it all; its ``info`` has the parts' amounts, members and devices
+        together (so ``env`` names every GPU of the gang), ``info.pool`` their pools
+        comma-joined and ``info.parts`` each part. It waits, expires, is preempted
+        and released as a whole; it cannot be resized. As ``reserve`` otherwise;
+        a refusal names the part (``parts[1]: ...``). Bad parts raise InvalidError
+        (TypeError for an unknown key) before anything is sent.
+        """
+        return self.request(gang_args(parts, wait=wait, **options), on_reclaim)
+
+    def try_reserve_gang(
+        self,
+        parts: Sequence[GangPart | Part],
+        *,
+        on_reclaim: OnReclaim | None = None,
+        **options: Unpack[GangOptions],
+    ) -> Lease | None:
+        """Reserve a gang now without waiting; None when a part does not fit or conflicts."""
+        args = gang_args(parts, wait=False, **options)
+        return self._run(flows.try_reserve(flows.reserve(self, args, on_reclaim)))
+
     def request(
         self,
         args: Reserve,
         on_reclaim: OnReclaim | None = None,
         on_pending: Callable[[ReservationInfo], object] | None = None,
     ) -> Lease:
-        """``reserve`` with prebuilt arguments (internal units; ``args.wait`` decides)."""
+        """``reserve`` with prebuilt arguments (internal units; ``args.wait`` decides;
+        a ``Reserve`` with ``parts`` is a gang)."""
         return self._run(flows.reserve(self, args, on_reclaim, on_pending))
 
     def release(self, reservation_id: str) -> ReservationInfo:
