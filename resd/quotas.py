@@ -51,10 +51,14 @@ def held(reservations: Iterable[Reservation]) -> dict[str, int]:
 
 
 def asked(args: Reserve) -> dict[str, int]:
-    """What a request asks for, per resource, as quotas count it."""
+    """What a request asks for, per resource, as quotas count it (a gang: its
+    parts' together)."""
     amounts = dict(args.resources)
     for name, names in args.members.items():
         amounts.setdefault(name, len(set(names)))
+    for part in args.parts:
+        for name, amount in asked(part.request()).items():
+            amounts[name] = amounts.get(name, 0) + amount
     return amounts
 
 

@@ -161,7 +161,9 @@ def reclaim_plan(
     priority, youngest — but any priority) whose eviction makes room without taking
     a tenant that no longer borrows. ``reclaim``: evict ``victims``; ``wait``:
     leases already terminating will make room; None: the rule does not apply, or
-    reclaiming cannot make room."""
+    reclaiming cannot make room (or ``args`` is a gang: a gang evicts nobody)."""
+    if args.parts:
+        return None
     for pool in book.check_request(args):
         if not pool.quotas:
             continue
