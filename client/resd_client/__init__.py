@@ -15,17 +15,11 @@ errors and their codes are those of ``resd_client.errors``. ``limit_torch``
 imports torch only when called.
 """
 
-from importlib import metadata as _metadata
-
-try:
-    __version__ = _metadata.version("resd")
-except _metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
-
 from typing import TYPE_CHECKING, Any
 
 from resd_client._core import ConnectionLost, Disconnected, GangPart, Reconnected
 from resd_client._sync import Client, Lease
+from resd_client._version import __version__
 from resd_client.errors import (
     ConflictError,
     ErrorCode,

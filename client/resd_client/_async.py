@@ -33,7 +33,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypeVar, Unpack, cast
 
-from resd_client import __version__
 from resd_client import _core as flows
 from resd_client._core import (
     ConnectionLost,
@@ -55,6 +54,7 @@ from resd_client._core import (
     resize_args,
 )
 from resd_client._sync import CONNECT_TIMEOUT, backoff, connect_socket, reconnect_limit
+from resd_client._version import __version__
 from resd_client.errors import UnavailableError
 from resd_client.protocol import (
     PROTOCOL_VERSION,

@@ -35,7 +35,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar, Unpack, cast
 
-from resd_client import __version__
 from resd_client import _core as flows
 from resd_client._core import (
     ConnectionLost,
@@ -59,6 +58,7 @@ from resd_client._core import (
     resize_args,
     resources_from,
 )
+from resd_client._version import __version__
 from resd_client.errors import InvalidError, UnavailableError
 from resd_client.paths import socket_candidates
 from resd_client.protocol import (
