@@ -76,6 +76,9 @@ class Config:
     #: GPU memory (a size: "512M") kept free on each sampled GPU beyond what the
     #: ledger and foreign use take, when admitting VRAM slices
     gpu_memory_margin: str = "0"
+    #: where Prometheus metrics are served over HTTP, "HOST:PORT" ("127.0.0.1:9464",
+    #: "[::1]:9464"); "": not served (``resctl metrics`` gives the same text)
+    metrics_listen: str = ""
     log_format: str = "auto"
     log_level: str = "info"
     oversub: dict[str, float] = attrs.Factory(lambda: dict(DEFAULT_OVERSUB))
@@ -211,6 +214,8 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"disk_io_limit: {exc}") from None
     for key, resource in (("disk_limit", "disk"), ("network_limit", "net")):
         check_limit(key, resource, getattr(cfg, key))
+    if cfg.metrics_listen:
+        metrics_address(cfg)
     if cfg.gpus_file:
         from resd.nvml import load_gpus_file  # the GPU file format lives with NVML
 
@@ -233,6 +238,31 @@ def gpu_margin(cfg: Config) -> int:
         raise ConfigError(
             f"gpu_memory_margin: {detail}; use a size like 512M or 1G, or 0"
         ) from None
+
+
+def metrics_address(cfg: Config) -> tuple[str, int] | None:
+    """``metrics_listen`` as (host, port); None when metrics are not served. An IPv6
+    host is written in brackets; port 0 lets the kernel pick one.
+
+    Raises ConfigError naming the key, the value and the form expected.
+    """
+    text = cfg.metrics_listen.strip()
+    if not text:
+        return None
+    form = 'use HOST:PORT like "127.0.0.1:9464" or "[::1]:9464", or "" for no HTTP endpoint'
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        bad_host = not host or ":" not in host
+    else:
+        bad_host = not host or ":" in host or "[" in host or "]" in host
+    if not sep or bad_host or any(c.isspace() for c in host):
+        raise ConfigError(f"metrics_listen: {cfg.metrics_listen!r} has no valid host; {form}")
+    if not port_text.isascii() or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(
+            f"metrics_listen: {cfg.metrics_listen!r} has no valid port (0 to 65535); {form}"
+        )
+    return host, int(port_text)
 
 
 def check_limit(key: str, resource: str, text: str) -> int | None:

@@ -31,10 +31,11 @@ import trio
 
 from resd import messages as m
 from resd.announcer import Announcer
-from resd.config import Config, gpu_margin
+from resd.config import Config, gpu_margin, metrics_address
 from resd.discovery import discover, host_pool_resources
 from resd.inventory import HostInventory
 from resd.journal import Journal, JournalFailed
+from resd.metrics import Metrics, serve_http
 from resd.mps import mps_active
 from resd.nvml import NvmlBackend
 from resd.ops import Services
@@ -318,6 +319,9 @@ class Daemon:
         self.pools: PoolActor | None = None
         self.tenants: TenantRegistry | None = None
         self.reconciler: Reconciler | None = None
+        self.metrics = Metrics(__version__)
+        #: where metrics are served over HTTP once running (None: not served)
+        self.metrics_address: tuple[str, int] | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -374,6 +378,7 @@ class Daemon:
             cfg.state_path,
             cfg.fsync,  # type: ignore[arg-type]
             on_failure=lambda: self._snapshot_wanted.set(),  # write the state anew
+            on_sync=self.metrics.journal_synced,
         )
         pool_book, tenant_book, fresh = self._recover(journal)
         pool_book.mps = mps_active()  # decides the ``enforcement`` of new VRAM slices
@@ -392,7 +397,9 @@ class Daemon:
             announcer=announcer,
             watcher=watcher,
             reattach_grace=cfg.reattach_grace,
+            metrics=self.metrics,
         )
+        self.metrics.watch(lambda: pools.book)
         reaper.pool_actor = arbiter.pool_actor = watcher.pool_actor = pools
         tenants = TenantRegistry(tenant_book, journal, self.wall)
         self.journal, self.pools, self.tenants = journal, pools, tenants
@@ -409,6 +416,7 @@ class Daemon:
                 self.wall,
                 lambda: server.connection_count,
                 reconciler,
+                self.metrics,
             ),
             Limits(
                 max_frame=cfg.max_frame,
@@ -422,13 +430,19 @@ class Daemon:
             admin_gid=admin_gid_of(cfg.admin_group),
         )
         self.server = server
-        activated = activated_socket()
-        listener_sock = activated or bind_listener(
-            cfg.socket_path,
-            cfg.system,
-            cfg.socket_permissions,
-            runtime_dir=not cfg.system and not cfg.socket,
-        )
+        http = await self._metrics_listeners(cfg)
+        try:
+            activated = activated_socket()
+            listener_sock = activated or bind_listener(
+                cfg.socket_path,
+                cfg.system,
+                cfg.socket_permissions,
+                runtime_dir=not cfg.system and not cfg.socket,
+            )
+        except BaseException:
+            for http_listener in http:
+                http_listener.socket.close()
+            raise
         listener = trio.socket.from_stdlib_socket(listener_sock)
         try:
             async with trio.open_nursery() as nursery:
@@ -446,6 +460,8 @@ class Daemon:
                 nursery.start_soon(self._snapshots)
                 await nursery.start(reconciler.run)
                 await nursery.start(server.serve, listener)
+                if http:
+                    self.metrics_address = await nursery.start(serve_http, self.metrics, http)
                 log.info(
                     "ready",
                     socket=str(cfg.socket_path),
@@ -473,10 +489,27 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             listener.close()
+            for http_listener in http:
+                http_listener.socket.close()
             if activated is None:
                 with contextlib.suppress(FileNotFoundError):
                     cfg.socket_path.unlink()
         log.info("stopped")
+
+    @staticmethod
+    async def _metrics_listeners(cfg: Config) -> list[trio.SocketListener]:
+        """The bound HTTP listeners for ``metrics_listen`` (none when it is empty).
+        Raises StartupError when the address cannot be bound."""
+        address = metrics_address(cfg)
+        if address is None:
+            return []
+        try:
+            return await trio.open_tcp_listeners(address[1], host=address[0])
+        except OSError as exc:
+            raise StartupError(
+                f"metrics_listen: cannot listen on {cfg.metrics_listen}: {exc.strerror or exc}; "
+                'pick a free port, or set it to "" to serve metrics only through resctl metrics'
+            ) from None
 
     async def _reconciler(self, cfg: Config, pools: PoolActor) -> Reconciler:
         """The GPU reconciler, on the given backend or the one the host has."""

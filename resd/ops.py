@@ -17,13 +17,20 @@ import attrs
 
 from resd import messages as m
 from resd.journal import Journal, JournalFailed
+from resd.metrics import Metrics
 from resd.pool_actor import PoolActor
 from resd.procwatch import process_start, process_uid
 from resd.reconciler import Reconciler
 from resd.records import Tenant
 from resd.registry import TenantRegistry
 from resd.tenants import Peer, TenantBook
-from resd_client.errors import ForbiddenError, InvalidError, NotFoundError, UnavailableError
+from resd_client.errors import (
+    ForbiddenError,
+    InvalidError,
+    NotFoundError,
+    ResdError,
+    UnavailableError,
+)
 from resd_client.protocol import (
     PROTOCOL_VERSION,
     Attach,
@@ -35,6 +42,7 @@ from resd_client.protocol import (
     History,
     HostResources,
     ListReservations,
+    MetricsText,
     Plan,
     PlanResult,
     PoolCreate,
@@ -80,6 +88,7 @@ class Services:
     wall: Callable[[], float]
     connections: Callable[[], int]
     reconciler: Reconciler
+    metrics: Metrics = attrs.Factory(Metrics)
 
 
 @attrs.define(eq=False)
@@ -384,6 +393,12 @@ async def subscribe(svc: Services, conn: Conn, args: Subscribe) -> Status:
     return await status(svc, conn, Empty())
 
 
+async def metrics(svc: Services, conn: Conn, args: Empty) -> MetricsText:
+    """What the HTTP endpoint serves; anyone may read it, as ``status`` (no tenant
+    names in it)."""
+    return MetricsText(text=svc.metrics.text().decode())
+
+
 HANDLERS: Final[dict[str, Handler]] = {
     "hello": hello,
     "pool.create": pool_create,
@@ -411,4 +426,22 @@ HANDLERS: Final[dict[str, Handler]] = {
     "register": register,
     "top": top,
     "resize": resize,
+    "metrics": metrics,
 }
+
+
+async def dispatch(svc: Services, conn: Conn, op: str, args: Any) -> Any:
+    """Run ``op``'s handler, timing it for the request-latency metric. Raises what the
+    handler raises; an error that is not a ResdError counts as ``internal``, and a
+    request cancelled (its connection or the daemon going away) is not counted."""
+    began = svc.metrics.clock()
+    try:
+        result = await HANDLERS[op](svc, conn, args)
+    except ResdError as exc:
+        svc.metrics.request(op, svc.metrics.clock() - began, str(exc.code))
+        raise
+    except Exception:
+        svc.metrics.request(op, svc.metrics.clock() - began, "internal")
+        raise
+    svc.metrics.request(op, svc.metrics.clock() - began, None)
+    return result

@@ -82,6 +82,7 @@ from resd.messages import (
     Watch,
     WhyWaiting,
 )
+from resd.metrics import Metrics
 from resd.pools import PoolBook, denial_error
 from resd.procwatch import signal_processes
 from resd.reconcile import ProcInfo
@@ -198,7 +199,9 @@ class PoolActor(Actor):
         announcer: Announcer | None = None,
         watcher: Any = None,
         reattach_grace: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: counts evictions, ends and waits (None: nothing counted)."""
         super().__init__()
         self.book = book
         self.journal = journal
@@ -213,6 +216,7 @@ class PoolActor(Actor):
         #: recorded but not watched (unit tests)
         self.watcher = watcher
         self.reattach_grace = reattach_grace
+        self.metrics = metrics
         self.holders = Holders()
         self.subscribers: set[Outbox] = set()
         self.queue = WaitQueue()
@@ -393,6 +397,8 @@ class PoolActor(Actor):
                 log.info("preempting", reservation=rid, by=by, deadline=deadline, reclaim=reclaim)
                 self.arbiter.tell(Schedule(rid, deadline))
                 info = self.book.reservations[rid].info()
+                if self.metrics is not None:
+                    self.metrics.evicted(info.pool, by)
                 self._notify(
                     rid,
                     ReclaimEvent(reservation=info, by=by, deadline=deadline)
@@ -406,6 +412,10 @@ class PoolActor(Actor):
                 (log.debug if state == "released" else log.info)(
                     state, reservation=rid, reason=reason
                 )
+                if self.metrics is not None:
+                    if state == "preempted" and gone[rid].state != "terminating":  # no grace
+                        self.metrics.evicted(gone[rid].pool, reason)
+                    self.metrics.lease_ended(gone[rid].pool, state)
                 # Only actors that hold a timer or a watch for it are told.
                 if gone[rid].expires_at is not None:
                     self.reaper.tell(Cancel(rid))
@@ -641,7 +651,10 @@ class PoolActor(Actor):
         self.queue.remove(w.id)
         if w.args.binding != "session":
             self.orphans.discard(w.id)  # a detached or pid lease needs no connection
-        log.info("granted", reservation=w.id, waited=round(self.wall() - w.arrived, 3))
+        waited = self.wall() - w.arrived
+        if self.metrics is not None:
+            self.metrics.waited(info.pool, waited)
+        log.info("granted", reservation=w.id, waited=round(waited, 3))
         if w.outbox is not None and w.id != self._replying:
             self._push(w.outbox, GrantedEvent(reservation=info), lsn)
 

@@ -40,7 +40,7 @@ import structlog
 import trio
 
 from resd import messages as m
-from resd.ops import HANDLERS, Conn, Services
+from resd.ops import Conn, Services, dispatch
 from resd.tenants import Peer
 from resd_client.errors import (
     InternalError,
@@ -474,7 +474,7 @@ class Server:
         """Run one request; its slot is free again only once its reply is queued."""
         try:
             try:
-                result = await HANDLERS[req.op](self.svc, c.conn, req.args)
+                result = await dispatch(self.svc, c.conn, req.op, req.args)
                 frame = reply_ok(req.id, result)
             except ResdError as exc:
                 frame = reply_error(req.id, exc)

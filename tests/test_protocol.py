@@ -324,6 +324,10 @@ SAMPLES: dict[type, list[Any]] = {
     ],
     p.TopSnapshot: [TOP, p.TopSnapshot(at=1_800_000_004.0, interval=2.0, gpu_sampling="no GPUs")],
     p.TopEvent: [p.TopEvent(snapshot=TOP)],
+    p.MetricsText: [
+        p.MetricsText(text=""),
+        p.MetricsText(text="# TYPE resd_queue_length gauge\nresd_queue_length 3.0\n"),
+    ],
     p.ResizedEvent: [p.ResizedEvent(reservation=RESERVATION)],
     p.HostResources: [
         p.HostResources(
@@ -467,6 +471,7 @@ ARG_SAMPLES: dict[str, Any] = {
     "subscribe": p.Subscribe(topics=["state", "top"]),
     "register": p.Register(id="r-0123456789ab", pid=4242),
     "top": p.Empty(),
+    "metrics": p.Empty(),
     "resize": p.Resize(
         id="r-0123456789ab",
         resources={"gpu": 1, "cpu": 2000},

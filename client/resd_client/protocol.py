@@ -1155,6 +1155,7 @@ OPS: Final[dict[str, type]] = {
     "register": Register,
     "top": Empty,
     "resize": Resize,
+    "metrics": Empty,
 }
 
 
@@ -1493,6 +1494,14 @@ class TopSnapshot:
     gpu_sampling: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsText:
+    """The daemon's Prometheus metrics in the text exposition format, as its
+    HTTP endpoint serves them (for node_exporter's textfile collector)."""
+
+    text: str
+
+
 #: op name → result type; the client decodes replies through this.
 RESULTS: Final[dict[str, type]] = {
     "hello": HelloResult,
@@ -1521,6 +1530,7 @@ RESULTS: Final[dict[str, type]] = {
     "register": ReservationInfo,
     "top": TopSnapshot,
     "resize": ReservationInfo,
+    "metrics": MetricsText,
 }
 
 
