@@ -344,6 +344,12 @@ class PoolBook:
     def create_pool(self, args: PoolCreate, now: float) -> list[PoolEvent]:
         if args.name in self.pools:
             raise ExistsError(f"pool {args.name!r} already exists", {"pool": args.name})
+        if not any(spec.size > 0 for spec in args.resources.values()):
+            raise InvalidError(
+                f"pool {args.name!r} would hold nothing: every resources quantity is 0;"
+                " give at least one resource a capacity above 0 (e.g. cpu 4)",
+                {"pool": args.name, "field": "resources"},
+            )
         pool = Pool(
             name=args.name,
             resources={
@@ -824,7 +830,9 @@ class PoolBook:
     ) -> list[PoolEvent]:
         """Evict every live reservation of ``target`` (in ``pool``): at once, or after
         grace. A non-``admin`` evicts only in pools whose policy allows preemption
-        (``lower_priority``); naming a pool where it is ``off`` raises ForbiddenError."""
+        (``lower_priority``); naming a pool where it is ``off`` raises ForbiddenError.
+        Raises NotFoundError when ``target`` has no active reservation (in ``pool``),
+        as resgate does, rather than preempting nothing."""
         if pool is not None and not admin and self.pool(pool).preemption == "off":
             raise ForbiddenError(
                 f"pool {pool!r} has preemption off; only an admin may preempt there",
@@ -832,10 +840,15 @@ class PoolBook:
             )
         if pool is not None:
             self.pool(pool)
+        active = [r for r in self.of_tenant(target, pool) if r.state == "active"]
+        if not active:
+            where = "" if pool is None else f" in pool {pool!r}"
+            raise NotFoundError(
+                f"tenant {target!r} has no active reservations to preempt{where}",
+                {"tenant": target} if pool is None else {"tenant": target, "pool": pool},
+            )
         events: list[PoolEvent] = []
-        for r in self.of_tenant(target, pool):
-            if r.state != "active":
-                continue
+        for r in active:
             if not admin and self.pools[r.pool].preemption == "off":
                 continue
             events.append(self.evict(r, by, now))

@@ -34,6 +34,7 @@ from resctl.render import (
     bar_colour,
     compact_bytes,
     duration,
+    exact_duration,
     host_resources_view,
     insufficient_lines,
     is_plain,
@@ -44,6 +45,7 @@ from resctl.render import (
     pools_table,
     quota_line,
     quotas_summary,
+    reservation_line,
     reservations_table,
     status_view,
     tenant_detail,
@@ -360,6 +362,29 @@ def test_is_plain(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not is_plain(FakeTTY())
 
 
+def test_socket_before_the_command(tmp_path: Path) -> None:
+    before, after, env = (str(tmp_path / name / "resd.sock") for name in ("a", "b", "env"))
+
+    def tried(argv: list[str], resd_socket: str | None = None) -> str:
+        result = CliRunner().invoke(app, argv, env={"NO_COLOR": None, "RESD_SOCKET": resd_socket})
+        assert result.exit_code == 12, result.output
+        return result.stderr
+
+    assert before in tried(["--socket", before, "list"])
+    assert before in tried(["--socket", before, "pool", "list"])  # through a sub-app too
+    assert before in tried(["--socket", before, "why", "r-0123456789ab"])
+    assert after in tried(["--socket", before, "list", "--socket", after])  # the command's wins
+    assert env in tried(["list"], resd_socket=env)
+    assert before in tried(["--socket", before, "list"], resd_socket=env)
+    assert env in tried(["list"], resd_socket=env)  # forgotten after the invocation
+
+
+def test_shell_completion_is_offered() -> None:
+    result = CliRunner().invoke(app, ["--help"], env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
+
+
 def test_cli_output_when_piped_has_no_ansi(missing_socket: str) -> None:
     result = CliRunner().invoke(app, ["version", "--socket", missing_socket])
     assert "\x1b" not in result.stdout
@@ -392,6 +417,51 @@ def test_reservations_table_human_units() -> None:
         "detached",
         "active",
         "5m00s",
+    ]
+
+
+def _lease(ttl: float, left: float) -> ReservationInfo:
+    return ReservationInfo(
+        id="r-0123456789ab",
+        tenant="t1",
+        pool="pool1",
+        resources={"cpu": 1000},
+        label="",
+        created_at=NOW,
+        ttl=ttl,
+        expires_at=NOW + left,
+        binding="detached",
+        reclaimable=False,
+        state="active",
+        uid=1000,
+    )
+
+
+@pytest.mark.parametrize(
+    ("ttl", "left", "shown"),
+    [
+        (0.25, 0.248, "ttl=250ms"),  # just granted: the ttl as given, not a rounded 1s
+        (1.5, 1.49, "ttl=1.5s"),
+        (0.001, 0.0005, "ttl=1ms"),
+        (300.0, 299.99, "ttl=5m00s"),
+        (90.5, 90.4, "ttl=90.5s"),
+        (300.0, 100.2, "ttl=1m41s"),  # granted a while ago: time left, rounded up
+        (2.0, 0.5, "ttl=1s"),
+    ],
+)
+def test_reservation_line_shows_ttl_as_given(ttl: float, left: float, shown: str) -> None:
+    assert reservation_line(_lease(ttl, left), NOW).split()[-1] == shown
+
+
+def test_exact_duration() -> None:
+    assert [exact_duration(s) for s in (0.25, 0.5, 1.5, 2, 61, 0.0001, 12.75)] == [
+        "250ms",
+        "500ms",
+        "1.5s",
+        "2s",
+        "1m01s",
+        "0.0001s",
+        "12.75s",
     ]
 
 
@@ -589,6 +659,22 @@ def test_wait_flags_are_refused_before_connecting(tmp_path: Path) -> None:
     ):
         result = CliRunner().invoke(app, [*argv, "--socket", sock])
         assert result.exit_code == 2, (argv, result.output)
+
+
+@pytest.mark.parametrize("command", ["why", "release", "unreserve", "renew", "resize"])
+def test_reservation_id_given_once(command: str, tmp_path: Path) -> None:
+    sock = str(tmp_path / "none.sock")
+    both = CliRunner().invoke(app, [command, "r-0123456789ab", "--id", "r-0", "--socket", sock])
+    assert both.exit_code == 2, both.output
+    assert "not both" in both.stderr
+    neither = CliRunner().invoke(app, [command, "--socket", sock])
+    assert neither.exit_code == 2, neither.output
+    assert "missing the reservation id" in neither.stderr
+    more = ["--cpu", "1"] if command == "resize" else []
+    for argv in ([command, "nope"], [command, "--id", "nope"]):  # checked before connecting
+        result = CliRunner().invoke(app, [*argv, *more, "--socket", sock])
+        assert result.exit_code == 2, (argv, result.output)
+        assert "nope" in result.stderr
 
 
 # ------------------------------------------------------------ GPU truth (SPEC §10)

@@ -379,7 +379,8 @@ async def test_daemon_creates_the_host_pool_from_discovery(short_tmp: Path) -> N
         ("500KB/s", 500 * 1024),
         ("10gbps", 1_250_000_000),  # case-insensitive
         ("10GBPS", 1_250_000_000),
-        ("1gb/s", 1_073_741_824),
+        ("1gb/s", 125_000_000),  # unlike hypeman: a lower-case b is bits
+        ("1GBps", 1_073_741_824),
         ("  10Gbps  ", 1_250_000_000),  # whitespace trimmed
         ("\t125MB/s\n", 125 * 1024**2),
         ("1GB", 1_073_741_824),  # "/s" is optional

@@ -93,6 +93,37 @@ def test_errors_have_distinct_exit_codes(resd_proc: Proc) -> None:
     assert [h["kind"] for h in history] == ["denied", "reserved", "denied"]
 
 
+def test_reservation_id_as_argument_and_ttl_as_given(resd_proc: Proc) -> None:
+    resctl(resd_proc, "pool", "create", "--name", "ids", "--cpu", "4", "--max-per-tenant", "0")
+    resctl(resd_proc, "tenant", "add", "--name", "t1")
+    reserve = ["reserve", "--tenant", "t1", "--pool", "ids", "--cpu", "1"]
+    short = resctl(resd_proc, *reserve, "--ttl", "250ms").stdout
+    assert "ttl=250ms" in short, short  # as given, not a rounded-up 1s
+    first = resctl(resd_proc, *reserve, "--ttl", "1h").stdout
+    rid = first.split()[0]
+    assert "ttl=1h00m" in first, first
+    renewed = resctl(resd_proc, "renew", rid, "--ttl", "90.5s").stdout
+    assert "ttl=90.5s" in renewed, renewed
+    assert "ttl=1h00m" in resctl(resd_proc, "renew", "--id", rid, "--ttl", "1h").stdout
+    assert "active" in resctl(resd_proc, "why", rid).stdout
+    assert "cpu=2" in resctl(resd_proc, "resize", rid, "--cpu", "2").stdout
+    both = resctl(resd_proc, "why", rid, "--id", rid, check=False)
+    assert both.returncode == 2 and "not both" in both.stderr
+    assert resctl(resd_proc, "release", rid).stdout.strip() == f"{rid} released"
+
+
+def test_socket_before_the_command(resd_proc: Proc) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "resctl", "--socket", resd_proc.socket, "status", "--json"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "server_version" in json.loads(result.stdout)
+
+
 def test_no_daemon_is_said_plainly(tmp_path: object) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "resctl", "list", "--socket", "/nonexistent/resd.sock"],

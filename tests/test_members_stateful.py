@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -20,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from resd import preemption
 from resd.pools import PoolBook
 from resd.records import Denied, Ended, Reserved, Tenant
+from resd_client.errors import NotFoundError
 from resd_client.protocol import PoolCreate, Reserve, from_wire
 
 GiB = 1 << 30
@@ -117,6 +119,10 @@ class MembersMachine(RuleBasedStateMachine):
 
     @rule(victim=st.sampled_from(TENANTS))
     def preempt(self, victim: Tenant) -> None:
+        if not any(r.tenant == victim.name for r in self.live.values()):
+            with pytest.raises(NotFoundError, match="in pool 'p'"):
+                self.book.preempt(victim.name, "p", "boss", 3.0)
+            return
         self.book.apply(self.book.preempt(victim.name, "p", "boss", 3.0))
         self.live = {rid: r for rid, r in self.live.items() if r.tenant != victim.name}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
@@ -18,6 +19,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from resd import preemption
 from resd.pools import PoolBook
 from resd.records import Denied, Ended, Reservation, Reserved, Tenant, Terminating
+from resd_client.errors import NotFoundError
 from resd_client.protocol import PoolCreate, PoolSet, Renew, Reserve, ResourceSpec
 
 RESOURCES = ("cpu", "memory", "licenses")
@@ -115,6 +117,11 @@ class PoolBookMachine(RuleBasedStateMachine):
 
     @rule(victim=st.sampled_from(TENANTS), by=st.sampled_from(TENANTS))
     def preempt(self, victim: Tenant, by: Tenant) -> None:
+        holds = any(t == victim.name for t, _ in self.model.values())
+        if not holds:  # nothing to preempt is an error, as resgate's
+            with pytest.raises(NotFoundError, match="no active reservations to preempt"):
+                self.book.preempt(victim.name, None, by.name, self.now)
+            return
         events = self.book.preempt(victim.name, None, by.name, self.now)
         assert all(isinstance(e, Ended | Terminating) for e in events)
         self.book.apply(events)

@@ -54,6 +54,24 @@ async def test_immediate_preemption_frees_and_notifies(inproc: InProcess) -> Non
     assert pool["resources"][0]["allocated"] == 0
 
 
+async def test_nothing_to_preempt_is_an_error(inproc: InProcess) -> None:
+    admin = await WireClient.connect(inproc.socket)
+    await setup(admin, 30.0)
+    await admin.ok("pool.create", {"name": "q", "resources": {"cpu": {"capacity": 1000}}})
+    none = await admin.request("preempt", {"tenant": "high", "target": "low"})
+    assert none["error"]["code"] == "not_found"
+    assert none["error"]["message"] == "tenant 'low' has no active reservations to preempt"
+    r = await admin.ok("reserve", {"pool": "p", "tenant": "low", "resources": {"cpu": 1000}})
+    elsewhere = await admin.request("preempt", {"tenant": "high", "target": "low", "pool": "q"})
+    assert elsewhere["error"]["code"] == "not_found"
+    assert "no active reservations to preempt in pool 'q'" in elsewhere["error"]["message"]
+    await admin.ok("preempt", {"tenant": "high", "target": "low"})  # now terminating
+    again = await admin.request("preempt", {"tenant": "high", "target": "low"})
+    assert again["error"]["code"] == "not_found", again
+    listed = (await admin.ok("list"))["reservations"]
+    assert [(x["id"], x["state"]) for x in listed] == [(r["id"], "terminating")]
+
+
 async def test_grace_keeps_resources_counted_until_the_deadline(
     inproc: InProcess, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -49,20 +49,37 @@ GOOD: list[tuple[str, Any, int]] = [
     ("vram", "20G", 20 * GiB),
     ("disk", "500G", 500 * GiB),
     ("disk", "2TiB", 2 * TiB),
-    # bandwidth: ...bps is bits/s with decimal multiples; anything else bytes/s, binary
+    # bandwidth: a lower-case b or "bit" is bits/s with decimal multiples; B (or no
+    # unit letter) is bytes/s with binary multiples, like every byte size
     ("net", "10Gbps", 1_250_000_000),
+    ("net", "10Gb/s", 1_250_000_000),
+    ("net", "10Gbit/s", 1_250_000_000),
+    ("net", "10Gbits/s", 1_250_000_000),
+    ("net", "10GBit/s", 1_250_000_000),
+    ("net", "10gb/s", 1_250_000_000),
+    ("net", "10Gb", 1_250_000_000),
+    ("net", "10GBPS", 1_250_000_000),  # all capitals: hypeman's bits
+    ("net", "1Gibit/s", 2**30 // 8),
+    ("net", "125MB/s", 125 * MiB),
+    ("net", "125MBps", 125 * MiB),
+    ("net", "125MiB/s", 125 * MiB),
+    ("net", "125M/s", 125 * MiB),
+    ("net", "125MB", 125 * MiB),
+    ("net", "1000B/s", 1000),
+    ("net", "1000Bps", 1000),
+    ("net", "1000", 1000),
     ("net", "100Mbps", 12_500_000),
     ("net", "1Kbps", 125),
     ("net", "8bps", 1),
     ("net", "1gbps", 125_000_000),
-    ("net", "1GBPS", 125_000_000),
     ("net", "2.5Gbps", 312_500_000),
     ("net", "1GB/s", GiB),
-    ("net", "125MB/s", 125 * MiB),
-    ("net", "125mb/s", 125 * MiB),
+    ("net", "125mb/s", 15_625_000),  # lower-case b: megabits
     ("net", "1G/s", GiB),
     ("disk_io", "10Gbps", 1_250_000_000),
     ("disk_io", "500MB/s", 500 * MiB),
+    ("disk_io", "500MBps", 500 * MiB),
+    ("disk_io", "4Gb/s", 500_000_000),
     # gpu and custom resources: whole counts
     ("gpu", "2", 2),
     ("gpu", 2, 2),
@@ -108,6 +125,9 @@ BAD: list[tuple[str, Any, str]] = [
     ("memory", "99999999E", "too large"),
     ("memory", "1,5G", ""),
     ("net", "10Xbps", "unknown unit"),
+    ("net", "10ib/s", "unknown unit"),
+    ("net", "10Gbyte/s", "unknown unit"),
+    ("net", "10G/m", "unknown unit"),
     ("net", "fast", ""),
     ("net", "1bps", "greater than zero"),  # an eighth of a byte rounds down to nothing
     ("licenses", "1.5", "finer"),
@@ -157,6 +177,9 @@ def test_max_quantity_bound() -> None:
         ("1Kbps", 125),
         ("1GB/s", 1_073_741_824),
         ("125MB/s", 131_072_000),
+        ("125MBps", 131_072_000),
+        ("10Gb/s", 1_250_000_000),
+        ("10Gbit/s", 1_250_000_000),
         ("1gbps", 125_000_000),
         ("0", 0),
     ],
@@ -215,6 +238,15 @@ def test_bandwidth_render_round_trips(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "amount", [1, 3, 125, 1000, 1001, 1024, 125 * MiB, GiB, 1_250_000_001, 3 * TiB + 7]
+)
+def test_any_bandwidth_render_round_trips(amount: int) -> None:
+    for resource in ("net", "disk_io"):
+        text = render_quantity(resource, amount)
+        assert parse_quantity(resource, text) == amount, f"{resource}: {amount} -> {text!r}"
+
+
+@pytest.mark.parametrize(
     ("resource", "amount", "text"),
     [
         ("cpu", 4000, "4"),
@@ -225,6 +257,8 @@ def test_bandwidth_render_round_trips(text: str) -> None:
         ("memory", 1536 * MiB, "1.5GiB"),
         ("memory", 100, "100B"),
         ("net", 1_250_000_000, "10Gbps"),
+        ("net", GiB, "1GiB/s"),
+        ("disk_io", 500 * MiB, "500MiB/s"),
         ("gpu", 2, "2"),
     ],
 )

@@ -388,6 +388,13 @@ add(
     "resources.cpu",
 )
 add(
+    "pool.create every quantity 0",
+    "pool.create",
+    with_(POOL_CREATE, resources={"cpu": {"capacity": 0}, "memory": {"capacity": 0}}),
+    "every resources quantity is 0",
+)
+add("pool.create no resources", "pool.create", with_(POOL_CREATE, resources={}), "resources")
+add(
     "pool.set capacity negative", "pool.set", {"name": "p", "capacity": {"cpu": -1}}, "capacity.cpu"
 )
 add("pool.set capacity float", "pool.set", {"name": "p", "capacity": {"cpu": 1.5}}, "capacity.cpu")

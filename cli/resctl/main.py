@@ -9,13 +9,14 @@ work unchanged with ``resctl`` in its place.
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import typer
 
-from resctl import export, pools, reservations, run, tenants, top, waiting, watch
+from resctl import export, metrics, pools, reservations, run, tenants, top, waiting, watch
 from resctl.options import JsonOpt, SocketOpt
 from resctl.render import status_view
-from resctl.session import Output, connect, guard
+from resctl.session import Output, connect, guard, set_default_socket
 from resd_client import __version__ as CLIENT_VERSION
 from resd_client.errors import ResdError
 from resd_client.protocol import Empty, Status
@@ -23,13 +24,33 @@ from resd_client.protocol import Empty, Status
 app = typer.Typer(
     name="resctl",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_show_locals=False,
     help="Reserve CPU, memory, GPUs and named resources from the resd daemon.",
     epilog="Exit codes: 0 ok, 2 invalid, 3 not_found, 4 exists, 5 conflict, 6 insufficient, "
     "7 quota_exceeded, 8 forbidden, 9 timeout, 10 preempted, 11 unsupported_version, "
     "12 unavailable, 13 internal.",
 )
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    socket: Annotated[
+        str | None,
+        typer.Option(
+            "--socket",
+            metavar="PATH",
+            help="Daemon socket for the command that follows (as `docker -H`); the"
+            " command's own --socket wins. Default: $RESD_SOCKET, then the user socket,"
+            " then /run/resd/resd.sock.",
+        ),
+    ] = None,
+) -> None:
+    """Reserve CPU, memory, GPUs and named resources from the resd daemon."""
+    set_default_socket(ctx, socket)
+
+
 app.add_typer(pools.app, name="pool")
 app.add_typer(tenants.app, name="tenant")
 app.command("reserve")(reservations.reserve)
@@ -50,6 +71,7 @@ app.command(
     cls=run.RunCommand,
     context_settings={"allow_interspersed_args": False},
 )(run.run)
+app.command("metrics")(metrics.metrics)
 
 
 @app.command("status")

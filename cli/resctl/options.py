@@ -155,12 +155,36 @@ PidOpt = Annotated[
         help="Release when this process exits (a pid binding; pid reuse cannot keep it).",
     ),
 ]
-ReservationIdOpt = Annotated[str, typer.Option("--id", metavar="ID", help="Reservation id (r-…).")]
+ReservationIdOpt = Annotated[
+    str | None, typer.Option("--id", metavar="ID", help="Reservation id (r-…), as ID.")
+]
+ReservationIdArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="ID", help="Reservation id (r-…), or give it as --id.", show_default=False
+    ),
+]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Also release the active reservations it holds.")
 ]
 
 # ------------------------------------------------------------------- validation
+
+
+def reservation_id_of(positional: str | None, flag: str | None) -> str:
+    """The reservation id given as the ``ID`` argument or as ``--id``; raises
+    InvalidError when it is given both ways or not at all."""
+    if positional is not None and flag is not None:
+        raise InvalidError(
+            f"give the reservation id once: as ID ({positional!r}) or as --id ({flag!r}), not both",
+            {"field": "id"},
+        )
+    if positional is None and flag is None:
+        raise InvalidError(
+            "missing the reservation id: give it as ID or --id (e.g. r-0123456789ab)",
+            {"field": "id"},
+        )
+    return positional if positional is not None else flag  # type: ignore[return-value]
 
 
 def build(cls: type[T], fields: dict[str, Any]) -> T:

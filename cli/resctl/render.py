@@ -146,6 +146,30 @@ def ttl_left(info: ReservationInfo, now: float) -> str:
     return duration(math.ceil(info.expires_at - now))
 
 
+def exact_duration(seconds: float) -> str:
+    """A duration as it was given: ``250ms``, ``1.5s``, ``90.25s``; whole seconds as
+    ``duration`` shows them (``45s``, ``5m00s``)."""
+    if seconds == int(seconds):
+        return duration(seconds)
+    if seconds < 1 and seconds * 1000 == round(seconds * 1000):
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def ttl_text(info: ReservationInfo, now: float) -> str:
+    """``ttl_left``, except that a reservation whose ttl has just started (less than a
+    second ago: it was just granted, renewed or changed) shows its ttl as given, so
+    ``--ttl 250ms`` reads ``250ms`` rather than a rounded-up ``1s``."""
+    if (
+        info.ttl is not None
+        and info.expires_at is not None
+        and info.state == "active"
+        and 0 <= info.ttl - (info.expires_at - now) < 1
+    ):
+        return exact_duration(info.ttl)
+    return ttl_left(info, now)
+
+
 def seconds(value: float) -> str:
     return f"{value:g}s"
 
@@ -779,7 +803,7 @@ def reservation_line(info: ReservationInfo, now: float) -> str:
     if held:
         parts.append(f"assigned={held}")
     if info.expires_at is not None:
-        parts.append(f"ttl={ttl_left(info, now)}")
+        parts.append(f"ttl={ttl_text(info, now)}")
     if info.label:
         parts.append(f"label={info.label}")
     return " ".join(parts)

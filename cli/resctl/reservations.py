@@ -21,6 +21,7 @@ from resctl.options import (
     PartOpt,
     PidOpt,
     PlacementOpt,
+    ReservationIdArg,
     ReservationIdOpt,
     ReservePoolOpt,
     ResOpt,
@@ -33,6 +34,7 @@ from resctl.options import (
     parse_deadline,
     parse_duration,
     parse_resources,
+    reservation_id_of,
     reserve_fields_of,
     split_pair,
 )
@@ -152,12 +154,15 @@ def wait_fields(wait: bool, timeout: str | None, deadline: str | None) -> dict[s
 
 
 def unreserve(
-    reservation_id: ReservationIdOpt, json_out: JsonOpt = False, socket: SocketOpt = None
+    id_arg: ReservationIdArg = None,
+    reservation_id: ReservationIdOpt = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
 ) -> None:
     """Release a reservation now."""
     out = Output(json_out)
     with guard(out):
-        args = build(ReservationRef, {"id": reservation_id})
+        args = build(ReservationRef, {"id": reservation_id_of(id_arg, reservation_id)})
         with connect(socket) as client:
             info: ReservationInfo = client.call("release", args)
         out.emit(info)
@@ -165,14 +170,18 @@ def unreserve(
 
 
 def release(
-    reservation_id: ReservationIdOpt, json_out: JsonOpt = False, socket: SocketOpt = None
+    id_arg: ReservationIdArg = None,
+    reservation_id: ReservationIdOpt = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
 ) -> None:
     """Release a reservation now (alias of unreserve)."""
-    unreserve(reservation_id, json_out, socket)
+    unreserve(id_arg, reservation_id, json_out, socket)
 
 
 def renew(
-    reservation_id: ReservationIdOpt,
+    id_arg: ReservationIdArg = None,
+    reservation_id: ReservationIdOpt = None,
     ttl: Annotated[
         str | None,
         typer.Option(
@@ -185,7 +194,7 @@ def renew(
     """Extend a reservation's expiry to now + ttl."""
     out = Output(json_out)
     with guard(out):
-        args = build(Renew, {"id": reservation_id, "ttl": _ttl(ttl)})
+        args = build(Renew, {"id": reservation_id_of(id_arg, reservation_id), "ttl": _ttl(ttl)})
         with connect(socket) as client:
             info: ReservationInfo = client.call("renew", args)
         out.emit(info)
@@ -304,7 +313,8 @@ def resize_request(
 
 
 def resize(
-    reservation_id: ReservationIdOpt,
+    id_arg: ReservationIdArg = None,
+    reservation_id: ReservationIdOpt = None,
     cpu: CpuOpt = None,
     memory: MemoryOpt = None,
     gpu: GpuOpt = None,
@@ -331,8 +341,9 @@ def resize(
     or 7 past a quota's max) unless --wait."""
     out = Output(json_out)
     with guard(out):
+        rid = reservation_id_of(id_arg, reservation_id)
         args = resize_request(
-            reservation_id,
+            rid,
             cpu=cpu,
             memory=memory,
             gpu=gpu,
@@ -345,9 +356,7 @@ def resize(
         with connect(socket) as client:
             info = client.request_resize(
                 args,
-                on_pending=lambda w: out.warn(
-                    f"{reservation_id} cannot grow yet; {waiting_line(w)}"
-                ),
+                on_pending=lambda w: out.warn(f"{rid} cannot grow yet; {waiting_line(w)}"),
             )
         out.emit(info)
         out.line(reservation_line(info, time.time()))

@@ -79,7 +79,7 @@ from resctl.options import (
 )
 from resctl.render import json_text, reservation_lines, waiting_line
 from resctl.reservations import LabelOpt, ReclaimableOpt, TenantOpt, TtlOpt, _ttl, wait_fields
-from resctl.session import CLIENT_NAME, Output, guard
+from resctl.session import CLIENT_NAME, Output, guard, socket_of
 from resd_client import Client, ConnectionLost, Disconnected, Lease, Reconnected
 from resd_client.env import GPU_IDS, GpuIds
 from resd_client.errors import (
@@ -760,7 +760,7 @@ def run(
                 **wait_fields(not no_wait, timeout, deadline),
             },
         )
-        client = Client(socket, name=CLIENT_NAME)
+        client = Client(socket_of(socket), name=CLIENT_NAME)
         try:
             lease = client.request(
                 args, on_pending=lambda w: out.warn(waiting_line(w)) if not quiet else None

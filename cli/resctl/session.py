@@ -4,12 +4,15 @@
 every ``ResdError`` — raised by a flag parser before connecting, or returned by
 the daemon — into ``resctl: <code>: <message>`` on stderr (plus an ``{"error":…}``
 map on stdout with ``--json``) and exits with the error's exit code. ``connect``
-opens a ``Client``; a missing daemon is an ``UnavailableError`` (exit 12).
+opens a ``Client`` on the command's ``--socket``, or the one given before the
+command (``resctl --socket S list``); a missing daemon is an ``UnavailableError``
+(exit 12).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import sys
 from collections.abc import Iterator
@@ -23,6 +26,10 @@ from resd_client import Client
 from resd_client.errors import ErrorCode, ResdError
 
 CLIENT_NAME: Final = "resctl"
+#: ``resctl --socket S`` (given before the command), for this invocation only
+_DEFAULT_SOCKET: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
+    "resctl_default_socket", default=None
+)
 EXIT_INTERRUPTED: Final = 130
 
 
@@ -88,10 +95,24 @@ def guard(out: Output) -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+def set_default_socket(ctx: typer.Context, socket: str | None) -> None:
+    """Remember ``resctl --socket S`` (before the command) for every command of this
+    invocation; forgotten when the invocation's context closes."""
+    token = _DEFAULT_SOCKET.set(socket)
+    ctx.call_on_close(lambda: _DEFAULT_SOCKET.reset(token))
+
+
+def socket_of(socket: str | None) -> str | None:
+    """The socket a command connects to: its own ``--socket``, else the one given
+    before the command, else None (the client then tries ``$RESD_SOCKET``, the user
+    socket and the system socket)."""
+    return socket if socket is not None else _DEFAULT_SOCKET.get()
+
+
 @contextlib.contextmanager
 def connect(socket: str | None) -> Iterator[Client]:
     """A connected client, closed on exit. Raises UnavailableError with no daemon."""
-    client = Client(socket, name=CLIENT_NAME)
+    client = Client(socket_of(socket), name=CLIENT_NAME)
     try:
         yield client
     finally:

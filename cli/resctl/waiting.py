@@ -20,6 +20,7 @@ from resctl.options import (
     MemoryOpt,
     NumaOpt,
     PlacementOpt,
+    ReservationIdArg,
     ReservationIdOpt,
     ReservePoolOpt,
     ResOpt,
@@ -27,6 +28,7 @@ from resctl.options import (
     SocketOpt,
     VramOpt,
     build,
+    reservation_id_of,
     reserve_fields_of,
 )
 from resctl.render import reservations_table, wait_lines
@@ -46,13 +48,16 @@ PlanTenantOpt = Annotated[
 
 
 def why(
-    reservation_id: ReservationIdOpt, json_out: JsonOpt = False, socket: SocketOpt = None
+    id_arg: ReservationIdArg = None,
+    reservation_id: ReservationIdOpt = None,
+    json_out: JsonOpt = False,
+    socket: SocketOpt = None,
 ) -> None:
     """Why a request waits: its place in the queue and what it is short of, its
     tenant's quota max it would pass, or the borrowers' leases reclaimed for it."""
     out = Output(json_out)
     with guard(out):
-        args = build(ReservationRef, {"id": reservation_id})
+        args = build(ReservationRef, {"id": reservation_id_of(id_arg, reservation_id)})
         with connect(socket) as client:
             info: WaitInfo = client.call("why", args)
         out.emit(info)

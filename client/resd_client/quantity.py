@@ -9,9 +9,17 @@ whole counts.
 
 Byte sizes use binary multiples whatever the spelling (``K``/``KB``/``KiB`` are all
 1024), as hypeman's datasize does and as ``docker -m 8g`` does; a plain number of
-bytes-sized resources is MiB, as resgate's ``--memory 8192``. Bandwidth follows
-hypeman's ``ParseBandwidth``: ``...bps`` is bits per second with decimal multiples
-(``10Gbps`` = 1.25e9 B/s); anything else is a byte size per second (``1GB/s``).
+bytes-sized resources is MiB, as resgate's ``--memory 8192``.
+
+Bandwidth tells bits from bytes by the unit letter, as link speeds are written: a
+lower-case ``b`` or ``bit`` is bits per second with decimal multiples (``10Gbps``,
+``10Gb/s``, ``10Gbit/s`` are all 1.25e9 B/s; ``bps`` in any case but ``Bps`` is bits,
+as hypeman's ``ParseBandwidth``); an upper-case ``B``, ``Bps`` or no unit letter is
+bytes per second with binary multiples, like every byte size (``125MB/s``,
+``125MBps``, ``125M/s`` are 125 MiB/s). ``Ki``/``Mi``/``Gi``... before a bit unit
+make binary bit multiples (``1Gibit/s`` = 2**30 bits/s). The prefix letter's case
+does not matter, and ``/s`` or ``ps`` may be left off. Bits round down to whole
+bytes.
 """
 
 from __future__ import annotations
@@ -56,7 +64,11 @@ _BINARY: Final[dict[str, int]] = {
     "e": 1024**6,
 }
 _DECIMAL_BITS: Final[dict[str, int]] = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_NUMBER: Final = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z/]*)\s*$")
+_NUMBER: Final = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z/]*)\s*$", re.IGNORECASE)
+_PREFIXES: Final = "kmgtpe"
+_BANDWIDTH_UNIT: Final = re.compile(
+    r"^(?P<prefix>[kmgtpe]?)(?P<iec>i?)(?P<unit>bits?|b|)(?P<per>/s|ps|)$", re.IGNORECASE
+)
 
 
 def unit_of(resource: str) -> Unit:
@@ -76,7 +88,8 @@ def check_resource_name(resource: object) -> str:
 
 
 def _split(resource: str, text: str, hint: str) -> tuple[Decimal, str]:
-    match = _NUMBER.match(text.lower())
+    """The number and the unit suffix of ``text``, the suffix in the case it was typed."""
+    match = _NUMBER.match(text)
     if not match:
         raise InvalidError(
             f"{resource}: {text!r} is not a quantity; {hint}",
@@ -100,7 +113,10 @@ def _byte_suffix(suffix: str) -> int | None:
 _HINTS: Final[dict[Unit, str]] = {
     Unit.MILLICORES: "use cores like 4 or 1.5, or millicores like 500m",
     Unit.BYTES: "use a number of MiB (8192) or a size like 512M, 8G, 8GiB, 1T",
-    Unit.BANDWIDTH: "use bits per second like 10Gbps or 100Mbps, or bytes like 1GB/s, 125MB/s",
+    Unit.BANDWIDTH: (
+        "use bits per second like 10Gbps, 10Gb/s or 100Mbit/s,"
+        " or bytes per second like 1GB/s, 125MBps"
+    ),
     Unit.COUNT: "use a whole number like 3",
 }
 
@@ -121,7 +137,8 @@ def parse_quantity(resource: str, value: object, *, allow_zero: bool = False) ->
     text = repr(value) if isinstance(value, float) else str(value)
     if text.strip().startswith("-") or (isinstance(value, (int, float)) and value < 0):
         raise InvalidError(f"{resource}: {text} is negative; {hint}", {"resource": resource})
-    number, suffix = _split(resource, text, hint)
+    number, typed_suffix = _split(resource, text, hint)
+    suffix = typed_suffix.lower()
     if unit is Unit.MILLICORES:
         if suffix == "m":
             amount = number
@@ -139,7 +156,7 @@ def parse_quantity(resource: str, value: object, *, allow_zero: bool = False) ->
             )
         amount = number * mult
     elif unit is Unit.BANDWIDTH:
-        amount = _bandwidth(resource, number, suffix, text, hint)
+        amount = _bandwidth(resource, number, typed_suffix, text, hint)
     else:
         if suffix:
             raise InvalidError(
@@ -163,24 +180,24 @@ def parse_quantity(resource: str, value: object, *, allow_zero: bool = False) ->
 
 
 def _bandwidth(resource: str, number: Decimal, suffix: str, text: str, hint: str) -> Decimal:
-    if suffix.endswith("bps"):
-        mult = _DECIMAL_BITS.get(suffix.removesuffix("bps"))
-        if mult is None:
-            raise InvalidError(
-                f"{resource}: unknown unit in {text!r}; {hint}", {"resource": resource}
-            )
-        return (number * mult / 8).to_integral_value(rounding="ROUND_FLOOR")
-    base = suffix.removesuffix("/s")
-    if base.endswith("ps"):
-        base = base.removesuffix("ps")
-    mult = _byte_suffix(base)
-    if mult is None:
+    """Bytes per second from a bandwidth; ``suffix`` keeps its case (``b`` vs ``B``)."""
+    match = _BANDWIDTH_UNIT.match(suffix)
+    if not match or (match["iec"] and not match["prefix"]):
         raise InvalidError(f"{resource}: unknown unit in {text!r}; {hint}", {"resource": resource})
-    return number * mult
+    power = _PREFIXES.index(match["prefix"].lower()) + 1 if match["prefix"] else 0
+    unit, per = match["unit"], match["per"]
+    bits = unit == "b" or unit.lower() in ("bit", "bits") or (unit == "B" and per == "PS")
+    if not bits:
+        return number * Decimal(1024) ** power
+    mult = Decimal(1024 if match["iec"] else 1000) ** power
+    return (number * mult / 8).to_integral_value(rounding="ROUND_FLOOR")
 
 
 def parse_bandwidth(text: str) -> int:
-    """hypeman's ParseBandwidth: ``10Gbps`` → 1_250_000_000, ``1GB/s`` → 1_073_741_824."""
+    """hypeman's ParseBandwidth: ``10Gbps`` → 1_250_000_000, ``1GB/s`` → 1_073_741_824.
+
+    Unlike hypeman, ``10Gb/s`` is bits too (see the module docstring).
+    """
     return parse_quantity("net", text, allow_zero=True)
 
 
@@ -198,22 +215,33 @@ _BYTE_UNITS: Final = (
 _BIT_UNITS: Final = (("Tbps", 10**12), ("Gbps", 10**9), ("Mbps", 10**6), ("Kbps", 10**3))
 
 
-def _in_units(amount: int, units: tuple[tuple[str, int], ...], base: str) -> str:
+def _exact_in_units(amount: int, units: tuple[tuple[str, int], ...], base: str) -> str | None:
     """The largest unit that shows ``amount`` exactly with at most two decimals and a
-    short number; failing that, the largest unit, rounded (display only)."""
+    short number; the base unit below the smallest; None if no unit is exact."""
     for name, mult in units:
         if abs(amount) >= mult and (amount * 100) % mult == 0 and abs(amount) // mult < 100_000:
             return f"{_trim(amount / mult)}{name}"
+    if abs(amount) < units[-1][1]:
+        return f"{amount}{base}"
+    return None
+
+
+def _in_units(amount: int, units: tuple[tuple[str, int], ...], base: str) -> str:
+    """``_exact_in_units``; failing that, the largest unit, rounded (display only)."""
+    exact = _exact_in_units(amount, units, base)
+    if exact is not None:
+        return exact
     for name, mult in units:
         if abs(amount) >= mult:
             return f"{_trim(amount / mult)}{name}"
-    return f"{amount}{base}"
+    return f"{amount}{base}"  # pragma: no cover - _exact_in_units took small amounts
 
 
 def render_quantity(resource: str, amount: int) -> str:
-    """Human form of an internal amount (``1.5``, ``20GiB``, ``10Gbps``, ``3``).
+    """Human form of an internal amount (``1.5``, ``20GiB``, ``10Gbps``, ``1GiB/s``, ``3``).
 
-    Exact amounts render so that ``parse_quantity`` gives them back.
+    Exact amounts render so that ``parse_quantity`` gives them back; bandwidths always
+    do (``net`` in bits when that is exact, else, like ``disk_io``, in bytes).
     """
     unit = unit_of(resource)
     if unit is Unit.MILLICORES:
@@ -226,8 +254,10 @@ def render_quantity(resource: str, amount: int) -> str:
         return render_bytes(amount)
     if unit is Unit.BANDWIDTH:
         if resource == "net":  # links are sold in bits per second
-            return _in_units(amount * 8, _BIT_UNITS, "bps")
-        return render_bytes(amount) + "/s"
+            bits = _exact_in_units(amount * 8, _BIT_UNITS, "bps")
+            if bits is not None:
+                return bits
+        return (_exact_in_units(amount, _BYTE_UNITS, "B") or f"{amount}B") + "/s"
     return str(amount)
 
 
