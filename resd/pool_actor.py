@@ -217,6 +217,9 @@ class PoolActor(Actor):
         self.watcher = watcher
         self.reattach_grace = reattach_grace
         self.metrics = metrics
+        #: the clock of its timers (trio's; a test driving handlers outside trio
+        #: gives its own)
+        self.clock: Callable[[], float] = trio.current_time
         self.holders = Holders()
         self.subscribers: set[Outbox] = set()
         self.queue = WaitQueue()
@@ -315,7 +318,7 @@ class PoolActor(Actor):
         """The trio time of wall time ``wall_at``."""
         if wall_at is None:
             return None
-        return trio.current_time() + max(0.0, wall_at - self.wall())
+        return self.clock() + max(0.0, wall_at - self.wall())
 
     def _orphan_session(self, session: str, why: str) -> int:
         """Connection ``session`` is gone without its client having asked: its session
@@ -326,7 +329,7 @@ class PoolActor(Actor):
         for w in self.queue.of_session(session):
             w.outbox = None
             if keep and w.args.token:
-                self.orphans.add(w.id, trio.current_time() + self.reattach_grace)
+                self.orphans.add(w.id, self.clock() + self.reattach_grace)
                 orphaned += 1
             else:
                 self._end_waiter(
@@ -336,7 +339,7 @@ class PoolActor(Actor):
         ended: list[PoolEvent] = []
         for rid in sorted(self.book.by_session.get(session, ())):
             if keep and self.book.reservations[rid].token:
-                self.orphans.add(rid, trio.current_time() + self.reattach_grace)
+                self.orphans.add(rid, self.clock() + self.reattach_grace)
                 orphaned += 1
             else:
                 ended.append(Ended(rid, "released", self.wall(), f"session closed ({why})"))
@@ -471,7 +474,7 @@ class PoolActor(Actor):
         return min(self.queue.timeouts.earliest(), self.orphans.earliest(), self._later.earliest())
 
     def on_deadline(self) -> None:
-        now = trio.current_time()
+        now = self.clock()
         for _, message in self._later.pop_due(now):
             try:
                 self.handlers[type(message)](message)  # refused again: it is re-queued
@@ -505,7 +508,7 @@ class PoolActor(Actor):
             return step()
         except UnavailableError:
             key = f"{type(message).__name__}:{next(self._later_ids)}"
-            self._later.add(key, trio.current_time() + RETRY_AFTER, message)
+            self._later.add(key, self.clock() + RETRY_AFTER, message)
             raise
 
     def after_batch(self) -> None:

@@ -71,6 +71,7 @@ class BookAndJournalAgree(RuleBasedStateMachine):
         self.journal = MemoryJournal()
         wall = lambda: self.now  # noqa: E731 - the actor reads the test's clock
         self.actor = PoolActor(PoolBook(), self.journal, wall, Reaper(wall), Arbiter(wall))  # type: ignore[arg-type]
+        self.actor.clock = wall  # its retry timers run outside trio here
         self.ids: list[str] = []
         self.tokens: list[str] = []
         self.internal: list[str] = []
@@ -238,3 +239,28 @@ BookAndJournalAgree.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestBookAndJournalAgree = BookAndJournalAgree.TestCase
+
+
+def test_an_expiry_the_journal_refuses_is_retried_on_the_actors_clock() -> None:
+    """Found by this machine: a refused expiry is queued for a retry on the actor's
+    timer clock; driven outside trio, that is the test's clock (it raised before)."""
+    machine = BookAndJournalAgree()
+    machine.create_pool(name="q", preemption="off", grace=0.0)
+    machine.reserve(
+        pool="q",
+        tenant=Tenant("low", 2),
+        cpu=0,
+        disks=0,
+        ports=1,
+        wait=False,
+        session="c-1",
+        binding="session",
+        ttl=3.0,
+    )
+    (r,) = machine.actor.book.reservations.values()
+    machine.fail_next_append()
+    assert r.expires_at is not None
+    machine.ask(m.Expire(r.id, r.expires_at))  # refused: nothing changes, a retry is due
+    assert r.id in machine.actor.book.reservations
+    assert len(machine.actor._later) == 1
+    machine.replay_equals_memory()
