@@ -189,7 +189,10 @@ def test_a_reclaimable_run_that_gives_back_in_time_is_not_killed(
     assert boss.returncode == 0, boss.stderr
     assert elapsed < 4, "granted when the lender gave back, not at the end of the grace"
     code, _, stderr = finish(lender)
-    assert code == 10 and "reclaimed" in stderr, stderr
+    # CMD traps the SIGTERM of the reclaim notice and exits 0 before the deadline:
+    # the lease ends `released`, not `preempted`, so resctl exits with CMD's own
+    # status (0) rather than 10 (preempted), as docs/cli.md says.
+    assert code == 0 and "reclaimed" in stderr and "given back in time" in stderr, stderr
     assert not alive(int(pidfile.read_text()))
     kinds = [k for k, rid in history(resd_proc) if rid == lent["id"] and k != "registered"]
     assert kinds == ["reserved", "preempting", "released"], "given back, never killed"

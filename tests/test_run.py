@@ -410,6 +410,49 @@ def test_preempted_while_running(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ignores_term", [False, True], ids=["gives-back", "ignores-term"])
+def test_reclaimed_while_running(
+    resd_proc: Proc, started: list[subprocess.Popen[str]], tmp_path: Path, ignores_term: bool
+) -> None:
+    spec = {
+        "name": "p",
+        "max_per_tenant": 0,
+        "preemption": "lower_priority",
+        "grace": 1.0,
+        "resources": {"cpu": {"capacity": 8000}},
+    }
+    with Client(resd_proc.socket) as client:
+        client.call("pool.create", from_wire(PoolCreate, spec))
+    tenants(resd_proc)
+    pidfile = tmp_path / "pid"
+    # giving back: CMD traps the notice's SIGTERM and exits 3 (its own status)
+    on_term = "" if ignores_term else "exit 3"
+    script = (
+        f"trap '{on_term}' TERM; echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; "
+        "while :; do sleep 0.05; done"
+    )
+    argv = ["--tenant", "low", "--pool", "p", "--cpu", "8", "--reclaimable", "--"]
+    p = start(started, resd_proc, *argv, "sh", "-c", script)
+    wait_for(pidfile.exists, 15, "the child to start")
+    child = int(pidfile.read_text())
+    boss = run(resd_proc, "--tenant", "high", "--pool", "p", "--cpu", "8", "--", "true")
+    assert boss.returncode == 0, boss.stderr
+    code, _, stderr = finish(p)
+    assert "reclaimed" in stderr
+    assert not alive(child)
+    history = json.loads(resctl(resd_proc, "export", "--tenant", "low").stdout)
+    kinds = [h["kind"] for h in history if h["kind"] != "registered"]
+    if ignores_term:
+        assert code == 10, stderr  # SIGKILLed at the deadline: preempted
+        assert "killed by SIGKILL" in stderr
+        assert kinds == ["reserved", "preempting", "preempted"]
+    else:
+        assert code == 3, stderr  # given back in time: CMD's own status, not 10
+        assert "given back in time" in stderr
+        assert kinds == ["reserved", "preempting", "released"]
+
+
+@pytest.mark.slow
 def test_preempted_without_grace(
     resd_proc: Proc, started: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:

@@ -26,6 +26,9 @@
    ``DEFAULT_KILL_AFTER`` when the pool has none). While resd restarts, CMD keeps
    running: the client reconnects and re-attaches the lease by itself, and resctl
    only says so on stderr (or ends CMD as above if the lease ended meanwhile).
+   A reclaim notice (``--reclaimable``) also sends SIGTERM at once and SIGKILL at
+   its deadline, but CMD exiting before the deadline gives the resources back: the
+   lease ends ``released``, never ``preempted``, and resctl exits with CMD's status.
 5. When CMD exits, anything left in its process group gets SIGTERM (SIGKILL after
    ``LEFTOVER_GRACE``), the reservation is released, and resctl exits with CMD's
    status (128+N for signal N) — or with 10 (preempted), 9 (expired) or 12 (resd
@@ -229,6 +232,9 @@ class Ending:
 
     error: ResdError
     kill_at: float  # monotonic time of the SIGKILL
+    #: a reclaim notice: CMD exiting before the deadline gives the resources back
+    #: (the lease ends ``released``), so resctl exits with CMD's own status
+    reclaim: bool = False
 
 
 class Supervisor:
@@ -502,6 +508,7 @@ class Supervisor:
                     f" within {left:.3g}s"
                 ),
                 now + left,
+                reclaim=True,
             )
         elif isinstance(event, PreemptedEvent):
             if info.state == "terminating" and event.deadline is not None:
@@ -524,9 +531,9 @@ class Supervisor:
                     now if self.ending is not None else now + self.kill_after,
                 )
 
-    def _end(self, pgid: int, error: ResdError, kill_at: float) -> None:
+    def _end(self, pgid: int, error: ResdError, kill_at: float, *, reclaim: bool = False) -> None:
         if self.ending is None:
-            self.ending = Ending(error, kill_at)
+            self.ending = Ending(error, kill_at, reclaim)
             wait = max(0.0, kill_at - time.monotonic())
             self.warn(
                 f"{error.code}: {error.message}; sending SIGTERM to CMD, SIGKILL in {wait:.3g}s"
@@ -534,6 +541,11 @@ class Supervisor:
             self._kill(pgid, signal.SIGTERM)
             self._kill(pgid, signal.SIGCONT)
         else:
+            if self.ending.reclaim and not reclaim:
+                # the lease ended otherwise (preempted at the deadline, released,
+                # expired) before CMD gave it back: that is the outcome
+                self.ending.error = error
+                self.ending.reclaim = False
             self.ending.kill_at = min(self.ending.kill_at, kill_at)
 
     def _stopped(self, pgid: int, stopsig: int) -> None:
@@ -659,6 +671,10 @@ class Supervisor:
             else f"exited with status {returncode}"
         )
         error = self.ending.error
+        if self.ending.reclaim and not self.killed:
+            # CMD gave back in time: resctl released the lease, nobody was preempted
+            self.warn(f"reservation {self.lease.id} given back in time; CMD {how}")
+            return exit_status(returncode)
         self.warn(f"{error.code}: {error.message}; CMD {how}")
         return error.exit_code
 

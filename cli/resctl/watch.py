@@ -1,10 +1,12 @@
 """``resctl watch``: redraw utilization on every state change the daemon pushes.
 
 The daemon is never polled: ``subscribe`` returns the first status, then the
-client's reader thread queues a ``StateEvent`` after each change. ``Throttle``
-(pure) coalesces bursts so that frames are at least ``--interval`` apart while the
-latest state is always drawn eventually. A TTY gets a ``rich.live.Live`` display;
-plain output reprints each frame; ``--json`` prints one compact line per frame.
+client's reader thread queues a ``StateEvent`` after each change. A pushed change is
+drawn at once; ``Throttle`` (pure) coalesces a burst so that frames for changes are
+at least ``GAP`` apart while the latest state is always drawn eventually, and (for
+the table views, whose countdowns move) asks for a redraw every ``--interval``
+seconds even when nothing changed. A TTY gets a ``rich.live.Live`` display; plain
+output reprints each frame; ``--json`` prints one compact line per change.
 
 When resd restarts, the client reconnects and subscribes again by itself; watch
 says so on stderr, draws the status of the new daemon, and goes on. It stops with
@@ -32,12 +34,19 @@ from resd_client import Client, Disconnected, Reconnected
 from resd_client.errors import InvalidError, UnavailableError
 from resd_client.protocol import StateEvent, Status
 
+GAP = 0.25
+"""Least time between two frames drawn for pushed changes: a burst of pushes is
+drawn as at most four frames a second."""
+
 
 @dataclass
 class Throttle:
-    """Redraw at most once per ``interval`` seconds, never dropping the last change."""
+    """Draw a change once ``interval`` seconds have passed since the last frame
+    (coalescing a burst, never dropping the last change), and, when ``every`` is
+    set, redraw every ``every`` seconds even without a change."""
 
     interval: float
+    every: float | None = None
     last: float = -math.inf
     pending: bool = False
 
@@ -45,14 +54,23 @@ class Throttle:
         self.pending = True
 
     def due(self, now: float) -> bool:
-        """A change is waiting and the interval since the last frame has passed."""
-        return self.pending and now - self.last >= self.interval
+        """A change waits and ``interval`` has passed, or ``every`` has passed."""
+        since = now - self.last
+        if self.pending and since >= self.interval:
+            return True
+        return self.every is not None and since >= self.every
 
     def wait(self, now: float) -> float | None:
-        """How long to block for the next event: forever when nothing is pending."""
-        if not self.pending:
+        """How long to block for the next event: forever when nothing is pending
+        and there is no periodic redraw."""
+        ends = []
+        if self.pending:
+            ends.append(self.last + self.interval)
+        if self.every is not None:
+            ends.append(self.last + self.every)
+        if not ends:
             return None
-        return max(0.0, self.last + self.interval - now)
+        return max(0.0, min(ends) - now)
 
     def drawn(self, now: float) -> None:
         self.last = now
@@ -131,13 +149,14 @@ def watch(
         typer.Option(
             "--interval",
             metavar="SECONDS",
-            help="Minimum time between redraws; changes in between are coalesced.",
+            help="Redraw the table this often for its countdowns (0: only on changes); "
+            "pushed changes are drawn at once.",
         ),
     ] = "2",
     json_out: JsonOpt = False,
     socket: SocketOpt = None,
 ) -> None:
-    """Live utilization, redrawn when the daemon pushes a change. Ctrl-C quits."""
+    """Live utilization, drawn when the daemon pushes a change. Ctrl-C quits."""
     out = Output(json_out)
     with guard(out):
         every = parse_duration(interval, "interval")
@@ -148,7 +167,9 @@ def watch(
         with connect(socket) as client:
             status: Status = client.subscribe()
             first = StateEvent(pools=status.pools, active=status.active, at=time.time())
-            throttle = Throttle(every)
+            # JSON has no countdowns: one line per (coalesced) change, nothing periodic.
+            periodic = every if every > 0 and not out.json else None
+            throttle = Throttle(GAP, periodic)
             seen = Followed(client, out, status)
             try:
                 if out.json:
@@ -172,9 +193,10 @@ def watch(
 
 def _frame(status: Status, state: StateEvent, every: float, *, plain: bool) -> RenderableType:
     now = time.time()
+    also = f" and every {every:g}s" if every > 0 else ""
     heading = (
         f"resd watch  updated {time.strftime('%H:%M:%S', time.localtime(state.at))}"
-        f"  (redraws at most every {every:g}s; Ctrl-C quits)"
+        f"  (redraws on each change{also}; Ctrl-C quits)"
     )
     return status_view(
         server_version=status.server_version,
