@@ -622,6 +622,39 @@ for _what, _value in (("-1", -1.0), ("inf", float("inf")), ("31 days", 31 * 8640
 add("pool.create overuse kill", "pool.create", with_(POOL_CREATE, overuse="kill"), "overuse")
 add("pool.set overuse kill", "pool.set", {"name": "p", "overuse": "kill"}, "overuse")
 add("pool.set adopt_foreign 1", "pool.set", {"name": "p", "adopt_foreign": 1}, "adopt_foreign")
+_PART = {"pool": "p", "resources": {"cpu": 1000}}
+add("gang of one part", "reserve", {"parts": [_PART]}, "2 to")
+add("gang of 17 parts", "reserve", {"parts": [_PART] * 17}, "2 to")
+add("gang with a pool too", "reserve", {"parts": [_PART, _PART], "pool": "p"}, "parts")
+add(
+    "gang with resources too",
+    "reserve",
+    {"parts": [_PART, _PART], "resources": {"cpu": 1}},
+    "parts",
+)
+add("gang part asks nothing", "reserve", {"parts": [_PART, {"pool": "p"}]}, "parts[1]")
+add(
+    "gang part negative",
+    "reserve",
+    {"parts": [_PART, {"pool": "p", "resources": {"cpu": -1}}]},
+    "parts[1]",
+)
+add("gang part unknown field", "reserve", {"parts": [_PART, {"pool": "p", "cpu": 1}]}, "cpu")
+add("gang part not a map", "reserve", {"parts": [_PART, "p"]}, "parts")
+add(
+    "gang part unknown pool",
+    "reserve",
+    {"parts": [_PART, {"pool": "nope", "resources": {"cpu": 1}}]},
+    "nope",
+    codes=("not_found",),
+)
+add(
+    "gang part unknown resource",
+    "reserve",
+    {"parts": [_PART, {"pool": "p", "resources": {"widgets": 1}}]},
+    "widgets",
+)
+add("metrics with an argument", "metrics", {"format": "json"}, "format")
 add("resize nothing", "resize", {"id": RID, "resources": {}}, "resources")
 add("resize negative", "resize", {"id": RID, "resources": {"cpu": -1}}, "cpu")
 add("resize bad id", "resize", {"id": "r-XYZ", "resources": {"cpu": 1}}, "id")
