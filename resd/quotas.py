@@ -93,34 +93,29 @@ def over_max(
         return None
     for name, amount in sorted(asked(args).items()):
         cap = quota.max.get(name)
-        if cap is not None and amount > cap:
-            return QuotaExceededError(
-                f"tenant {tenant!r} asks {amount} {name} in pool {pool.name!r}, more than"
-                f" its max of {cap}: it can never be granted",
-                {
-                    "pool": pool.name,
-                    "tenant": tenant,
-                    "resource": name,
-                    "max": cap,
-                    "held": holding.get(name, 0),
-                    "requested": amount,
-                    "never": True,
-                },
-            )
-        if cap is not None and holding.get(name, 0) + amount > cap:
-            return QuotaExceededError(
-                f"tenant {tenant!r} holds {holding.get(name, 0)} {name} in pool"
-                f" {pool.name!r}; {amount} more would pass its max of {cap}",
-                {
-                    "pool": pool.name,
-                    "tenant": tenant,
-                    "resource": name,
-                    "max": cap,
-                    "held": holding.get(name, 0),
-                    "requested": amount,
-                    "never": False,
-                },
-            )
+        held = holding.get(name, 0)
+        if cap is None or held + amount <= cap:
+            continue
+        never = amount > cap
+        message = (
+            f"tenant {tenant!r} asks {amount} {name} in pool {pool.name!r}, more than"
+            f" its max of {cap}: it can never be granted"
+            if never
+            else f"tenant {tenant!r} holds {held} {name} in pool {pool.name!r};"
+            f" {amount} more would pass its max of {cap}"
+        )
+        return QuotaExceededError(
+            message,
+            {
+                "pool": pool.name,
+                "tenant": tenant,
+                "resource": name,
+                "max": cap,
+                "held": held,
+                "requested": amount,
+                "never": never,
+            },
+        )
     return None
 
 

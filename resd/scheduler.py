@@ -228,12 +228,8 @@ def _reclaim_for(book: PoolBook, w: Waiter, now: float) -> Generator[Step, None,
         return False
     if plan.outcome == "reclaim" and (w.args.wait or plan.grace == 0):
         by = f"quota: reclaiming for tenant {w.tenant.name!r} (within its min)"
-        yield Evict(w, [book.evict(v, by, now) for v in plan.victims], reclaim=True)
-        if plan.grace == 0:
-            events = decide(book, w, now)
-            if isinstance(events[0], Reserved):
-                yield Grant(w, events)
-                return True
+        if (yield from _evict(book, w, plan, by, now, reclaim=True)):
+            return True
     ids = [v.id for v in plan.victims]
     w.waits_for(
         "reclaiming",
@@ -244,6 +240,20 @@ def _reclaim_for(book: PoolBook, w: Waiter, now: float) -> Generator[Step, None,
     return True
 
 
+def _evict(
+    book: PoolBook, w: Waiter, plan: preemption.Plan, by: str, now: float, *, reclaim: bool
+) -> Generator[Step, None, bool]:
+    """Evict ``plan``'s victims for ``w``; when they leave at once (no grace), grant
+    ``w`` if it fits now. True when it was granted."""
+    yield Evict(w, [book.evict(v, by, now) for v in plan.victims], reclaim=reclaim)
+    if plan.grace == 0:
+        events = decide(book, w, now)
+        if isinstance(events[0], Reserved):
+            yield Grant(w, events)
+            return True
+    return False
+
+
 def _preempt_for(book: PoolBook, w: Waiter, now: float) -> Generator[Step, None, None]:
     """Evict the arbiter's choice of victims for ``w`` and, when they leave at once
     (no grace), grant it; else note what it waits for."""
@@ -251,12 +261,8 @@ def _preempt_for(book: PoolBook, w: Waiter, now: float) -> Generator[Step, None,
         return
     plan = preemption.plan(book, w.args, w.tenant, now)
     if plan.outcome == "preempt" and (w.args.wait or plan.grace == 0):
-        yield Evict(w, [book.evict(v, w.tenant.name, now) for v in plan.victims])
-        if plan.grace == 0:
-            events = decide(book, w, now)
-            if isinstance(events[0], Reserved):
-                yield Grant(w, events)
-                return
+        if (yield from _evict(book, w, plan, w.tenant.name, now, reclaim=False)):
+            return
     elif plan.outcome != "wait" or not plan.victims:
         return
     ids = [v.id for v in plan.victims]
