@@ -830,8 +830,8 @@ class PoolBook:
     ) -> list[PoolEvent]:
         """Evict every live reservation of ``target`` (in ``pool``): at once, or after
         grace. A non-``admin`` evicts only in pools whose policy allows preemption
-        (``lower_priority``); naming a pool where it is ``off`` raises ForbiddenError.
-        Raises NotFoundError when ``target`` has no active reservation (in ``pool``),
+        (``lower_priority``); naming a pool where it is ``off``, or a target whose
+        leases all sit in such pools, raises ForbiddenError. Raises NotFoundError when ``target`` has no active reservation (in ``pool``),
         as resgate does, rather than preempting nothing."""
         if pool is not None and not admin and self.pool(pool).preemption == "off":
             raise ForbiddenError(
@@ -847,12 +847,15 @@ class PoolBook:
                 f"tenant {target!r} has no active reservations to preempt{where}",
                 {"tenant": target} if pool is None else {"tenant": target, "pool": pool},
             )
-        events: list[PoolEvent] = []
-        for r in active:
-            if not admin and self.pools[r.pool].preemption == "off":
-                continue
-            events.append(self.evict(r, by, now))
-        return events
+        allowed = [r for r in active if admin or self.pools[r.pool].preemption != "off"]
+        if not allowed:  # every lease sits in a pool where only an admin may preempt
+            shielded = sorted({r.pool for r in active})
+            raise ForbiddenError(
+                f"tenant {target!r} holds reservations only in pools with preemption off"
+                f" ({', '.join(shielded)}); only an admin may preempt there",
+                {"tenant": target, "pools": shielded},
+            )
+        return [self.evict(r, by, now) for r in allowed]
 
     def evict(self, r: Reservation, by: str, now: float) -> PoolEvent:
         """The event of preempting ``r``: at once, or at the end of its pool's grace

@@ -172,7 +172,8 @@ def test_a_non_admin_cannot_preempt_in_a_pool_whose_policy_is_off() -> None:
     book, _ = _book_with("off")
     with pytest.raises(ForbiddenError, match="preemption off; only an admin"):
         book.preempt("root", "p", "alice", 2.0, admin=False)
-    assert book.preempt("root", None, "alice", 2.0, admin=False) == [], "off pools skipped"
+    with pytest.raises(ForbiddenError, match="only in pools with preemption off \\(p\\)"):
+        book.preempt("root", None, "alice", 2.0, admin=False)  # not "preempted 0"
     assert len(book.preempt("root", "p", "ops", 2.0, admin=True)) == 1, "an admin may"
     book, _ = _book_with("lower_priority")
     assert len(book.preempt("root", "p", "alice", 2.0, admin=False)) == 1
