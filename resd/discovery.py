@@ -12,7 +12,11 @@ resources package. Each figure is measured where the machine can tell
   the fastest NIC that is up); left out when no link reports a speed;
 - ``disk_io``: ``disk_io_limit`` (always configured, as hypeman);
 - GPUs: the devices of ``gpus_file``, else NVML (``resd.nvml``). NVML being
-  unavailable means no GPUs and one info log line, never an error.
+  unavailable means no GPUs and one info log line, never an error;
+- NUMA nodes' CPU lists (``numa_cpus``): ``/sys/devices/system/node/node<N>/cpulist``,
+  read at each ``resources`` request rather than at start, so CPUs brought online
+  later are seen. They are what ``resctl export --format slurm`` writes as a GPU's
+  ``Cores=``.
 
 This module owns ``psutil``; ``resd.nvml`` owns NVML. A figure that cannot be found
 is left out rather than guessed. Bad configured values raise ConfigError.
@@ -40,15 +44,17 @@ from resd.nvml import (
     load_gpus_file,
 )
 from resd_client.errors import InvalidError
+from resd_client.protocol import CPU_LIST
 from resd_client.quantity import parse_quantity, render_quantity
 
-__all__ = ["LinkStat", "describe", "discover", "host_pool_resources"]
+__all__ = ["LinkStat", "describe", "discover", "host_pool_resources", "numa_cpus"]
 
 log = structlog.get_logger("resd.discovery")
 
 _PROCESSOR: Final = re.compile(r"^processor\s*:", re.MULTILINE)
 _MEMTOTAL: Final = re.compile(r"^MemTotal:\s*(\d+)\s*kB", re.MULTILINE)
 _RTF_UP: Final = 0x1
+_NODE_DIR: Final = re.compile(r"node(\d+)")
 
 
 class LinkStat(Protocol):
@@ -204,6 +210,31 @@ def _gpus(config: Config, backend: NvmlBackend | None) -> tuple[tuple[GpuDevice,
         log.info("nvml_unavailable", reason=exc.reason, detail="no GPUs in the host inventory")
         return (), source, exc.reason
     return tuple(devices), source, ""
+
+
+def numa_cpus(sys_root: Path = Path("/sys")) -> dict[str, str]:
+    """NUMA node → the CPUs on it, in the kernel's cpulist form (``{"0": "0-27,56-83"}``).
+
+    A node whose list cannot be read, is empty (a memory-only node) or is not in
+    cpulist form is left out, and a host without NUMA information gives ``{}``:
+    callers omit what is unknown rather than guess. Never raises.
+    """
+    try:
+        entries = list((sys_root / "devices" / "system" / "node").iterdir())
+    except OSError:
+        return {}
+    found: dict[int, str] = {}
+    for entry in entries:
+        match = _NODE_DIR.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            cpus = (entry / "cpulist").read_text().strip()
+        except OSError:
+            continue
+        if CPU_LIST.fullmatch(cpus):
+            found[int(match.group(1))] = cpus
+    return {str(node): found[node] for node in sorted(found)}
 
 
 def host_pool_resources(

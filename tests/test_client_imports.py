@@ -1,8 +1,8 @@
 """The client library works with only the standard library and msgpack (SPEC §1).
 
 Worker processes import ``resd_client`` without the daemon's dependencies. A child
-interpreter blocks trio, psutil, pynvml, typer, rich, attrs, cattrs and structlog
-with a meta-path finder, then talks to a real daemon.
+interpreter blocks trio, psutil, pynvml, typer, rich, attrs, cattrs, structlog and
+PyYAML with a meta-path finder, then talks to a real daemon.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ BLOCKED = [
     "attrs",
     "cattrs",
     "structlog",
+    "yaml",
     "torch",
     "jax",
 ]

@@ -256,7 +256,7 @@ def test_resources_json_is_hypemans_shape(host: Proc) -> None:
     )
     view = resources(host)
     # hypeman's fields, and resd's quotas (tenant → min, max, used in this pool)
-    assert set(view) == {"pool", "resources", "gpus", "allocations", "quotas"}
+    assert set(view) == {"pool", "resources", "gpus", "allocations", "quotas", "numa_cpus"}
     assert view["pool"] == "host"
     res = view["resources"]
     assert {"cpu", "memory", "disk", "disk_io", "gpu", "vram"} <= set(res)

@@ -371,6 +371,7 @@ SAMPLES: dict[type, list[Any]] = {
                     other={"licenses": 1},
                 )
             ],
+            numa_cpus={"0": "0-27,56-83", "1": "28-55,84-111"},
         ),
         p.HostResources(pool="empty", resources={}, gpus=[], allocations=[]),
     ],
