@@ -13,10 +13,19 @@ When the actor is parked with nothing sent to it unhandled, ``ask`` runs the
 handler in the caller's task instead of waking the actor's: the same single
 synchronous step in the same order (nothing was queued before it), minus two task
 switches on the daemon's hot path.
+
+Log context (``resd.logs``): a message is handled in its sender's contextvars
+context, whichever task runs the handler. ``ask`` and ``tell`` put a copy of it
+in the envelope (trio copies a task's context only when the task is spawned, so
+nothing would flow through the mailbox otherwise), and the loop runs the handler
+inside it; a line the handler logs carries the request's bound keys (``op``,
+``peer_uid``, ...). ``after_batch`` and ``on_deadline`` act for no one request and
+run in the actor's own context, on the fast path of ``ask`` too.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +46,8 @@ _WAKE: Any = object()  # a message that only makes the loop look at its deadline
 class _Envelope:
     message: Any
     done: trio.Event | None
+    #: the sender's context, which the handler runs in (None: the caller's own)
+    context: contextvars.Context | None = None
     result: Any = None
     error: ResdError | None = None
 
@@ -55,16 +66,18 @@ class Actor:
         #: the loop is parked in ``receive``, sleeping until ``_parked_until`` at most
         self._parked = False
         self._parked_until = math.inf
+        #: the actor's task's own context, for the steps no one message caused
+        self._own_context = contextvars.copy_context()
 
     async def ask(self, message: Any) -> Any:
         if self._parked and not self._unhandled:
             envelope = _Envelope(message, None)
-            self._handle(envelope)
-            self.after_batch()
+            self._handle(envelope)  # in the caller's task and context
+            self._own_context.run(self.after_batch)
             if self.next_deadline() < self._parked_until:
                 self._post(_Envelope(_WAKE, None))  # re-arm the loop's timer
         else:
-            envelope = _Envelope(message, trio.Event())
+            envelope = _Envelope(message, trio.Event(), contextvars.copy_context())
             self._post(envelope)
             assert envelope.done is not None
             await envelope.done.wait()
@@ -74,7 +87,7 @@ class Actor:
 
     def tell(self, message: Any) -> None:
         try:
-            self._post(_Envelope(message, None))
+            self._post(_Envelope(message, None, contextvars.copy_context()))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # shutting down
 
@@ -93,6 +106,7 @@ class Actor:
         """Called after the messages that were waiting have all been handled."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._own_context = contextvars.copy_context()
         task_status.started()
         while True:
             envelope: _Envelope | None = None
@@ -124,8 +138,12 @@ class Actor:
     def _deliver(self, envelope: _Envelope) -> None:
         """Handle an envelope that came through the mailbox."""
         self._unhandled -= 1
-        if envelope.message is not _WAKE:
+        if envelope.message is _WAKE:
+            return
+        if envelope.context is None:
             self._handle(envelope)
+        else:
+            envelope.context.run(self._handle, envelope)
 
     def _handle(self, envelope: _Envelope) -> None:
         message = envelope.message

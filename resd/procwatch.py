@@ -138,7 +138,7 @@ class ProcessWatcher:
         self._polled.pop(rid, None)
 
     def _exited(self, w: Watch) -> None:
-        log.info("process_exited", reservation=w.id, pid=w.pid)
+        log.debug("process_exited", reservation=w.id, pid=w.pid)
         self.pool_actor.tell(ProcessExited(w.id, w.pid, w.start))
 
     async def _watch_pidfd(self, w: Watch, scope: trio.CancelScope) -> None:

@@ -21,6 +21,12 @@ within ``read_timeout``; a connection that stalls is closed (an idle one between
 frames is not: it may hold leases for days). ``accept`` failing for lack of file
 descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off and
 retries instead of ending the daemon; open connections are served meanwhile.
+
+Log context (``resd.logs``): a connection's task binds ``conn``, ``peer_uid`` and
+``peer_pid`` with ``structlog.contextvars``, and each request's task adds ``op``,
+``request`` and the ``reservation`` and ``tenant`` its arguments name; tasks get
+a copy of their spawner's context, so the bindings stay in the task that made
+them and need no reset.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ import struct
 import attrs
 import structlog
 import trio
+from structlog.contextvars import bind_contextvars
 
 from resd import messages as m
-from resd.ops import Conn, Services, dispatch
+from resd.ops import Conn, Services, dispatch, named_in
 from resd.tenants import Peer
 from resd_client.errors import (
     InternalError,
@@ -50,6 +57,7 @@ from resd_client.errors import (
     UnsupportedVersionError,
 )
 from resd_client.protocol import (
+    OPS,
     PROTOCOL_VERSION,
     BadFrame,
     FrameDecoder,
@@ -173,10 +181,9 @@ class _Connection:
         self.slots = trio.Semaphore(max_pending)
 
     def overflow(self) -> None:
-        """Called by an actor whose push found the outbox full: close the connection."""
-        if not self.overflowed:
-            self.overflowed = True
-            log.warning("closing_unread_connection", conn=self.conn.id, outbox=OUTBOX_FRAMES)
+        """Called by an actor whose push found the outbox full: close the connection
+        (the connection's task logs it, in its own context)."""
+        self.overflowed = True
         self.scope.cancel()
 
 
@@ -277,6 +284,7 @@ class Server:
         conn = _Connection(stream, self.limits.max_pending)
         outbox = m.Outbox(channel, conn.overflow)
         conn.conn = Conn(f"{self.svc.boot_id[:8]}-{next(self._ids)}", peer, outbox)
+        bind_contextvars(conn=conn.conn.id, peer_uid=peer.uid, peer_pid=peer.pid)  # this task's
         refusal = admission(self.limits, peer, len(self._connections), self._per_uid[peer.uid])
         if refusal is not None:
             self._log_refusal(refusal, peer)
@@ -291,7 +299,7 @@ class Server:
         self._per_uid[peer.uid] += 1
         if self._idle.is_set():
             self._idle = trio.Event()
-        log.debug("connected", conn=conn.conn.id, uid=peer.uid, pid=peer.pid)
+        log.debug("connected")
         try:
             with conn.scope:
                 async with trio.open_nursery() as nursery:
@@ -304,6 +312,7 @@ class Server:
             # client's leases wait for it to re-attach.
             if conn.overflowed:
                 why = "it did not read its pushes"
+                log.warning("closing_unread_connection", outbox=OUTBOX_FRAMES)
             else:
                 why = conn.stalled or "resd stopped"
             orphan = conn.overflowed or conn.stalled is not None or self._stopping
@@ -319,7 +328,7 @@ class Server:
                 self._idle.set()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
-            log.debug("disconnected", conn=conn.conn.id)
+            log.debug("disconnected")
 
     def _log_refusal(self, refusal: UnavailableError, peer: Peer) -> None:
         """Warn about refused connections at most once per ``REFUSAL_LOG_INTERVAL``
@@ -335,8 +344,6 @@ class Server:
             "connection_refused",
             limit=limit,
             value=refusal.details.get("value"),
-            uid=peer.uid,
-            pid=peer.pid,
             connections=len(self._connections),
             of_uid=self._per_uid[peer.uid],
             refused_since_last=count,
@@ -399,11 +406,9 @@ class Server:
                     break
                 except BadFrame as exc:
                     whole += 1
-                    await self._send(c, reply_error(None, InvalidError(str(exc))))
+                    await self._refuse(c, None, InvalidError(str(exc)))
                 except FrameTooLarge as exc:
-                    await self._send(
-                        c, reply_error(None, InvalidError(f"{exc}; closing the connection"))
-                    )
+                    await self._refuse(c, None, InvalidError(f"{exc}; closing the connection"))
                     return
             if not decoder.pending:
                 partial_since = None
@@ -420,9 +425,19 @@ class Server:
         else:
             c.stalled = f"it did not say hello within {self.limits.handshake_timeout:g}s"
             event, limit = "handshake_timeout", self.limits.handshake_timeout
-        peer = c.conn.peer
-        log.info(event, conn=c.conn.id, uid=peer.uid, pid=peer.pid, limit_s=limit, pending=pending)
+        log.info(event, limit_s=limit, pending=pending)
         c.scope.cancel()
+
+    async def _refuse(
+        self, c: _Connection, request_id: int | None, error: ResdError, op: object = None
+    ) -> None:
+        """Answer a frame refused before any handler runs: the client's error, so a
+        debug line (``request`` and ``op`` only when the frame had them right)."""
+        known: dict[str, object] = {} if request_id is None else {"request": request_id}
+        if isinstance(op, str) and op in OPS:
+            known["op"] = op
+        log.debug("refused", **known, code=str(error.code), error=error.message)
+        await self._send(c, reply_error(request_id, error))
 
     async def _send(self, c: _Connection, frame: dict[str, object]) -> None:
         try:
@@ -436,7 +451,7 @@ class Server:
         try:
             req = decode_request(frame)
         except RequestError as exc:
-            await self._send(c, reply_error(exc.request_id, exc.error))
+            await self._refuse(c, exc.request_id, exc.error, frame.get("op"))
             return
         except Exception as exc:  # a decoding bug must cost one frame, not the daemon
             log.exception("decode_failed")
@@ -449,8 +464,8 @@ class Server:
             return
         if not c.greeted:
             if req.op != "hello":
-                await self._send(
-                    c, reply_error(req.id, InvalidError("the first request must be hello"))
+                await self._refuse(
+                    c, req.id, InvalidError("the first request must be hello"), req.op
                 )
                 return
             if req.args.version != PROTOCOL_VERSION:
@@ -458,20 +473,21 @@ class Server:
                     f"protocol version {req.args.version} is not supported; this daemon speaks {PROTOCOL_VERSION}",
                     {"supported": [PROTOCOL_VERSION]},
                 )
-                await self._send(c, reply_error(req.id, error))
+                await self._refuse(c, req.id, error, req.op)
                 return
             c.greeted = True
             c.stall_scope.deadline = math.inf  # what follows hello may wait for slots
         elif req.op == "hello":
-            await self._send(
-                c, reply_error(req.id, InvalidError("hello was already sent on this connection"))
-            )
+            again = InvalidError("hello was already sent on this connection")
+            await self._refuse(c, req.id, again, req.op)
             return
         await c.slots.acquire()  # backpressure: stop reading while max_pending are in flight
         handlers.start_soon(self._handle, c, req)
 
     async def _handle(self, c: _Connection, req: Request) -> None:
-        """Run one request; its slot is free again only once its reply is queued."""
+        """Run one request; its slot is free again only once its reply is queued. The
+        request's log keys are bound in this, its own task."""
+        bind_contextvars(op=req.op, request=req.id, **named_in(req.args))
         try:
             try:
                 result = await dispatch(self.svc, c.conn, req.op, req.args)
@@ -479,7 +495,7 @@ class Server:
             except ResdError as exc:
                 frame = reply_error(req.id, exc)
             except Exception as exc:
-                log.exception("handler_failed", op=req.op)
+                log.exception("handler_failed")
                 frame = reply_error(
                     req.id, InternalError(f"{req.op} failed: {type(exc).__name__}: {exc}")
                 )
