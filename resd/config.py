@@ -79,6 +79,9 @@ class Config:
     #: where Prometheus metrics are served over HTTP, "HOST:PORT" ("127.0.0.1:9464",
     #: "[::1]:9464"); "": not served (``resctl metrics`` gives the same text)
     metrics_listen: str = ""
+    #: the cgroup v2 directory delegated to resd for ``resctl run``'s limits: ""
+    #: resd's own cgroup (systemd ``Delegate=``), "off": no cgroup limits
+    cgroup_root: str = ""
     log_format: str = "auto"
     log_level: str = "info"
     oversub: dict[str, float] = attrs.Factory(lambda: dict(DEFAULT_OVERSUB))
@@ -216,6 +219,11 @@ def _validate(cfg: Config) -> Config:
         check_limit(key, resource, getattr(cfg, key))
     if cfg.metrics_listen:
         metrics_address(cfg)
+    if cfg.cgroup_root not in ("", "off") and not Path(cfg.cgroup_root).is_absolute():
+        raise ConfigError(
+            f"cgroup_root: {cfg.cgroup_root!r} is not an absolute path; give a cgroup v2"
+            ' directory delegated to resd, "off", or leave it empty for resd\'s own cgroup'
+        )
     if cfg.gpus_file:
         from resd.nvml import load_gpus_file  # the GPU file format lives with NVML
 

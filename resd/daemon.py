@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 import structlog
 import trio
 
+from resd import cgroups
 from resd import messages as m
 from resd.announcer import Announcer
 from resd.config import Config, gpu_margin, metrics_address
@@ -384,6 +385,8 @@ class Daemon:
         pool_book.mps = mps_active()  # decides the ``enforcement`` of new VRAM slices
         if pool_book.mps:
             log.info("mps_detected", detail="VRAM slices get MPS pinned-memory limits")
+        tree = cgroups.probe(cfg.cgroup_root)
+        jobs = None if tree is None else cgroups.CgroupJobs(tree)
         reaper, arbiter = Reaper(self.wall), Arbiter(self.wall)
         announcer, watcher = Announcer(journal), ProcessWatcher()
         pools = PoolActor(
@@ -398,6 +401,7 @@ class Daemon:
             watcher=watcher,
             reattach_grace=cfg.reattach_grace,
             metrics=self.metrics,
+            cgroups=jobs,
         )
         self.metrics.watch(lambda: pools.book)
         reaper.pool_actor = arbiter.pool_actor = watcher.pool_actor = pools
@@ -453,6 +457,9 @@ class Daemon:
                 lsn = await pools.ask(m.Recover())
                 if lsn:
                     await journal.wait_durable(lsn)
+                if jobs is not None:
+                    await nursery.start(jobs.run)
+                    jobs.sweep(pools.book.reservations)  # what ended while resd was away
                 if fresh and cfg.host_pool:
                     await self._create_host_pool(pools, journal)
                 if self.handle_signals:

@@ -3,6 +3,8 @@ the NVML backends return and the reconciler will read. Nothing here touches NVML
 
 from __future__ import annotations
 
+from typing import Final
+
 import attrs
 
 
@@ -164,6 +166,16 @@ def _owning_root(pid: int, roots: dict[int, list[LeaseGpus]], parent: dict[int, 
 
 
 # ------------------------------------------------------------------- enforcement
+
+
+#: the enforcement levels, strongest first (SPEC §10)
+LADDER: Final = ("mig", "mps", "cgroup", "framework", "watch", "none")
+
+
+def stronger(level: str, other: str) -> str:
+    """The stronger of two enforcement levels: a cgroup confining a lease's CMD
+    outranks framework caps and watching, but not MIG or MPS limits."""
+    return min(level, other, key=LADDER.index)
 
 
 def enforcement_of(

@@ -387,12 +387,14 @@ class TenantStanding:
 @attrs.frozen
 class DoRegister:
     """Add process ``pid`` (started at ``start``) to lease ``id``; ``uid`` None: an
-    admin (any lease), else the caller, who must hold it."""
+    admin (any lease), else the caller, who must hold it. ``confine``: in a cgroup
+    with the lease's limits, where the host allows."""
 
     id: str
     pid: int
     start: float
     uid: int | None
+    confine: bool = False
 
 
 @attrs.frozen

@@ -4,6 +4,10 @@ Handlers run in the connection's task, orchestrate the actors with ``ask``, chec
 authority, and await durability of what the actors journaled before returning the
 result. They hold no state of their own. ``HANDLERS`` must cover exactly
 ``protocol.OPS`` (a test checks it).
+
+Every request ends with one debug line from ``dispatch``: ``handled`` or, for an
+error the client caused, ``refused`` (its ``code`` and ``error``); ``named_in``
+gives the log keys a request's arguments name (``resd.logs``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
+import structlog
+from structlog.contextvars import bind_contextvars
 
 from resd import messages as m
+from resd.discovery import numa_cpus
 from resd.journal import Journal, JournalFailed
 from resd.metrics import Metrics
 from resd.pool_actor import PoolActor
@@ -73,6 +80,8 @@ from resd_client.protocol import (
     TopSnapshot,
     WaitInfo,
 )
+
+log = structlog.get_logger("resd.ops")
 
 
 @attrs.define(eq=False)
@@ -245,6 +254,7 @@ def _bound_process(peer: Peer, pid: int | None) -> tuple[int, float]:
 async def reserve(svc: Services, conn: Conn, args: Reserve) -> ReservationInfo:
     pid = _bound_process(conn.peer, args.pid) if args.binding == "pid" else None
     tenant, made = await svc.tenants.ask(m.PeekTenant(args.tenant, conn.peer))
+    bind_contextvars(tenant=tenant.name)  # the request's task: the tenant it acts as
     tenant_lsn = 0
     if made:  # the caller's own tenant, new: a bad request must not create it
         await svc.pools.ask(m.CheckReserve(args))
@@ -293,7 +303,7 @@ async def register(svc: Services, conn: Conn, args: Register) -> ReservationInfo
     process only, since ``overuse = terminate`` signals what a lease owns."""
     pid, start = _bound_process(conn.peer, args.pid)
     info: ReservationInfo = await _as_holder(
-        svc, conn, args.id, lambda uid: m.DoRegister(args.id, pid, start, uid)
+        svc, conn, args.id, lambda uid: m.DoRegister(args.id, pid, start, uid, args.confine)
     )
     return info
 
@@ -381,8 +391,11 @@ async def export(svc: Services, conn: Conn, args: Export) -> History:
 
 
 async def resources(svc: Services, conn: Conn, args: ResourcesOf) -> HostResources:
+    """The pool's view from its actor, plus the host's NUMA CPU lists read now (a
+    few sysfs files, in memory, so inline). Raises NotFoundError for no such pool."""
+
     view: HostResources = await svc.pools.ask(m.ShowResources(args.pool))
-    return view
+    return dataclasses.replace(view, numa_cpus=numa_cpus())
 
 
 async def subscribe(svc: Services, conn: Conn, args: Subscribe) -> Status:
@@ -430,18 +443,48 @@ HANDLERS: Final[dict[str, Handler]] = {
 }
 
 
+def named_in(args: Any) -> dict[str, str]:
+    """The ``reservation`` and ``tenant`` a request's arguments name, as log keys."""
+    keys: dict[str, str] = {}
+    rid = getattr(args, "id", None)
+    if isinstance(rid, str):
+        keys["reservation"] = rid
+    tenant = getattr(args, "tenant", None)
+    if isinstance(args, TenantAdd | TenantName | TenantSet | TenantRemove):
+        tenant = args.name
+    elif isinstance(args, Plan):
+        tenant = args.request.tenant
+    if isinstance(tenant, str):
+        keys["tenant"] = tenant
+    return keys
+
+
+def _named_by(result: Any) -> dict[str, str]:
+    """The reservation and tenant a result is about (a reserve's new id), as log keys."""
+    if isinstance(result, ReservationInfo):
+        return {"reservation": result.id, "tenant": result.tenant}
+    if isinstance(result, TenantInfo):
+        return {"tenant": result.name}
+    return {}
+
+
 async def dispatch(svc: Services, conn: Conn, op: str, args: Any) -> Any:
-    """Run ``op``'s handler, timing it for the request-latency metric. Raises what the
-    handler raises; an error that is not a ResdError counts as ``internal``, and a
-    request cancelled (its connection or the daemon going away) is not counted."""
+    """Run ``op``'s handler, timing it for the request-latency metric, and log the
+    outcome at debug. Raises what the handler raises; an error that is not a
+    ResdError counts as ``internal`` (the server logs it), and a request cancelled
+    (its connection or the daemon going away) is not counted."""
     began = svc.metrics.clock()
     try:
         result = await HANDLERS[op](svc, conn, args)
     except ResdError as exc:
-        svc.metrics.request(op, svc.metrics.clock() - began, str(exc.code))
+        took = svc.metrics.clock() - began
+        svc.metrics.request(op, took, str(exc.code))
+        log.debug("refused", code=str(exc.code), error=exc.message, seconds=took)
         raise
     except Exception:
         svc.metrics.request(op, svc.metrics.clock() - began, "internal")
         raise
-    svc.metrics.request(op, svc.metrics.clock() - began, None)
+    took = svc.metrics.clock() - began
+    svc.metrics.request(op, took, None)
+    log.debug("handled", seconds=took, **_named_by(result))
     return result

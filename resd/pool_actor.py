@@ -37,9 +37,10 @@ from typing import Any
 import structlog
 import trio
 
-from resd import gpu_policy, preemption, resize, scheduler
+from resd import cgroups, gpu_policy, preemption, resize, scheduler
 from resd.actor import Actor
 from resd.announcer import Announcer
+from resd.cgroups import CgroupJobs
 from resd.journal import Journal
 from resd.messages import (
     Cancel,
@@ -200,8 +201,10 @@ class PoolActor(Actor):
         watcher: Any = None,
         reattach_grace: float = 0.0,
         metrics: Metrics | None = None,
+        cgroups: CgroupJobs | None = None,
     ) -> None:
-        """``metrics``: counts evictions, ends and waits (None: nothing counted)."""
+        """``metrics``: counts evictions, ends and waits (None: nothing counted);
+        ``cgroups``: where ``resctl run`` confines CMD (None: the host cannot)."""
         super().__init__()
         self.book = book
         self.journal = journal
@@ -217,6 +220,7 @@ class PoolActor(Actor):
         self.watcher = watcher
         self.reattach_grace = reattach_grace
         self.metrics = metrics
+        self.cgroups = cgroups
         #: the clock of its timers (trio's; a test driving handlers outside trio
         #: gives its own)
         self.clock: Callable[[], float] = trio.current_time
@@ -303,7 +307,7 @@ class PoolActor(Actor):
                     lsn, self._or_later(closed, functools.partial(self._session_closed, closed))
                 )
             except UnavailableError as exc:
-                log.error("recovery_deferred", session=session, error=exc.message)
+                log.error("recovery_deferred", conn=session, error=exc.message)
         for r in self.book.reservations.values():
             if r.expires_at is not None:
                 self.reaper.tell(Schedule(r.id, r.expires_at))
@@ -344,7 +348,7 @@ class PoolActor(Actor):
             else:
                 ended.append(Ended(rid, "released", self.wall(), f"session closed ({why})"))
         if orphaned:
-            log.info("orphaned", session=session, why=why, held=orphaned, grace=self.reattach_grace)
+            log.info("orphaned", conn=session, why=why, held=orphaned, grace=self.reattach_grace)
         return self._commit(ended)
 
     def _abandon(self, rid: str) -> None:
@@ -394,12 +398,20 @@ class PoolActor(Actor):
                     self.watcher.tell(Watch(r.id, r.pid, r.pid_start))
                 self._dirty = True
             case Renewed(id=rid, expires_at=expires_at):
-                log.debug("renewed", reservation=rid, expires_at=expires_at)
+                tenant = self.book.reservations[rid].tenant
+                log.debug("renewed", reservation=rid, tenant=tenant, expires_at=expires_at)
                 self.reaper.tell(Schedule(rid, expires_at))
             case Terminating(id=rid, deadline=deadline, by=by, reclaim=reclaim):
-                log.info("preempting", reservation=rid, by=by, deadline=deadline, reclaim=reclaim)
-                self.arbiter.tell(Schedule(rid, deadline))
                 info = self.book.reservations[rid].info()
+                log.info(
+                    "preempting",
+                    reservation=rid,
+                    tenant=info.tenant,
+                    by=by,
+                    deadline=deadline,
+                    reclaim=reclaim,
+                )
+                self.arbiter.tell(Schedule(rid, deadline))
                 if self.metrics is not None:
                     self.metrics.evicted(info.pool, by)
                 self._notify(
@@ -411,9 +423,9 @@ class PoolActor(Actor):
                 )
                 self._dirty = True
             case Ended(id=rid, state=state, at=at, reason=reason):
-                # Releases are the hot path (history has them all); the rest is news.
-                (log.debug if state == "released" else log.info)(
-                    state, reservation=rid, reason=reason
+                # Ends are routine (history has them all); a preemption is news.
+                (log.info if state == "preempted" else log.debug)(
+                    state, reservation=rid, tenant=gone[rid].tenant, reason=reason
                 )
                 if self.metrics is not None:
                     if state == "preempted" and gone[rid].state != "terminating":  # no grace
@@ -427,6 +439,8 @@ class PoolActor(Actor):
                 if gone[rid].pid is not None and self.watcher is not None:
                     self.watcher.tell(Unwatch(rid))
                 self.orphans.discard(rid)
+                if self.cgroups is not None:
+                    self.cgroups.ended(rid)
                 doomed = self._doomed.pop(rid, None)
                 if doomed is not None:
                     signal_processes(doomed[0], signal.SIGKILL, doomed[1])
@@ -445,10 +459,14 @@ class PoolActor(Actor):
                         self._push(outbox, note, lsn)
                 self._dirty = True
             case Marked(id=rid, mark=mark, on=on, detail=detail):
-                (log.warning if on else log.info)(
-                    "marked" if on else "unmarked", reservation=rid, mark=mark, detail=detail
-                )
                 info = self.book.reservations[rid].info()
+                (log.warning if on else log.info)(
+                    "marked" if on else "unmarked",
+                    reservation=rid,
+                    tenant=info.tenant,
+                    mark=mark,
+                    detail=detail,
+                )
                 self._notify(
                     rid, MarkedEvent(reservation=info, mark=mark, on=on, detail=detail), lsn
                 )
@@ -608,7 +626,7 @@ class PoolActor(Actor):
             w.outbox = None  # the reply tells it
             self._end_waiter(w, error)
             raise error
-        log.info("queued", reservation=w.id, tenant=w.tenant.name, position=w.position)
+        log.debug("queued", reservation=w.id, tenant=w.tenant.name, position=w.position)
         return w.info(), self.journal.last_lsn
 
     def _granted_now(self, w: Waiter, events: list[PoolEvent]) -> tuple[ReservationInfo, int]:
@@ -645,7 +663,8 @@ class PoolActor(Actor):
         if w.resize_of:
             lsn = self._commit(events)
             self.queue.remove(w.id)
-            log.info("resized", reservation=w.resize_of, waited=round(self.wall() - w.arrived, 3))
+            waited = round(self.wall() - w.arrived, 3)
+            log.debug("resized", reservation=w.resize_of, tenant=w.tenant.name, waited=waited)
             if w.outbox is not None:
                 info = self.book.reservations[w.resize_of].info()
                 self._push(w.outbox, ResizedEvent(reservation=info), lsn)
@@ -657,7 +676,7 @@ class PoolActor(Actor):
         waited = self.wall() - w.arrived
         if self.metrics is not None:
             self.metrics.waited(info.pool, waited)
-        log.info("granted", reservation=w.id, waited=round(waited, 3))
+        log.debug("granted", reservation=w.id, tenant=w.tenant.name, waited=round(waited, 3))
         if w.outbox is not None and w.id != self._replying:
             self._push(w.outbox, GrantedEvent(reservation=info), lsn)
 
@@ -668,7 +687,13 @@ class PoolActor(Actor):
         self.queue.remove(w.id)
         self.orphans.discard(w.id)
         self._queue_dirty = True
-        log.info("wait_ended", reservation=w.id, code=str(error.code), reason=error.message)
+        log.debug(
+            "wait_ended",
+            reservation=w.id,
+            tenant=w.tenant.name,
+            code=str(error.code),
+            error=error.message,
+        )
         if w.outbox is not None:
             self._push(w.outbox, DeniedEvent(reservation_id=w.id, error=error.to_wire()), lsn)
         return lsn
@@ -732,7 +757,7 @@ class PoolActor(Actor):
         lsn = self._commit([Queued(w.record())])
         self.queue.add(w, self._trio_at(w.timeout_at))
         self._queue_dirty = True
-        log.info("resize_queued", reservation=r.id, waiter=w.id)
+        log.debug("resize_queued", reservation=r.id, tenant=r.tenant, waiter=w.id)
         order = self.queue.ordered(self.book.usage_at(now))
         return dataclasses.replace(w.info(), position=order.index(w) + 1), lsn
 
@@ -740,8 +765,33 @@ class PoolActor(Actor):
         check = self._owner_check(msg.id, msg.uid)
         if check is not None:
             return check
-        lsn = self._commit(self.book.register(msg.id, msg.pid, msg.start, self.wall()))
+        now = self.wall()
+        events = self.book.register(msg.id, msg.pid, msg.start, now)
+        if events and msg.confine:
+            cgroup = self._confine(msg.id, msg.pid)
+            if cgroup:
+                events = self.book.register(msg.id, msg.pid, msg.start, now, cgroup)
+        lsn = self._commit(events)  # unjournaled, a confined CMD stays so till its end
         return self.book.reservation(msg.id).info(), lsn
+
+    def _confine(self, rid: str, pid: int) -> str:
+        """Put ``pid`` in lease ``rid``'s cgroup with the lease's CPU and memory limits;
+        "" when the host cannot (no delegated cgroup v2, a controller missing, nothing
+        to limit) — CMD then runs unconfined, never refused."""
+        if self.cgroups is None:
+            return ""
+        r = self.book.lease_info(rid)
+        wanted = cgroups.needed(r.resources, r.members)
+        missing = self.cgroups.tree.missing(wanted)
+        if not wanted or missing:
+            log.debug("not_confined", reservation=rid, missing=sorted(missing))
+            return ""
+        try:
+            path = self.cgroups.tree.place(rid, pid, cgroups.limits_for(r.resources, r.members))
+        except cgroups.CgroupError as exc:
+            log.warning("not_confined", reservation=rid, pid=pid, error=str(exc))
+            return ""
+        return str(path)
 
     def _gpu_report(self, msg: GpuReport) -> None:
         """Act on the reconciler's verdict (SPEC §10): journal changed marks,
@@ -756,8 +806,9 @@ class PoolActor(Actor):
             log.error("gpu_report_not_journaled", error=exc.message)
             return
         for rid, procs in decision.terminate.items():
-            sent = signal_processes(procs, signal.SIGTERM, self.book.reservations[rid].uid)
-            log.warning("overuse_terminating", reservation=rid, signalled=sent)
+            lease = self.book.reservations[rid]
+            sent = signal_processes(procs, signal.SIGTERM, lease.uid)
+            log.warning("overuse_terminating", reservation=rid, tenant=lease.tenant, signalled=sent)
         for rid, procs in decision.doomed.items():
             r = self.book.reservations.get(rid)
             if r is not None and r.state == "terminating":
@@ -837,7 +888,8 @@ class PoolActor(Actor):
             )
         lsn = self._commit(self.book.rebind(rid, msg.session, self.wall(), msg.peer))
         self.orphans.discard(rid)
-        log.info("reattached", reservation=rid, session=msg.session)
+        tenant = w.tenant.name if w is not None else self.book.reservations[rid].tenant
+        log.info("reattached", reservation=rid, tenant=tenant, conn=msg.session)
         if w is not None:
             w.session, w.outbox, w.peer = msg.session, msg.outbox, msg.peer
             order = self.queue.ordered(self.book.usage_at(self.wall()))

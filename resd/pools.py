@@ -18,7 +18,7 @@ import attrs
 
 from resd import quotas
 from resd.fairshare import HALF_LIFE, FairShare, share
-from resd.gpu_usage import enforcement_of
+from resd.gpu_usage import enforcement_of, stronger
 from resd.holdings import GPU, VRAM, PoolHoldings, members_of, shortfall
 from resd.records import (
     Capacity,
@@ -906,9 +906,11 @@ class PoolBook:
             raise NotFoundError(f"{rid} is neither active nor waiting", {"id": rid})
         return [Rebound(rid, session, now, peer)]
 
-    def register(self, rid: str, pid: int, start: float, now: float) -> list[PoolEvent]:
+    def register(
+        self, rid: str, pid: int, start: float, now: float, cgroup: str = ""
+    ) -> list[PoolEvent]:
         """Events of adding process ``pid`` to live lease ``rid``'s processes (none
-        when it is there already)."""
+        when it is there already), confined in ``cgroup`` if given."""
         r = self.reservations.get(rid)
         if r is None:
             raise NotFoundError(f"{rid} is not an active reservation", {"id": rid})
@@ -920,7 +922,7 @@ class PoolBook:
                 " parent of a process tree, not each process",
                 {"id": rid, "max": MAX_PROCS},
             )
-        return [Registered(rid, pid, start, now)]
+        return [Registered(rid, pid, start, now, cgroup)]
 
     def mark(self, rid: str, wanted: dict[str, str], now: float) -> list[PoolEvent]:
         """Events that make live lease ``rid``'s marks those ``wanted`` (mark → what
@@ -995,11 +997,16 @@ class PoolBook:
                 self.fair.change(r.tenant, part - self._shares.get(rid, 0.0), at)
                 self._shares[rid] = part
                 self._record(at, "resized", r, detail)
-            case Registered(id=rid, pid=pid, start=start, at=at):
+            case Registered(id=rid, pid=pid, start=start, at=at, cgroup=cgroup):
                 r = self.reservations[rid]
-                r = self.reservations[rid] = attrs.evolve(r, procs=(*r.procs, (pid, start)))
+                r = attrs.evolve(r, procs=(*r.procs, (pid, start)))
+                if cgroup:
+                    level = stronger(r.enforcement, "cgroup")
+                    r = attrs.evolve(r, cgroup=cgroup, enforcement=level)
+                self.reservations[rid] = r
                 self.by_root.setdefault(pid, set()).add(rid)
-                self._record(at, "registered", r, f"process {pid}")
+                where = f" in cgroup {cgroup}" if cgroup else ""
+                self._record(at, "registered", r, f"process {pid}{where}")
             case Marked(id=rid, mark=mark, on=on, detail=detail, at=at):
                 r = self.reservations[rid]
                 marks = {k: v for k, v in r.marks.items() if k != mark}

@@ -146,8 +146,11 @@ class Reservation:
     peer: int | None = None
     #: processes registered to it (``resctl run``'s CMD): (pid, start time)
     procs: tuple[tuple[int, float], ...] = ()
-    #: the strongest guard the host gives it (SPEC §10), decided at grant
+    #: the strongest guard the host gives it (SPEC §10), decided at grant; ``cgroup``
+    #: once a process is confined, unless a stronger GPU guard holds
     enforcement: str = "none"
+    #: the cgroup its registered processes run in ("" when none)
+    cgroup: str = ""
     #: reconciler marks standing now: ``overuse`` / ``idle`` → what was seen
     marks: dict[str, str] = attrs.Factory(dict)
     #: a gang part: the ids of all its parts, the first being the lease's own id
@@ -184,6 +187,7 @@ class Reservation:
             pid=self.pid,
             deadline=self.deadline if self.state == "terminating" else None,
             enforcement=self.enforcement,
+            cgroup=self.cgroup,
             marks=dict(self.marks),
             processes=[p for p, _ in self.procs],
         )
@@ -300,12 +304,14 @@ class Resized:
 
 @attrs.frozen
 class Registered:
-    """Process ``pid`` (started at ``start``) was added to lease ``id``'s processes."""
+    """Process ``pid`` (started at ``start``) was added to lease ``id``'s processes,
+    in cgroup ``cgroup`` when it was confined."""
 
     id: str
     pid: int
     start: float
     at: float
+    cgroup: str = ""
 
 
 @attrs.frozen

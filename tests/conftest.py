@@ -55,6 +55,7 @@ def make_config(tmp: Path, **changes: object) -> Config:
         host_pool=False,
         log_level="warning",
         gpu_sample_interval=0,  # GPU tests turn the reconciler on with a scripted host
+        cgroup_root="off",  # cgroup tests give a directory of their own
     )
     return attrs.evolve(base, **changes)  # type: ignore[arg-type]
 
@@ -187,6 +188,12 @@ def resctl(
             f"resctl {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+def run_argv(proc: Proc, options: list[str], cmd: list[str]) -> list[str]:
+    """``resctl run --socket S OPTIONS -- CMD`` against ``proc`` (the conftest
+    ``resctl`` helper puts ``--socket`` last, where CMD would take it)."""
+    return [sys.executable, "-m", "resctl", "run", "--socket", proc.socket, *options, "--", *cmd]
 
 
 DAEMON_ARGS = ["--no-host-pool", "--fsync", "always", "--log-level", "info", "--log-format", "json"]

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import os
-import threading
 import types
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,7 +61,6 @@ from resd_client.errors import (
     ForbiddenError,
     InvalidError,
     QuotaExceededError,
-    UnavailableError,
 )
 from resd_client.protocol import (
     Allocation,
@@ -898,35 +896,29 @@ def test_list_idle_asks_for_idle_leases_and_json_has_enforcement(
 class FakeRunClient:
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
-        self.registered: list[tuple[str, int]] = []
-        self.called = threading.Event()
+        self.registered: list[tuple[str, int, bool]] = []
 
-    def register(self, reservation_id: str, pid: int) -> None:
-        self.registered.append((reservation_id, pid))
-        self.called.set()
+    def register(self, reservation_id: str, pid: int, *, confine: bool = False) -> Any:
+        self.registered.append((reservation_id, pid, confine))
         if self.error is not None:
             raise self.error
+        return types.SimpleNamespace(enforcement="cgroup", cgroup="/sys/fs/cgroup/x")
 
 
-def registered(error: Exception | None, *, finished: bool = False) -> tuple[list[str], Any]:
-    """Run ``Supervisor._register`` against a fake client; the warnings and the client."""
+def registered(error: Exception | None) -> tuple[list[str], Any]:
+    """Run ``Supervisor._register`` (what the spawn helper's gate waits for) against a
+    fake client; the warnings and the client."""
     client = FakeRunClient(error)
     warnings: list[str] = []
     lease: Any = types.SimpleNamespace(id="r-0123456789ab")
     fake: Any = client
     supervisor = Supervisor(fake, lease, ["true"], {}, kill_after=1.0, warn=warnings.append)
     try:
-        if finished:
-            supervisor.finished.set()
-        before = set(threading.enumerate())
         supervisor._register(4242)
-        assert client.called.wait(5)
-        for thread in set(threading.enumerate()) - before:
-            thread.join(5)
     finally:
         os.close(supervisor._wake_r)
         os.close(supervisor._wake_w)
-    assert client.registered == [("r-0123456789ab", 4242)]
+    assert client.registered == [("r-0123456789ab", 4242, True)], "confined where resd can"
     return warnings, client
 
 
@@ -939,14 +931,13 @@ def test_run_says_once_when_registering_fails() -> None:
     warnings, _ = registered(ForbiddenError("pid 4242 is not yours"))
     assert warnings == [
         "could not register CMD (pid 4242) with r-0123456789ab: forbidden: pid 4242 is not"
-        " yours; its GPU use may count as foreign"
+        " yours; it runs without cgroup limits and its GPU use may count as foreign"
     ]
 
 
-def test_run_is_quiet_with_an_older_resd_or_once_cmd_is_done() -> None:
+def test_run_is_quiet_with_an_older_resd() -> None:
     old = InvalidError("unknown op 'register'; known ops: hello", {"field": "op"})
     assert registered(old)[0] == []
-    assert registered(UnavailableError("client closed"), finished=True)[0] == []
 
 
 # ------------------------------------------------------------ quotas

@@ -213,7 +213,7 @@ def test_register_updates_the_tracked_lease() -> None:
     lease = host.lease()
     runner = core.Runner(core.register(host, RID, 4242))
     frame = sent(host, runner.next())
-    assert (frame["op"], frame["args"]) == ("register", {"id": RID, "pid": 4242})
+    assert (frame["op"], frame["args"]) == ("register", {"id": RID, "pid": 4242, "confine": False})
     reply = step(runner)
     host.reply(frame["id"], info(processes=[4242]))
     assert perform_reply(runner, reply) is None
@@ -332,7 +332,7 @@ def check_conversation(fake: FakeDaemon, events: list[Any]) -> None:
     ops = [op for op, _ in fake.asked]
     assert ops[:5] == ["hello", "subscribe", "top", "reserve", "register"]
     assert fake.asked[1][1] == {"topics": ["top"]}
-    assert fake.asked[4][1] == {"id": RID, "pid": 4242}
+    assert fake.asked[4][1] == {"id": RID, "pid": 4242, "confine": False}
     assert events[0] == TopEvent(snapshot=snapshot())
     assert events[1] == mark(True, processes=[4242])
 

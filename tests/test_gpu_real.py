@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from resd.nvml import NvmlUnavailable, PynvmlBackend
-from tests.conftest import Proc, resctl, subprocess_env, wait_for
+from tests.conftest import Proc, resctl, run_argv, subprocess_env, wait_for
 
 #: allocates argv[1] MiB on the first visible device, says so, then sleeps
 ALLOCATE = r"""
@@ -61,23 +61,9 @@ def test_resctl_run_cmd_is_attributed_and_overuse_flagged(short_tmp: Path) -> No
         env={"RESD_GPU_SAMPLE_INTERVAL": "0.5"},
     ).start()
     run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "resctl",
-            "run",
-            "--socket",
-            proc.socket,
-            "--pool",
-            "host",
-            "--vram",
-            "1G",
-            "--",
-            sys.executable,
-            "-c",
-            ALLOCATE,
-            "1536",
-        ],
+        run_argv(
+            proc, ["--pool", "host", "--vram", "1G"], [sys.executable, "-c", ALLOCATE, "1536"]
+        ),
         env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

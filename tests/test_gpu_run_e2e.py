@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from resd.inventory import GpuDevice
 from resd.nvml import device_to_json
-from tests.conftest import Proc, resctl, subprocess_env, wait_for
+from tests.conftest import Proc, resctl, run_argv, subprocess_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,19 +49,7 @@ def test_run_overuse_flagged_shown_and_terminated(short_tmp: Path) -> None:
         env={"RESD_GPUS_FILE": str(gpus), "RESD_GPU_SAMPLE_INTERVAL": str(INTERVAL)},
     ).start()
     run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "resctl",
-            "run",
-            "--socket",
-            proc.socket,
-            "--vram",
-            "20G",
-            "--",
-            "sleep",
-            "600",
-        ],
+        run_argv(proc, ["--vram", "20G"], ["sleep", "600"]),
         env=subprocess_env(),
         stderr=subprocess.PIPE,
         text=True,

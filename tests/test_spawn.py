@@ -14,6 +14,7 @@ import subprocess
 import sys
 import termios
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import pytest
 import resctl.run
 from resctl import spawn
 from resctl.run import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, Supervisor
+from resd_client.errors import UnavailableError
 from tests.conftest import subprocess_env, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
@@ -251,9 +253,11 @@ class StandIn:
     def release(self, *args: Any, **kwargs: Any) -> None:
         self.released += 1
 
-    def register(self, reservation_id: str, pid: int) -> None:
-        """CMD's pid, for GPU attribution (SPEC §10)."""
+    def register(self, reservation_id: str, pid: int, *, confine: bool = False) -> Any:
+        """CMD's pid, for GPU attribution and its cgroup (SPEC §10)."""
+        assert confine, "resctl run asks resd to confine CMD"
         self.registered = (reservation_id, pid)
+        return types.SimpleNamespace(enforcement="none", cgroup="")
 
 
 def supervise(cmd: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, Supervisor, list[str]]:
@@ -297,3 +301,57 @@ def test_supervisor_child_is_cmd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert supervisor.child is not None
     pid, pgrp = out.read_text().split()
     assert int(pid) == int(pgrp) == supervisor.child.pid
+
+
+# ------------------------------------------------------------------ the gate
+
+
+def test_cmd_is_registered_at_the_gate_before_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resd confines CMD before its first instruction: registration happens while the
+    helper waits at its gate, so the registered process is still the helper."""
+    out = tmp_path / "out"
+    ran_before: list[bool] = []
+    register = StandIn.register
+
+    def spy(self: StandIn, reservation_id: str, pid: int, *, confine: bool = False) -> Any:
+        ran_before.append(out.exists())
+        return register(self, reservation_id, pid, confine=confine)
+
+    monkeypatch.setattr(StandIn, "register", spy)
+    code, supervisor, warnings = supervise(["sh", "-c", f"echo $$ > {out}"], monkeypatch)
+    assert code == 0 and warnings == []
+    stand_in = supervisor.client
+    assert supervisor.child is not None
+    assert (
+        stand_in.registered == ("r-test", supervisor.child.pid) == ("r-test", int(out.read_text()))
+    )
+    assert ran_before == [False], "CMD ran before it was registered"
+
+
+def test_a_failing_before_exec_never_runs_cmd(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    seen: list[int] = []
+
+    def refuse(pid: int) -> None:
+        seen.append(pid)
+        raise RuntimeError("refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        spawn.start(["sh", "-c", f"touch {marker}"], subprocess_env(), before_exec=refuse)
+    assert len(seen) == 1 and not alive(seen[0]), "the helper exited at its closed gate"
+    assert not marker.exists()
+
+
+def test_a_refused_registration_warns_and_cmd_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: StandIn, reservation_id: str, pid: int, *, confine: bool = False) -> None:
+        raise UnavailableError("journal full")
+
+    monkeypatch.setattr(StandIn, "register", refuse)
+    out = tmp_path / "out"
+    code, _, warnings = supervise(["sh", "-c", f"echo ran > {out}"], monkeypatch)
+    assert code == 0 and out.read_text() == "ran\n"
+    assert len(warnings) == 1 and "runs without cgroup limits" in warnings[0], warnings

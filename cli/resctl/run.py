@@ -86,7 +86,6 @@ from resctl.session import CLIENT_NAME, Output, guard, socket_of
 from resd_client import Client, ConnectionLost, Disconnected, Lease, Reconnected
 from resd_client.env import GPU_IDS, GpuIds
 from resd_client.errors import (
-    ErrorCode,
     InvalidError,
     PreemptedError,
     ResdError,
@@ -350,12 +349,12 @@ class Supervisor:
                         self.cmd,
                         self.env,
                         tty=self.tty if in_foreground(self.tty) else None,
+                        before_exec=self._register,
                     )
                 except OSError as exc:
                     return self._not_started(exc)
                 if goodbye is not None:
                     self._send(goodbye, f"{self.child.pid}\n".encode())
-                self._register(self.child.pid)
                 threading.Thread(
                     target=self._wait_child,
                     args=(self.child.pid,),
@@ -384,36 +383,30 @@ class Supervisor:
         return self._outcome(returncode)
 
     def _register(self, pid: int) -> None:
-        """Register CMD with the lease, on a thread of its own: supervision must not
-        wait for it while resd is away. A failure is never fatal: an older resd
-        without ``register`` gets a debug line, anything else one line on stderr
-        (none once CMD is done); resd journals the registration, so a reconnection
-        needs none again."""
-
-        def register() -> None:
-            try:
-                self.client.register(self.lease.id, pid)
-            except ResdError as exc:
-                if self.finished.is_set():
-                    return
-                if isinstance(exc, InvalidError) and exc.details.get("field") == "op":
-                    log.debug("resd does not know register: %s", exc.message)
-                    return
-                if exc.code == ErrorCode.NOT_FOUND and exc.details.get("field") == "pid":
-                    log.debug("CMD ended before it was registered: %s", exc.message)
-                    return
-                self.warn(
-                    f"could not register CMD (pid {pid}) with {self.lease.id}: {exc.code}:"
-                    f" {exc.message}; its GPU use may count as foreign"
-                )
-            except Exception as exc:  # never fatal: CMD runs whether or not resd knows it
-                if not self.finished.is_set():
-                    self.warn(
-                        f"could not register CMD (pid {pid}) with {self.lease.id}: {exc};"
-                        " its GPU use may count as foreign"
-                    )
-
-        threading.Thread(target=register, name="resctl-run-register", daemon=True).start()
+        """Register CMD with the lease while it waits at the spawn helper's gate,
+        asking resd to confine it in a cgroup with the lease's CPU and memory limits
+        (SPEC §10), so that it is limited from its first instruction. Never fatal:
+        CMD runs whether or not resd knows it — an older resd without ``register``
+        gets a debug line, anything else one line on stderr; resd journals the
+        registration, so a reconnection needs none again."""
+        try:
+            info = self.client.register(self.lease.id, pid, confine=True)
+        except ResdError as exc:
+            if isinstance(exc, InvalidError) and exc.details.get("field") == "op":
+                log.debug("resd does not know register: %s", exc.message)
+                return
+            self.warn(
+                f"could not register CMD (pid {pid}) with {self.lease.id}: {exc.code}:"
+                f" {exc.message}; it runs without cgroup limits and its GPU use may"
+                " count as foreign"
+            )
+        except Exception as exc:  # never fatal: CMD runs whether or not resd knows it
+            self.warn(
+                f"could not register CMD (pid {pid}) with {self.lease.id}: {exc}; it runs"
+                " without cgroup limits and its GPU use may count as foreign"
+            )
+        else:
+            log.debug("registered CMD: enforcement %s, cgroup %r", info.enforcement, info.cgroup)
 
     def _supervise(self, child: subprocess.Popen[bytes]) -> int:
         """The main loop; returns CMD's ``returncode`` (negative: killed by a signal)."""

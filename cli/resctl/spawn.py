@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-#: The helper. argv: status fd, resctl's pid, terminal fd or ``-``, ``=`` + CMD's
-#: LC_CTYPE or empty when it has none, then CMD.
+#: The helper. argv: status fd, resctl's pid, terminal fd or ``-``, gate fd or
+#: ``-``, ``=`` + CMD's LC_CTYPE or empty when it has none, then CMD.
 #:
 #: - ``PR_SET_PDEATHSIG`` = SIGKILL (Linux): CMD dies with resctl. The signal fires
 #:   when the *thread* that forked exits; Popen is called from resctl's main thread,
@@ -31,6 +31,9 @@ from typing import Final
 #:   set-group-ID or file-capability binaries, where the kernel clears it; the
 #:   watchdog still covers those).
 #: - If resctl died before that took effect (our parent is someone else), die now.
+#: - Given a gate descriptor, wait for resctl's go (one byte) before the exec: resd
+#:   moves this process into the lease's cgroup meanwhile, so that nothing CMD does
+#:   escapes its limits. EOF instead: resctl gave up (or died); exit.
 #: - Given a terminal descriptor, make our group the foreground one (SIGTTOU blocked
 #:   meanwhile, as ``resctl.run.give_terminal`` does), last, just before the exec.
 #: - Undo what this interpreter's start-up changed: it ignores SIGPIPE and SIGXFSZ
@@ -38,8 +41,8 @@ from typing import Final
 #:   them) and may coerce a C locale by setting LC_CTYPE (PEP 538).
 HELPER: Final = """
 import os, signal, sys
-status, parent, tty, lc_ctype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-cmd = sys.argv[5:]
+status, parent, tty, gate, lc_ctype = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
+cmd = sys.argv[6:]
 os.set_inheritable(status, False)
 for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
     if hasattr(signal, name):
@@ -59,6 +62,10 @@ if sys.platform.startswith("linux"):
         pass
 if os.getppid() != parent:
     os.kill(os.getpid(), signal.SIGKILL)
+if gate != "-":
+    if os.read(int(gate), 1) != b"g":
+        os._exit(127)
+    os.close(int(gate))
 if tty != "-":
     fd = int(tty)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
@@ -78,20 +85,33 @@ os._exit(127)
 
 
 def start(
-    cmd: Sequence[str], env: Mapping[str, str], *, tty: int | None = None
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    tty: int | None = None,
+    before_exec: Callable[[int], object] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start CMD (stdio inherited) with ``env``, in its own process group, with a
     parent-death signal; with ``tty``, CMD's group gets that terminal's foreground.
+    ``before_exec(pid)`` runs while the child waits at its gate, before CMD is
+    exec'd in it (resctl run has resd confine it there); if it raises, CMD never
+    runs and the exception propagates.
 
     Returns once CMD runs (the Popen's pid is CMD's). Raises OSError, as Popen does,
     when the helper cannot start or CMD cannot be exec'd (FileNotFoundError when it
     is not found); the helper is reaped then.
     """
     read_end, write_end = os.pipe()
+    gate_r, gate_w = os.pipe() if before_exec is not None else (None, None)
     try:
         lc_ctype = env.get("LC_CTYPE")
-        fds = (write_end,) if tty is None else (write_end, tty)
-        helper = [str(write_end), str(os.getpid()), "-" if tty is None else str(tty)]
+        fds = tuple(fd for fd in (write_end, tty, gate_r) if fd is not None)
+        helper = [
+            str(write_end),
+            str(os.getpid()),
+            "-" if tty is None else str(tty),
+            "-" if gate_r is None else str(gate_r),
+        ]
         # No preexec_fn, on purpose: see the module docstring.
         child = subprocess.Popen(
             [
@@ -110,9 +130,23 @@ def start(
         )
     except BaseException:
         os.close(read_end)
+        if gate_w is not None:
+            os.close(gate_w)
         raise
     finally:
         os.close(write_end)
+        if gate_r is not None:
+            os.close(gate_r)
+    if before_exec is not None and gate_w is not None:
+        try:
+            before_exec(child.pid)
+            os.write(gate_w, b"g")
+        except BaseException:
+            os.close(gate_w)  # EOF at the gate: the helper exits without CMD
+            os.close(read_end)
+            child.wait()
+            raise
+        os.close(gate_w)
     with os.fdopen(read_end, "rb") as status:
         report = status.read()  # EOF when CMD is exec'd (close-on-exec) or the helper died
     if not report:

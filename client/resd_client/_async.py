@@ -123,10 +123,12 @@ class Lease(LeaseState):
         (``info`` is the reply, applied by the session as it was read)."""
         await self.client._run(flows.renew(self.client, self.id, ttl))
 
-    async def register(self, pid: int) -> None:
+    async def register(self, pid: int, *, confine: bool = False) -> None:
         """Count process ``pid`` (and its descendants) as this lease's, for resd's GPU
-        accounting (SPEC §10): a worker it started that holds GPU memory."""
-        await self.client._run(flows.register(self.client, self.id, pid))
+        accounting (SPEC §10): a worker it started that holds GPU memory. ``confine``:
+        put it in a cgroup limited to the lease's CPU and memory where the host allows
+        (``info.enforcement`` then says ``cgroup``)."""
+        await self.client._run(flows.register(self.client, self.id, pid, confine))
 
     async def resize(
         self,
@@ -591,10 +593,13 @@ class AsyncClient(abc.ABC):
         interval). After a reconnection it subscribes again by itself."""
         return await self._run(flows.subscribe(self, topics))
 
-    async def register(self, reservation_id: str, pid: int) -> ReservationInfo:
+    async def register(
+        self, reservation_id: str, pid: int, *, confine: bool = False
+    ) -> ReservationInfo:
         """Count process ``pid`` (and its descendants) as the lease's, for resd's GPU
-        accounting (SPEC §10); ``resctl run`` registers its CMD."""
-        return await self._run(flows.register(self, reservation_id, pid))
+        accounting (SPEC §10); ``resctl run`` registers its CMD, confined (``confine``)
+        in a cgroup with the lease's CPU and memory limits where the host allows."""
+        return await self._run(flows.register(self, reservation_id, pid, confine))
 
     async def top(self) -> TopSnapshot:
         """Every lease's live use (CPU, RSS, GPU memory and utilization, marks), as

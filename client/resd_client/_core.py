@@ -1604,11 +1604,14 @@ def subscribe(host: Host[LeaseState], topics: Iterable[str] = ("state",)) -> Flo
     return ask(host, "subscribe", subscribe_args(topics), Status)
 
 
-def register(host: Host[LeaseState], reservation_id: str, pid: int) -> Flow[ReservationInfo]:
+def register(
+    host: Host[LeaseState], reservation_id: str, pid: int, confine: bool = False
+) -> Flow[ReservationInfo]:
     """Add process ``pid`` (and its descendants) to a lease's processes, so that resd
-    counts its GPU memory against the lease (SPEC §10). Raises InvalidError for a bad
-    id or pid, NotFoundError, ForbiddenError (another uid's process)."""
-    args = Register(id=reservation_id, pid=pid)
+    counts its GPU memory against the lease (SPEC §10); ``confine``: in a cgroup with
+    the lease's CPU and memory limits where the host allows. Raises InvalidError for a
+    bad id or pid, NotFoundError, ForbiddenError (another uid's process)."""
+    args = Register(id=reservation_id, pid=pid, confine=confine)
     args.check()
     return ask(host, "register", args, ReservationInfo)
 

@@ -1117,10 +1117,13 @@ class Subscribe:
 class Register:
     """Add process ``pid`` (and its descendants) to lease ``id``'s processes, for GPU
     attribution (SPEC §10): ``resctl run`` registers its CMD. The process must be
-    alive and belong to the caller's uid (or the caller be an admin)."""
+    alive and belong to the caller's uid (or the caller be an admin). ``confine``:
+    also put it in a cgroup limited to the lease's CPU and memory, where the host
+    allows (``enforcement`` then says ``cgroup``; otherwise it runs unconfined)."""
 
     id: str
     pid: int
+    confine: bool = False
 
     def check(self) -> None:
         check_reservation_id(self.id)
@@ -1277,8 +1280,11 @@ class ReservationInfo:
     reason: str = ""
     #: for a ``terminating`` lease: when its grace ends
     deadline: float | None = None
-    #: the strongest guard the host gives it (SPEC §10): mig, mps, framework, watch, none
+    #: the strongest guard the host gives it (SPEC §10): mig, mps, cgroup, framework,
+    #: watch, none
     enforcement: str = "none"
+    #: the cgroup its registered processes run in (CPU / memory limits), "" when none
+    cgroup: str = ""
     #: ``overuse`` / ``idle`` → what was seen, while the mark stands
     marks: dict[str, str] = field(default_factory=dict)
     #: processes registered to it (``register``), besides its pid / session peer
@@ -1371,6 +1377,10 @@ class Allocation:
     marks: dict[str, str] = field(default_factory=dict)
 
 
+#: the kernel's cpulist form of a set of CPUs: ``0-27,56-83``
+CPU_LIST: Final = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostResources:
     pool: str
@@ -1379,6 +1389,11 @@ class HostResources:
     allocations: list[Allocation]
     #: tenant → its quota in this pool and what it holds (resd's addition)
     quotas: dict[str, QuotaInfo] = field(default_factory=dict)
+    #: NUMA node (as ``GpuStatus.numa``) → the host's CPUs on it, in ``CPU_LIST``
+    #: form; nodes the daemon could not read are absent, and so is the whole map
+    #: from daemons before it (what ``resctl export --format slurm`` needs for
+    #: gres.conf ``Cores=``)
+    numa_cpus: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
