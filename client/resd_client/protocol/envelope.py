@@ -1,0 +1,108 @@
+"""The envelopes around ops and events (SPEC §1).
+
+Requests ``{"v":1,"id":N,"op":...,"args":{...}}`` decode into a ``Request``
+whose ``args`` is one of the frozen types in ``OPS``; every field is checked for
+type, range and size, and unknown fields are refused. Replies
+``{"id":N,"ok":true,"result":{...}}`` / ``{"id":N,"ok":false,"error":...}`` and
+pushes ``{"event":name, ...}`` are built by ``reply_ok``, ``reply_error`` and
+``push``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from resd_client.errors import InvalidError, ResdError, UnsupportedVersionError
+from resd_client.protocol.checks import show
+from resd_client.protocol.convert import _as_map, from_wire
+from resd_client.protocol.events import EVENT_NAMES, EVENTS
+from resd_client.protocol.ops import OPS
+
+PROTOCOL_VERSION: Final = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    id: int
+    op: str
+    args: Any
+
+
+class RequestError(Exception):
+    """A request could not be decoded; ``id`` is set when the envelope had one."""
+
+    def __init__(self, request_id: int | None, error: ResdError) -> None:
+        super().__init__(error.message)
+        self.request_id = request_id
+        self.error = error
+
+
+def decode_request(frame: dict[str, Any]) -> Request:
+    """Check the envelope and decode ``args``; raises RequestError."""
+    rid = frame.get("id")
+    request_id = (
+        rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else None
+    )
+    if request_id is None:
+        raise RequestError(
+            None, InvalidError("request.id: expected a non-negative integer", {"field": "id"})
+        )
+    version = frame.get("v")
+    if version != PROTOCOL_VERSION:
+        raise RequestError(
+            request_id,
+            UnsupportedVersionError(
+                f"protocol version {show(version)} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+                {"supported": [PROTOCOL_VERSION]},
+            ),
+        )
+    unknown = sorted(str(k) for k in frame if k not in ("v", "id", "op", "args"))
+    if unknown:
+        raise RequestError(
+            request_id,
+            InvalidError(f"request: unknown field(s) {', '.join(unknown)}", {"unknown": unknown}),
+        )
+    op = frame.get("op")
+    cls = OPS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise RequestError(
+            request_id,
+            InvalidError(
+                f"unknown op {show(op)}; known ops: {', '.join(OPS)}",
+                {"field": "op", "allowed": list(OPS)},
+            ),
+        )
+    try:
+        args: Any = from_wire(cls, frame.get("args", {}), "args")
+    except ResdError as exc:
+        raise RequestError(request_id, exc) from None
+    return Request(id=request_id, op=op, args=args)  # type: ignore[arg-type]
+
+
+def request(request_id: int, op: str, args: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args}  # see pack()
+
+
+def reply_ok(request_id: int, result: Any) -> dict[str, Any]:
+    return {"id": request_id, "ok": True, "result": result}  # pack() maps dataclasses
+
+
+def reply_error(request_id: int | None, error: ResdError) -> dict[str, Any]:
+    return {"id": request_id, "ok": False, "error": error.to_wire()}
+
+
+def push(event: Any) -> dict[str, Any]:
+    body: dict[str, Any] = _as_map(event)  # one level; pack() maps what is nested
+    body["event"] = EVENT_NAMES[type(event)]
+    return body
+
+
+def decode_event(frame: dict[str, Any]) -> Any:
+    """Typed push event from a frame with an ``event`` key; raises InvalidError."""
+    body = dict(frame)
+    name = body.pop("event")
+    cls = EVENTS.get(name)
+    if cls is None:
+        raise InvalidError(f"unknown event {show(name)}", {"event": show(name)})
+    return from_wire(cls, body, "event")

@@ -1,0 +1,111 @@
+"""Push event types, and ``EVENTS``, event name → type (SPEC §1).
+
+A push is a map ``{"event": name, ...}`` the daemon sends unasked, to the holder
+of a lease or to ``subscribe``rs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from resd_client.protocol.results import PoolInfo, ReservationInfo, TopSnapshot
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpiredEvent:
+    reservation: ReservationInfo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreemptedEvent:
+    reservation: ReservationInfo
+    by: str
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrantedEvent:
+    """A waiting request was granted; ``reservation`` is now active."""
+
+    reservation: ReservationInfo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeniedEvent:
+    """A waiting request left the queue ungranted (timeout, pool gone, cancelled);
+    ``error`` is a wire error map (code, message, details)."""
+
+    reservation_id: str
+    error: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReclaimEvent:
+    """A reclaimable lease is asked to give its resources back by ``deadline``;
+    releasing in time ends it as ``released``, not ``preempted``."""
+
+    reservation: ReservationInfo
+    by: str
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleasedEvent:
+    """The lease was released by someone other than its holder (an admin, a deleted
+    pool or removed tenant, or resd when it was not re-attached in time after a
+    restart); ``reservation.reason`` says why."""
+
+    reservation: ReservationInfo
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateEvent:
+    """Pools after a change; pushed to ``subscribe``rs, coalesced per actor turn."""
+
+    pools: list[PoolInfo]
+    active: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MarkedEvent:
+    """The reconciler put a mark on the lease (``on``) or took it off: ``mark`` is
+    ``overuse`` (its processes hold more GPU memory than it reserved, or use a GPU
+    not assigned to it) or ``idle``; ``detail`` says what was seen."""
+
+    reservation: ReservationInfo
+    mark: str
+    on: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopEvent:
+    """A new sample for ``top`` subscribers."""
+
+    snapshot: TopSnapshot
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResizedEvent:
+    """A waiting resize of the holder's lease was granted: ``reservation`` has its
+    new amounts."""
+
+    reservation: ReservationInfo
+
+
+#: event name → push type.
+EVENTS: Final[dict[str, type]] = {
+    "granted": GrantedEvent,
+    "denied": DeniedEvent,
+    "reclaim": ReclaimEvent,
+    "expired": ExpiredEvent,
+    "preempted": PreemptedEvent,
+    "released": ReleasedEvent,
+    "state": StateEvent,
+    "marked": MarkedEvent,
+    "top": TopEvent,
+    "resized": ResizedEvent,
+}
+EVENT_NAMES: Final[dict[type, str]] = {v: k for k, v in EVENTS.items()}
