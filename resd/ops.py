@@ -12,12 +12,12 @@ gives the log keys a request's arguments name (``resd.logs``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
+import msgspec
 import structlog
 from structlog.contextvars import bind_contextvars
 
@@ -184,7 +184,9 @@ def _with_standing(
     info: TenantInfo, standing: dict[str, tuple[dict[str, QuotaInfo], float, float]]
 ) -> TenantInfo:
     quotas, usage, share = standing.get(info.name, ({}, 0.0, 0.0))
-    return dataclasses.replace(info, quotas=quotas, usage=round(usage, 3), share=round(share, 4))
+    return msgspec.structs.replace(
+        info, quotas=quotas, usage=round(usage, 3), share=round(share, 4)
+    )
 
 
 async def tenant_add(svc: Services, conn: Conn, args: TenantAdd) -> TenantInfo:
@@ -395,7 +397,7 @@ async def resources(svc: Services, conn: Conn, args: ResourcesOf) -> HostResourc
     few sysfs files, in memory, so inline). Raises NotFoundError for no such pool."""
 
     view: HostResources = await svc.pools.ask(m.ShowResources(args.pool))
-    return dataclasses.replace(view, numa_cpus=numa_cpus())
+    return msgspec.structs.replace(view, numa_cpus=numa_cpus())
 
 
 async def subscribe(svc: Services, conn: Conn, args: Subscribe) -> Status:

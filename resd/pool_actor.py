@@ -26,7 +26,6 @@ decides: grants, evictions, waiters that can wait no more.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import secrets
@@ -34,6 +33,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 
@@ -454,7 +454,9 @@ class PoolActor(Actor):
                     elif state == "preempted":
                         note = PreemptedEvent(reservation=info, by=reason, deadline=None)
                     elif connection != self._releaser:  # not the holder's own release
-                        note = ReleasedEvent(reservation=dataclasses.replace(info, reason=reason))
+                        note = ReleasedEvent(
+                            reservation=msgspec.structs.replace(info, reason=reason)
+                        )
                     if note is not None:
                         self._push(outbox, note, lsn)
                 self._dirty = True
@@ -759,7 +761,7 @@ class PoolActor(Actor):
         self._queue_dirty = True
         log.debug("resize_queued", reservation=r.id, tenant=r.tenant, waiter=w.id)
         order = self.queue.ordered(self.book.usage_at(now))
-        return dataclasses.replace(w.info(), position=order.index(w) + 1), lsn
+        return msgspec.structs.replace(w.info(), position=order.index(w) + 1), lsn
 
     def _register(self, msg: DoRegister) -> tuple[ReservationInfo, int] | OwnerCheck:
         check = self._owner_check(msg.id, msg.uid)
@@ -836,7 +838,7 @@ class PoolActor(Actor):
         if w is not None:
             info = w.info()
             lsn = self._end_waiter(w, ConflictError(f"request {w.id} was cancelled", {"id": w.id}))
-            return dataclasses.replace(info, state="cancelled"), lsn
+            return msgspec.structs.replace(info, state="cancelled"), lsn
         info = self.book.lease_info(msg.id, state="released")
         self._releaser = msg.session
         try:
@@ -893,7 +895,7 @@ class PoolActor(Actor):
         if w is not None:
             w.session, w.outbox, w.peer = msg.session, msg.outbox, msg.peer
             order = self.queue.ordered(self.book.usage_at(self.wall()))
-            return dataclasses.replace(w.info(), position=order.index(w) + 1), lsn
+            return msgspec.structs.replace(w.info(), position=order.index(w) + 1), lsn
         self.holders.drop(rid)
         if msg.outbox is not None:
             self.holders.add(rid, msg.session, msg.outbox)
@@ -949,7 +951,7 @@ class PoolActor(Actor):
     def _list(self, msg: ListActive) -> list[ReservationInfo]:
         if msg.pending:
             return [
-                dataclasses.replace(w.info(), position=position)
+                msgspec.structs.replace(w.info(), position=position)
                 for position, w in enumerate(self.queue.ordered(self.book.usage_at(self.wall())), 1)
                 if (msg.pool is None or msg.pool in w.pools)
                 and (msg.tenant is None or w.tenant.name == msg.tenant)

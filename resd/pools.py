@@ -9,12 +9,13 @@ The pool actor is the book's one owner.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
+import msgspec
 
 from resd import quotas
 from resd.fairshare import HALF_LIFE, FairShare, share
@@ -585,7 +586,7 @@ class PoolBook:
             for i, part in enumerate(args.parts):
                 request = part.request(args)
                 if i:
-                    request = dataclasses.replace(request, token=None)
+                    request = msgspec.structs.replace(request, token=None)
                 outcome = self._try(
                     self.pools[part.pool],
                     request,
@@ -653,7 +654,7 @@ class PoolBook:
                 members.setdefault(k, []).extend(names)
             for k, vals in p.values.items():
                 values.setdefault(k, []).extend(vals)
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             info,
             pool=",".join(dict.fromkeys(p.pool for p in parts)),
             resources=resources,

@@ -65,9 +65,11 @@ from resd_client.protocol import (
     Request,
     RequestError,
     decode_request,
+    decode_request_fast,
     encode_frame,
     reply_error,
     reply_ok,
+    unpack,
 )
 
 log = structlog.get_logger("resd.server")
@@ -400,9 +402,13 @@ class Server:
             whole = 0
             while True:
                 try:
-                    for frame in decoder.frames():
+                    for payload in decoder.payloads():
                         whole += 1
-                        await self._on_frame(c, frame, handlers)
+                        req = decode_request_fast(payload)
+                        if req is None:  # refused by the fast path: say why, the slow way
+                            await self._on_frame(c, unpack(payload), handlers)
+                        else:
+                            await self._on_request(c, req, handlers)
                     break
                 except BadFrame as exc:
                     whole += 1
@@ -462,6 +468,9 @@ class Server:
                 ),
             )
             return
+        await self._on_request(c, req, handlers)
+
+    async def _on_request(self, c: _Connection, req: Request, handlers: trio.Nursery) -> None:
         if not c.greeted:
             if req.op != "hello":
                 await self._refuse(

@@ -16,7 +16,6 @@ back; ``test_campaign_crash`` checks the restarted daemon against it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import secrets
@@ -26,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+import msgspec
 
 from resd_client import (
     Client,
@@ -219,7 +220,7 @@ class _LoadClient:
         self.seq += 1
         label = f"{self.label}.{self.seq}"
         token = secrets.token_urlsafe(18)
-        args = dataclasses.replace(
+        args = msgspec.structs.replace(
             reserve_args(
                 pool,
                 wait=wait,

@@ -51,12 +51,13 @@ CONFIG = 'socket_mode = "0666"\nreattach_grace = 1\n'
 #: the child: switch identity happened already (setpriv); run the requests given on
 #: stdin as JSON ``[[op, args], ...]``; print the hello answer and every reply frame
 AS_USER = """
-import dataclasses, json, sys
+import json, sys
+import msgspec
 from resd_client import Client
 ops = json.loads(sys.stdin.read())
 with Client(sys.argv[1], name="auth", reconnect=0) as c:
     replies = [c.call_raw(op, args) for op, args in ops]
-    print(json.dumps({"hello": dataclasses.asdict(c.hello), "replies": replies}))
+    print(json.dumps({"hello": msgspec.to_builtins(c.hello), "replies": replies}))
 """
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -12,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from typer.testing import CliRunner
 
@@ -717,7 +717,7 @@ def test_compact_bytes_and_marks() -> None:
 
 
 def gpu_pool() -> PoolInfo:
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         sample_pool(),
         overuse="terminate",
         idle_after=3600.0,
@@ -848,10 +848,12 @@ def test_resources_shows_live_gpu_use_and_marks_only_when_sampled() -> None:
         pool="host",
         resources={},
         gpus=[
-            dataclasses.replace(gpu, memory_used=32 * GIB, foreign_bytes=2 * GIB, utilization=97)
+            msgspec.structs.replace(
+                gpu, memory_used=32 * GIB, foreign_bytes=2 * GIB, utilization=97
+            )
         ],
         allocations=[
-            dataclasses.replace(alloc, vram_used_bytes=30 * GIB, marks={"overuse": "30 GiB"})
+            msgspec.structs.replace(alloc, vram_used_bytes=30 * GIB, marks={"overuse": "30 GiB"})
         ],
     )
     lines = plain(host_resources_view(live, plain=True)).splitlines()
@@ -1103,7 +1105,7 @@ def test_tenant_list_has_weight_usage_share_and_quotas() -> None:
 
 
 def quota_pool() -> PoolInfo:
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         sample_pool(),
         quotas={
             "b": QuotaInfo(min={"gpu": 4, "cpu": 8000}, max={"gpu": 6}, used={"gpu": 6}),
@@ -1188,7 +1190,7 @@ def test_why_says_quota_and_reclaiming_readably() -> None:
         " in pool 'gp'; 2000 more would pass its max of 5000",
         "  cpu in pool gp: tenant b holds 4, asks 2 more, its max is 5",
     ]
-    never = dataclasses.replace(
+    never = msgspec.structs.replace(
         quota, details={**quota.details, "held": 0, "requested": 6000, "never": True}
     )
     assert wait_lines(never)[-1] == "  it asks more than the max by itself: it can never be granted"

@@ -7,10 +7,10 @@ the caps ``lease_env`` sets for a VRAM slice, and ``limit_torch`` (SPEC §10).
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from types import ModuleType
 
 import pytest
+from msgspec.structs import replace
 
 import resd_client
 from resd_client import Lease, limit_torch

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from typing import Any
 
 import msgpack
+import msgspec
 import pytest
 
 from resd_client import protocol as p
@@ -161,7 +161,7 @@ USAGE = p.ResourceUsage(
 )
 POOL = p.PoolInfo(
     name="gpu-box",
-    resources=[USAGE, dataclasses.replace(USAGE, name="memory", unit="bytes", ratio=1.0)],
+    resources=[USAGE, msgspec.structs.replace(USAGE, name="memory", unit="bytes", ratio=1.0)],
     max_per_tenant=1,
     preemption="lower_priority",
     placement="spread",
@@ -193,7 +193,7 @@ RESERVATION = p.ReservationInfo(
     state="active",
     uid=1000,
 )
-ENDED = dataclasses.replace(
+ENDED = msgspec.structs.replace(
     RESERVATION, ttl=None, expires_at=None, state="released", ended_at=1_800_000_500.5
 )
 HISTORY_EVENT = p.HistoryEvent(
@@ -267,10 +267,10 @@ SAMPLES: dict[type, list[Any]] = {
             user_tenant="alice",
         )
     ],
-    p.PoolInfo: [POOL, dataclasses.replace(POOL, resources=[], labels={})],
+    p.PoolInfo: [POOL, msgspec.structs.replace(POOL, resources=[], labels={})],
     p.PoolList: [p.PoolList(pools=[POOL, POOL]), p.PoolList(pools=[])],
     p.Done: [p.Done(), p.Done(removed=3)],
-    p.TenantInfo: [TENANT, dataclasses.replace(TENANT, owners=[], groups=[])],
+    p.TenantInfo: [TENANT, msgspec.structs.replace(TENANT, owners=[], groups=[])],
     p.TenantList: [p.TenantList(tenants=[TENANT]), p.TenantList(tenants=[])],
     p.ReservationInfo: [RESERVATION, ENDED],
     p.Preempted: [p.Preempted(reservations=[RESERVATION]), p.Preempted(reservations=[])],
@@ -280,7 +280,7 @@ SAMPLES: dict[type, list[Any]] = {
     p.ExpiredEvent: [p.ExpiredEvent(reservation=ENDED)],
     p.ReleasedEvent: [
         p.ReleasedEvent(
-            reservation=dataclasses.replace(ENDED, state="released", reason="tenant removed")
+            reservation=msgspec.structs.replace(ENDED, state="released", reason="tenant removed")
         )
     ],
     p.GrantedEvent: [p.GrantedEvent(reservation=RESERVATION)],
@@ -397,6 +397,7 @@ def test_result_round_trip_through_msgpack(cls: type, obj: Any) -> None:
     assert frame["id"] == 9 and frame["ok"] is True
     assert frame["result"] == wire
     assert p.from_wire(cls, frame["result"], "result") == obj
+    assert p.from_value(cls, frame["result"], "result") == obj, "the client's C path agrees"
 
 
 @pytest.mark.parametrize("cls", list(p.EVENTS.values()), ids=list(p.EVENTS))
@@ -424,6 +425,15 @@ def test_results_are_checked_field_by_field() -> None:
         p.from_wire(p.ReservationInfo, missing, "result")
     with pytest.raises(InvalidError, match="unknown field"):
         p.from_wire(p.ReservationInfo, {**wire, "extra": 1}, "result")
+    for bad, says in [
+        ({**wire, "resources": {"cpu": "1"}}, r"result\.resources\.cpu: expected int, got str"),
+        ({**wire, "extra": 1}, "unknown field"),
+        ({**wire, "ttl": float("nan")}, r"result\.ttl: must be a finite number"),
+        ({**wire, "uid": 2**63}, r"result\.uid: .* is out of range"),
+        ({**wire, "reclaimable": 1}, r"result\.reclaimable: expected bool, got int"),
+    ]:  # the C path refuses the same and lets the reference path say why
+        with pytest.raises(InvalidError, match=says):
+            p.from_value(p.ReservationInfo, bad, "result")
 
 
 # ------------------------------------------------------------ requests, both ways
@@ -499,6 +509,7 @@ def test_request_round_trip(op: str) -> None:
     assert frame["v"] == p.PROTOCOL_VERSION
     req = p.decode_request(frame)
     assert req == p.Request(id=17, op=op, args=ARG_SAMPLES[op])
+    assert p.decode_request_fast(p.pack(p.request(17, op, ARG_SAMPLES[op]))) == req
 
 
 def test_defaults_fill_in_and_ints_are_accepted_as_floats() -> None:

@@ -7,10 +7,10 @@ them. No socket, no daemon, no clock: these run in milliseconds.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Any
 
+import msgspec
 import pytest
 
 from resd_client import _core as core
@@ -190,7 +190,7 @@ def test_every_reserve_carries_a_token_that_the_lease_keeps() -> None:
 def test_a_token_given_by_the_caller_is_kept() -> None:
     host = FakeHost()
     args = core.reserve_args("p", wait=False, cpu=1)
-    args = dataclasses.replace(args, token="x" * 20)
+    args = msgspec.structs.replace(args, token="x" * 20)
     runner = core.Runner(core.reserve(host, args))
     assert sent(host, runner.next())["args"]["token"] == "x" * 20
 

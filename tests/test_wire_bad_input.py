@@ -24,7 +24,17 @@ import trio
 
 from resd.ops import HANDLERS
 from resd_client import protocol
-from resd_client.protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, pack
+from resd_client.protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    BadFrame,
+    Request,
+    RequestError,
+    decode_request,
+    decode_request_fast,
+    pack,
+    unpack,
+)
 from tests.conftest import InProcess, Proc
 from tests.wire import WireClient
 
@@ -1094,6 +1104,26 @@ async def exchange(c: WireClient, payload: bytes) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_the_fast_decoder_refuses_exactly_what_the_reference_refuses(case: Case) -> None:
+    """msgspec's one-pass decoding (the daemon's fast path) agrees with the reference
+    decoder on every case: what it accepts decodes to the same request, and all it
+    refuses goes to the reference path, whose error the table checks above."""
+    payload = case.payload(7, "r-0123456789ab")
+    try:
+        expected: Request | None = decode_request(unpack(payload))
+    except (BadFrame, RequestError):
+        expected = None
+    assert decode_request_fast(payload) == expected
+
+
+def test_the_fast_decoder_takes_a_good_request() -> None:
+    frame = {"v": 1, "id": 3, "op": "reserve", "args": {"pool": "p", "resources": {"cpu": 1}}}
+    fast = decode_request_fast(pack(frame))
+    assert fast is not None and fast == decode_request(frame)
+    assert type(fast.args).__name__ == "Reserve" and fast.args.resources == {"cpu": 1}
 
 
 def test_handlers_cover_exactly_the_protocol_ops() -> None:

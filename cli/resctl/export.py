@@ -9,7 +9,6 @@ needs, then writes stdout or ``--output``.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import socket as socketlib
@@ -57,7 +56,7 @@ FLAG_FORMATS: Final = {
     "--node-name": ("slurm",),
 }
 #: CSV columns: the fields of ``HistoryEvent``, in order.
-CSV_FIELDS: Final = tuple(f.name for f in dataclasses.fields(HistoryEvent))
+CSV_FIELDS: Final = HistoryEvent.__struct_fields__
 EXIT_LOCAL_IO: Final = 1
 
 

@@ -11,12 +11,12 @@ reconnects and subscribes again by itself, and the next sample replaces it.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Final
 
+import msgspec
 import typer
 from rich.console import Group, RenderableType
 from rich.live import Live
@@ -57,7 +57,7 @@ def filter_snapshot(snapshot: TopSnapshot, pool: str | None, tenant: str | None)
         if pool is None
         else {k: v for k, v in snapshot.devices.items() if k == pool}
     )
-    return dataclasses.replace(snapshot, rows=rows, devices=devices)
+    return msgspec.structs.replace(snapshot, rows=rows, devices=devices)
 
 
 def gpu_members(row: TopRow) -> list[str]:

@@ -48,6 +48,8 @@ from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Final, Generic, Literal, Protocol, Required, TypedDict, TypeVar
 
+import msgspec
+
 from resd_client.env import GpuIds, lease_env
 from resd_client.env import assigned as _assigned
 from resd_client.errors import (
@@ -96,6 +98,7 @@ from resd_client.protocol import (
     WaitInfo,
     decode_event,
     encode_frame,
+    from_value,
     from_wire,
     request,
 )
@@ -405,7 +408,7 @@ def gang_args(parts: Sequence[GangPart | Part], *, wait: bool, **options: Any) -
             {"field": "parts"},
         )
     gang = [gang_part(i, spec) for i, spec in enumerate(parts)]
-    args = dataclasses.replace(_request(None, wait, options), parts=gang)  # type: ignore[arg-type]
+    args = msgspec.structs.replace(_request(None, wait, options), parts=gang)  # type: ignore[arg-type]
     args.check()
     return args
 
@@ -591,7 +594,7 @@ def marked(known: ReservationInfo, event: MarkedEvent) -> ReservationInfo:
         marks[event.mark] = event.detail
     else:
         marks.pop(event.mark, None)
-    return dataclasses.replace(event.reservation, marks=marks)
+    return msgspec.structs.replace(event.reservation, marks=marks)
 
 
 class Resizing:
@@ -652,7 +655,7 @@ def resume_events(lease: LeaseState, info: ReservationInfo) -> list[Any]:
         return []
     if state in ENDED_STATES:
         # history knows little of the lease: keep what we know, take the end from it
-        ended = dataclasses.replace(
+        ended = msgspec.structs.replace(
             lease.info, state=state, ended_at=info.ended_at, reason=info.reason
         )
         if state == "expired":
@@ -728,7 +731,7 @@ class Call:
         if frame is None:  # pragma: no cover - read only once done
             raise InternalError(f"{self.op} has no reply yet")
         if frame.get("ok") is True:
-            return from_wire(RESULTS[self.op], frame.get("result"), "result")
+            return from_value(RESULTS[self.op], frame.get("result"), "result")
         raise error_from_wire(frame.get("error"))
 
 
@@ -1138,7 +1141,7 @@ class Session:
     def _lose(self, lease: LeaseState, reason: str) -> None:
         """End ``lease`` as released: resd no longer knows it (or it cannot be asked)."""
         event = ReleasedEvent(
-            reservation=dataclasses.replace(lease.info, state="released", reason=reason)
+            reservation=msgspec.structs.replace(lease.info, state="released", reason=reason)
         )
         self._apply(lease, event)
         self._on_push(event)
@@ -1389,7 +1392,7 @@ def reserve(
     nobody re-attaches go after its ``reattach_grace``.
     """
     if args.token is None:
-        args = dataclasses.replace(args, token=secrets.token_urlsafe(24))
+        args = msgspec.structs.replace(args, token=secrets.token_urlsafe(24))
     while True:
         sent = yield from send(host, "reserve", args)
         try:

@@ -2,7 +2,8 @@
 
 A bring-your-own-I/O package in the manner of h11: it turns bytes into frames and
 frames into typed, validated messages, and back, without touching a socket or a
-clock. Standard library plus msgpack only, so worker processes can import it.
+clock. Standard library, msgpack and msgspec only, so worker processes can import
+it: every message type is a msgspec Struct, decoded and validated in one pass in C.
 One module per concern, each importing only those before it:
 
 * ``checks``: field checks and the limits and name patterns they enforce.
@@ -49,6 +50,11 @@ from resd_client.protocol.checks import (
     show,
 )
 from resd_client.protocol.convert import (
+    Float,
+    Int,
+    Message,
+    check_tree,
+    from_value,
     from_wire,
     to_wire,
 )
@@ -58,6 +64,7 @@ from resd_client.protocol.envelope import (
     RequestError,
     decode_event,
     decode_request,
+    decode_request_fast,
     push,
     reply_error,
     reply_ok,
@@ -84,6 +91,7 @@ from resd_client.protocol.framing import (
     FrameTooLarge,
     encode_frame,
     pack,
+    unpack,
 )
 from resd_client.protocol.ops import (
     MAX_PARTS,
@@ -181,6 +189,7 @@ __all__ = [
     "Enforcement",
     "ExpiredEvent",
     "Export",
+    "Float",
     "FrameDecoder",
     "FrameTooLarge",
     "GpuStatus",
@@ -190,10 +199,12 @@ __all__ = [
     "History",
     "HistoryEvent",
     "HostResources",
+    "Int",
     "ListReservations",
     "MarkedEvent",
     "MemberSpec",
     "MemberUsage",
+    "Message",
     "MetricsText",
     "OverusePolicy",
     "Part",
@@ -255,11 +266,14 @@ __all__ = [
     "check_ratio",
     "check_reservation_id",
     "check_token",
+    "check_tree",
     "check_ttl",
     "check_wait",
     "decode_event",
     "decode_request",
+    "decode_request_fast",
     "encode_frame",
+    "from_value",
     "from_wire",
     "pack",
     "push",
@@ -268,4 +282,5 @@ __all__ = [
     "request",
     "show",
     "to_wire",
+    "unpack",
 ]

@@ -1,6 +1,11 @@
-"""The type-checking converter between protocol types and wire maps (SPEC §1).
+"""The protocol's message base and the type-checking converter (SPEC §1).
 
-``from_wire`` builds a frozen protocol dataclass from a decoded msgpack map,
+Every protocol type is a ``Message``: a frozen msgspec Struct, so that the daemon
+and the client decode and validate a whole message in one pass in C (``Int`` and
+``Float`` carry the range and finiteness rules into that pass). ``from_wire`` is
+the reference decoder the fast path falls back to whenever msgspec refuses a
+message, so that every error a client sees names the field, what was expected and
+what came, as the bad-input table says: it builds a message from a decoded msgpack map,
 checking every field for type, range and size and refusing unknown fields, then
 runs the type's own ``check``; ``to_wire`` turns one back into plain values.
 Each type's checks are compiled once, on first use, into a closure.
@@ -8,15 +13,68 @@ Each type's checks are compiled once, on first use, into a closure.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Final, Literal, TypeVar, Union
+
+import msgspec
 
 from resd_client.errors import InvalidError
 from resd_client.protocol.checks import show
 from resd_client.quantity import MAX_QUANTITY
+
+#: the largest finite float: NaN and ±inf fail ``Float``'s bounds
+_MAX_FLOAT: Final = 1.7976931348623157e308
+#: an integer field: within ±MAX_QUANTITY
+Int = Annotated[int, msgspec.Meta(ge=-MAX_QUANTITY, le=MAX_QUANTITY)]
+#: a float field: finite
+Float = Annotated[float, msgspec.Meta(ge=-_MAX_FLOAT, le=_MAX_FLOAT)]
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every protocol type: frozen, keyword-only, unknown fields refused.
+    A type may define ``check()`` for rules across fields; decoding runs it."""
+
+
+def is_message(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Message)
+
+
+_NESTED: dict[type, tuple[str, ...]] = {}
+
+
+def _holds_message(tp: Any) -> bool:
+    return is_message(tp) or any(_holds_message(a) for a in typing.get_args(tp))
+
+
+def _nested(cls: type) -> tuple[str, ...]:
+    """The fields of ``cls`` whose type may hold a message (checked depth first)."""
+    names = _NESTED.get(cls)
+    if names is None:
+        hints = typing.get_type_hints(cls)
+        names = _NESTED[cls] = tuple(
+            f.name for f in msgspec.structs.fields(cls) if _holds_message(hints[f.name])
+        )
+    return names
+
+
+def check_tree(obj: Any) -> None:
+    """Run ``check()`` of a decoded message and of every message inside it, inner
+    ones first (as ``from_wire`` does while it builds them)."""
+    if isinstance(obj, Message):
+        for name in _nested(type(obj)):
+            check_tree(getattr(obj, name))
+        check = getattr(obj, "check", None)
+        if check is not None:
+            check()
+    elif isinstance(obj, list):
+        for item in obj:
+            check_tree(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            check_tree(item)
+
 
 T = TypeVar("T")
 Converter = Callable[[Any, str], Any]
@@ -38,7 +96,7 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return f"map of {_type_name(typing.get_args(tp)[1])}"
-    if dataclasses.is_dataclass(tp):
+    if is_message(tp):
         return "map"
     return getattr(tp, "__name__", str(tp))
 
@@ -170,7 +228,7 @@ def _compile(tp: Any) -> Converter:
             return out
 
         return mapping
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+    if is_message(tp):
         cls = tp
         return lambda value, path: from_wire(cls, value, path)
     raise TypeError(f"protocol type {tp!r} is not supported")  # a bug in this module
@@ -185,12 +243,7 @@ def _fields_of(cls: type) -> tuple[tuple[str, Converter, bool], ...]:
     if fields is None:
         hints = typing.get_type_hints(cls)
         fields = _FIELDS[cls] = tuple(
-            (
-                f.name,
-                _converter(hints[f.name]),
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-            )
-            for f in dataclasses.fields(cls)
+            (f.name, _converter(hints[f.name]), f.required) for f in msgspec.structs.fields(cls)
         )
     return fields
 
@@ -235,6 +288,19 @@ def from_wire(cls: type[T], value: Any, path: str = "args") -> T:
     return obj
 
 
+def from_value(cls: type[T], value: Any, path: str = "args") -> T:
+    """``from_wire``'s result, built in one pass in C by msgspec from a decoded
+    map (then the ``check()`` rules); anything msgspec refuses goes through
+    ``from_wire`` for the error that names the field. What the client does with
+    every reply and push."""
+    try:
+        obj = msgspec.convert(value, cls)
+        check_tree(obj)
+    except Exception:  # msgspec's ValidationError, a check's InvalidError
+        return from_wire(cls, value, path)
+    return obj
+
+
 _NAMES: dict[type, frozenset[str]] = {}
 
 
@@ -247,8 +313,8 @@ def _field_names(cls: type) -> frozenset[str]:
 
 def _wire_names(cls: type) -> tuple[str, ...] | None:
     names = _WIRE_NAMES.get(cls)
-    if names is None and dataclasses.is_dataclass(cls):
-        names = _WIRE_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    if names is None and is_message(cls):
+        names = _WIRE_NAMES[cls] = tuple(f.name for f in msgspec.structs.fields(cls))
     return names
 
 

@@ -10,21 +10,21 @@ pushes ``{"event":name, ...}`` are built by ``reply_ok``, ``reply_error`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final
+
+import msgspec
 
 from resd_client.errors import InvalidError, ResdError, UnsupportedVersionError
 from resd_client.protocol.checks import show
-from resd_client.protocol.convert import _as_map, from_wire
+from resd_client.protocol.convert import Int, Message, _as_map, check_tree, from_value, from_wire
 from resd_client.protocol.events import EVENT_NAMES, EVENTS
 from resd_client.protocol.ops import OPS
 
 PROTOCOL_VERSION: Final = 1
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Request:
-    id: int
+class Request(Message, frozen=True):
+    id: Int
     op: str
     args: Any
 
@@ -80,6 +80,40 @@ def decode_request(frame: dict[str, Any]) -> Request:
     return Request(id=request_id, op=op, args=args)  # type: ignore[arg-type]
 
 
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
+    """A request as the fast path reads it: ``args`` left as raw bytes until the op
+    says which type they are."""
+
+    v: int = -1
+    id: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = -1
+    op: str = ""
+    args: msgspec.Raw = msgspec.Raw(b"\x80")  # an empty map, as the slow path's default
+
+
+_ENVELOPE: Final = msgspec.msgpack.Decoder(_Envelope)
+_ARGS: Final[dict[str, msgspec.msgpack.Decoder[Any]]] = {
+    op: msgspec.msgpack.Decoder(cls) for op, cls in OPS.items()
+}
+
+
+def decode_request_fast(payload: bytes) -> Request | None:
+    """A well-formed request, decoded and validated in one pass by msgspec, then
+    its ``check()`` rules; None for anything msgspec or a check refuses — the
+    caller then decodes it the reference way (``unpack`` + ``decode_request``),
+    whose error names the field, so every bad input gets the same answer either
+    way. Never raises."""
+    try:
+        env = _ENVELOPE.decode(payload)
+        decoder = _ARGS.get(env.op)
+        if decoder is None or env.v != PROTOCOL_VERSION or env.id < 0:
+            return None
+        args = decoder.decode(env.args)
+        check_tree(args)
+    except Exception:  # msgspec's DecodeError/ValidationError, a check's InvalidError
+        return None
+    return Request(id=env.id, op=env.op, args=args)
+
+
 def request(request_id: int, op: str, args: Any) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args}  # see pack()
 
@@ -105,4 +139,4 @@ def decode_event(frame: dict[str, Any]) -> Any:
     cls = EVENTS.get(name)
     if cls is None:
         raise InvalidError(f"unknown event {show(name)}", {"event": show(name)})
-    return from_wire(cls, body, "event")
+    return from_value(cls, body, "event")

@@ -6,33 +6,29 @@ of a lease or to ``subscribe``rs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Final
 
+from resd_client.protocol.convert import Float, Int, Message
 from resd_client.protocol.results import PoolInfo, ReservationInfo, TopSnapshot
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExpiredEvent:
+class ExpiredEvent(Message, frozen=True):
     reservation: ReservationInfo
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PreemptedEvent:
+class PreemptedEvent(Message, frozen=True):
     reservation: ReservationInfo
     by: str
-    deadline: float | None = None
+    deadline: Float | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GrantedEvent:
+class GrantedEvent(Message, frozen=True):
     """A waiting request was granted; ``reservation`` is now active."""
 
     reservation: ReservationInfo
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeniedEvent:
+class DeniedEvent(Message, frozen=True):
     """A waiting request left the queue ungranted (timeout, pool gone, cancelled);
     ``error`` is a wire error map (code, message, details)."""
 
@@ -40,18 +36,16 @@ class DeniedEvent:
     error: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReclaimEvent:
+class ReclaimEvent(Message, frozen=True):
     """A reclaimable lease is asked to give its resources back by ``deadline``;
     releasing in time ends it as ``released``, not ``preempted``."""
 
     reservation: ReservationInfo
     by: str
-    deadline: float
+    deadline: Float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReleasedEvent:
+class ReleasedEvent(Message, frozen=True):
     """The lease was released by someone other than its holder (an admin, a deleted
     pool or removed tenant, or resd when it was not re-attached in time after a
     restart); ``reservation.reason`` says why."""
@@ -59,17 +53,15 @@ class ReleasedEvent:
     reservation: ReservationInfo
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StateEvent:
+class StateEvent(Message, frozen=True):
     """Pools after a change; pushed to ``subscribe``rs, coalesced per actor turn."""
 
     pools: list[PoolInfo]
-    active: int
-    at: float
+    active: Int
+    at: Float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MarkedEvent:
+class MarkedEvent(Message, frozen=True):
     """The reconciler put a mark on the lease (``on``) or took it off: ``mark`` is
     ``overuse`` (its processes hold more GPU memory than it reserved, or use a GPU
     not assigned to it) or ``idle``; ``detail`` says what was seen."""
@@ -80,15 +72,13 @@ class MarkedEvent:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TopEvent:
+class TopEvent(Message, frozen=True):
     """A new sample for ``top`` subscribers."""
 
     snapshot: TopSnapshot
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResizedEvent:
+class ResizedEvent(Message, frozen=True):
     """A waiting resize of the holder's lease was granted: ``reservation`` has its
     new amounts."""
 

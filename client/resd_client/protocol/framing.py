@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 import msgpack
+import msgspec
 
 from resd_client.protocol.convert import _as_map
 
@@ -27,10 +28,31 @@ class BadFrame(Exception):
     """One frame's payload was not a msgpack map; the stream itself is intact."""
 
 
+_ENCODER: Final = msgspec.msgpack.Encoder()
+
+
 def pack(obj: Any) -> bytes:
-    """msgpack bytes of ``obj``; protocol dataclasses inside are packed as maps."""
-    packed: bytes = msgpack.packb(obj, use_bin_type=True, default=_as_map)
-    return packed
+    """msgpack bytes of ``obj``; protocol messages inside are packed as maps (by
+    msgspec, in C, without a plain-value copy first). What msgspec does not encode
+    (msgpack's own ext types, which tests send to see them refused) goes through
+    msgpack."""
+    try:
+        return _ENCODER.encode(obj)
+    except TypeError:
+        packed: bytes = msgpack.packb(obj, use_bin_type=True, default=_as_map)
+        return packed
+
+
+def unpack(payload: bytes) -> dict[str, Any]:
+    """One frame's payload as a plain map: the reference decoding, whose errors
+    (``BadFrame``) the bad-input rules name."""
+    try:
+        value = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BadFrame(f"frame is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(value, dict):
+        raise BadFrame(f"frame must be a msgpack map, got {type(value).__name__}")
+    return value
 
 
 def encode_frame(obj: Any) -> bytes:
@@ -60,6 +82,14 @@ class FrameDecoder:
         payload is not msgpack or not a map (that frame is consumed; later frames
         can still be read).
         """
+        for payload in self.payloads():
+            yield unpack(payload)
+
+    def payloads(self) -> Iterator[bytes]:
+        """Yield each complete frame's payload, undecoded (for a typed decoder).
+
+        Raises FrameTooLarge when a header exceeds ``max_frame``.
+        """
         while len(self._buf) >= _HEADER.size:
             (length,) = _HEADER.unpack_from(self._buf)
             if length > self.max_frame:
@@ -71,10 +101,4 @@ class FrameDecoder:
                 return
             payload = bytes(self._buf[_HEADER.size : end])
             del self._buf[:end]
-            try:
-                value = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-            except Exception as exc:  # msgpack raises several unrelated types
-                raise BadFrame(f"frame is not valid msgpack: {type(exc).__name__}") from None
-            if not isinstance(value, dict):
-                raise BadFrame(f"frame must be a msgpack map, got {type(value).__name__}")
-            yield value
+            yield payload

@@ -7,9 +7,10 @@ field types are checked. To add an op: its argument type here, its result type i
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Final, Literal
+
+import msgspec
+from msgspec import field
 
 from resd_client.errors import InvalidError
 from resd_client.protocol.checks import (
@@ -31,6 +32,7 @@ from resd_client.protocol.checks import (
     check_wait,
     show,
 )
+from resd_client.protocol.convert import Float, Int, Message
 from resd_client.quantity import check_resource_name
 
 Binding = Literal["detached", "session", "pid"]
@@ -40,9 +42,8 @@ Placement = Literal["binpack", "spread", "least_used"]
 OverusePolicy = Literal["warn", "terminate"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Hello:
-    version: int
+class Hello(Message, frozen=True):
+    version: Int
     client: str = ""
 
     def check(self) -> None:
@@ -50,20 +51,18 @@ class Hello:
             raise InvalidError("client name is longer than 128 characters", {"field": "client"})
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MemberSpec:
+class MemberSpec(Message, frozen=True):
     """A member of a set resource: a name, an optional sliceable capacity, attributes."""
 
     name: str
-    capacity: int = 0
+    capacity: Int = 0
     labels: dict[str, str] = field(default_factory=dict)
 
 
 ResourceKind = Literal["scalar", "range", "set"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResourceSpec:
+class ResourceSpec(Message, frozen=True):
     """One resource of a pool (SPEC §2 kinds).
 
     ``scalar``: ``capacity`` in internal units, times ``ratio``. ``range``: the
@@ -71,11 +70,11 @@ class ResourceSpec:
     VRAM as capacity, which makes ``vram`` requests possible).
     """
 
-    capacity: int | None = None
-    ratio: float = 1.0
+    capacity: Int | None = None
+    ratio: Float = 1.0
     kind: ResourceKind = "scalar"
-    lo: int = 0
-    hi: int | None = None
+    lo: Int = 0
+    hi: Int | None = None
     members: list[MemberSpec] = field(default_factory=list)
     source: Literal["detected", "configured"] = "configured"
 
@@ -139,17 +138,16 @@ class ResourceSpec:
         return self.capacity or 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolCreate:
+class PoolCreate(Message, frozen=True):
     name: str
     resources: dict[str, ResourceSpec]
-    max_per_tenant: int = 1
+    max_per_tenant: Int = 1
     preemption: Preemption = "off"
     placement: Placement = "binpack"
-    grace: float = 0.0
+    grace: Float = 0.0
     labels: dict[str, str] = field(default_factory=dict)
     overuse: OverusePolicy = "warn"
-    idle_after: float = 0.0
+    idle_after: Float = 0.0
     adopt_foreign: bool = False
 
     def check(self) -> None:
@@ -169,21 +167,20 @@ class PoolCreate:
         check_labels(self.labels)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolSet:
+class PoolSet(Message, frozen=True):
     """Change a pool; only the fields given change. ``remove`` drops resources."""
 
     name: str
-    capacity: dict[str, int] = field(default_factory=dict)
-    ratios: dict[str, float] = field(default_factory=dict)
+    capacity: dict[str, Int] = field(default_factory=dict)
+    ratios: dict[str, Float] = field(default_factory=dict)
     remove: list[str] = field(default_factory=list)
-    max_per_tenant: int | None = None
+    max_per_tenant: Int | None = None
     preemption: Preemption | None = None
     placement: Placement | None = None
-    grace: float | None = None
+    grace: Float | None = None
     labels: dict[str, str] | None = None
     overuse: OverusePolicy | None = None
-    idle_after: float | None = None
+    idle_after: Float | None = None
     adopt_foreign: bool | None = None
 
     def check(self) -> None:
@@ -204,16 +201,14 @@ class PoolSet:
             check_labels(self.labels)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolName:
+class PoolName(Message, frozen=True):
     name: str
 
     def check(self) -> None:
         check_name("pool", self.name)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolDelete:
+class PoolDelete(Message, frozen=True):
     name: str
     force: bool = False
 
@@ -221,18 +216,16 @@ class PoolDelete:
         check_name("pool", self.name)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Empty:
+class Empty(Message, frozen=True):
     """Arguments of ops that take none."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TenantAdd:
+class TenantAdd(Message, frozen=True):
     name: str
-    priority: int = 5
-    owners: list[int] = field(default_factory=list)
-    groups: list[int] = field(default_factory=list)
-    weight: float = 1.0
+    priority: Int = 5
+    owners: list[Int] = field(default_factory=list)
+    groups: list[Int] = field(default_factory=list)
+    weight: Float = 1.0
 
     def check(self) -> None:
         check_name("tenant", self.name)
@@ -245,27 +238,25 @@ class TenantAdd:
             )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TenantName:
+class TenantName(Message, frozen=True):
     name: str
 
     def check(self) -> None:
         check_name("tenant", self.name)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TenantSet:
+class TenantSet(Message, frozen=True):
     name: str
-    priority: int | None = None
-    owners: list[int] | None = None
-    groups: list[int] | None = None
-    weight: float | None = None
+    priority: Int | None = None
+    owners: list[Int] | None = None
+    groups: list[Int] | None = None
+    weight: Float | None = None
     #: quota in ``pool`` (SPEC §3): ``min`` guaranteed, ``max`` cap, per resource in
     #: internal units (a set resource counts members); each given map replaces that
     #: side of the quota, ``{}`` clears it
     pool: str | None = None
-    min: dict[str, int] | None = None
-    max: dict[str, int] | None = None
+    min: dict[str, Int] | None = None
+    max: dict[str, Int] | None = None
 
     def check(self) -> None:
         check_name("tenant", self.name)
@@ -300,8 +291,7 @@ class TenantSet:
             )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TenantRemove:
+class TenantRemove(Message, frozen=True):
     name: str
     force: bool = False
 
@@ -313,19 +303,18 @@ class TenantRemove:
 MAX_PARTS: Final = 16
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Part:
+class Part(Message, frozen=True):
     """One part of a gang: what one pool is asked for."""
 
     pool: str
-    resources: dict[str, int] = field(default_factory=dict)
+    resources: dict[str, Int] = field(default_factory=dict)
     members: dict[str, list[str]] = field(default_factory=dict)
     constraints: dict[str, str] = field(default_factory=dict)
     contiguous: list[str] = field(default_factory=list)
 
     def request(self, base: Reserve | None = None) -> Reserve:
         """This part as a plain request (with ``base``'s tenant, ttl, binding, ...)."""
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             base or Reserve(),
             pool=self.pool,
             resources=dict(self.resources),
@@ -336,8 +325,7 @@ class Part:
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Reserve:
+class Reserve(Message, frozen=True):
     """Reserve ``resources`` (internal units) in ``pool`` as ``tenant``.
 
     ``tenant`` defaults to the caller's Unix user name; ``ttl`` in seconds, none for
@@ -345,9 +333,9 @@ class Reserve:
     """
 
     pool: str | None = None
-    resources: dict[str, int] = field(default_factory=dict)
+    resources: dict[str, Int] = field(default_factory=dict)
     tenant: str | None = None
-    ttl: float | None = None
+    ttl: Float | None = None
     binding: Binding = "detached"
     label: str = ""
     reclaimable: bool = False
@@ -357,9 +345,9 @@ class Reserve:
     selector: dict[str, str] = field(default_factory=dict)
     placement: Placement | None = None
     wait: bool = False
-    timeout: float | None = None
-    deadline: float | None = None
-    pid: int | None = None
+    timeout: Float | None = None
+    deadline: Float | None = None
+    pid: Int | None = None
     #: the attach token: a secret the client chooses for this request (SPEC §9).
     #: Presenting it again (``attach``, or this same ``reserve`` retried after a lost
     #: reply) re-binds the lease or waiter to the presenting connection.
@@ -460,28 +448,25 @@ class Reserve:
             raise InvalidError("give a pool or a label selector, not both", {"field": "selector"})
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReservationRef:
+class ReservationRef(Message, frozen=True):
     id: str
 
     def check(self) -> None:
         check_reservation_id(self.id)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Renew:
+class Renew(Message, frozen=True):
     """Extend a reservation: its new expiry is now + ``ttl`` (default: its own ttl)."""
 
     id: str
-    ttl: float | None = None
+    ttl: Float | None = None
 
     def check(self) -> None:
         check_reservation_id(self.id)
         check_ttl(self.ttl)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Resize:
+class Resize(Message, frozen=True):
     """Change a lease's amounts in place: ``resources`` gives the new amount of each
     resource named (internal units; a set or range resource a count; 0 gives it all
     back); the rest stays. Shrinking always succeeds: ``give_back`` names which set
@@ -492,10 +477,10 @@ class Resize:
     not change."""
 
     id: str
-    resources: dict[str, int]
+    resources: dict[str, Int]
     give_back: dict[str, list[str]] = field(default_factory=dict)
     wait: bool = False
-    timeout: float | None = None
+    timeout: Float | None = None
 
     def check(self) -> None:
         check_reservation_id(self.id)
@@ -522,8 +507,7 @@ class Resize:
             raise InvalidError("timeout applies only with wait", {"field": "timeout"})
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Attach:
+class Attach(Message, frozen=True):
     """Re-bind the lease or waiter made with ``token`` to this connection (after a
     reconnect). ``id``: the reservation the client knew, so that one that ended while
     it was away is reported (its final state) instead of ``not_found``."""
@@ -537,8 +521,7 @@ class Attach:
             check_reservation_id(self.id)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Preempt:
+class Preempt(Message, frozen=True):
     target: str
     tenant: str | None = None
     pool: str | None = None
@@ -551,8 +534,7 @@ class Preempt:
             check_name("pool", self.pool)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ListReservations:
+class ListReservations(Message, frozen=True):
     """Active reservations, or with ``pending`` the queued requests in queue order."""
 
     pool: str | None = None
@@ -573,21 +555,19 @@ class ListReservations:
             check_name("tenant", self.tenant)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Plan:
+class Plan(Message, frozen=True):
     """Dry run of ``request`` at ``priority`` (default: its tenant's): would it fit,
     wait, or evict whom? Changes nothing."""
 
     request: Reserve
-    priority: int | None = None
+    priority: Int | None = None
 
     def check(self) -> None:
         if self.priority is not None:
             check_priority(self.priority)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResourcesOf:
+class ResourcesOf(Message, frozen=True):
     """hypeman's GET /resources for one pool (the discovered ``host`` by default)."""
 
     pool: str = "host"
@@ -596,9 +576,8 @@ class ResourcesOf:
         check_name("pool", self.pool)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Export:
-    since: float | None = None
+class Export(Message, frozen=True):
+    since: Float | None = None
     tenant: str | None = None
 
     def check(self) -> None:
@@ -606,8 +585,7 @@ class Export:
             check_name("tenant", self.tenant)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Subscribe:
+class Subscribe(Message, frozen=True):
     """Ask for ``state`` pushes (a fresh status after every change)."""
 
     topics: list[Literal["state", "top"]] = field(default_factory=lambda: ["state"])
@@ -617,8 +595,7 @@ class Subscribe:
             raise InvalidError("topics: name at least one of state, top", {"field": "topics"})
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Register:
+class Register(Message, frozen=True):
     """Add process ``pid`` (and its descendants) to lease ``id``'s processes, for GPU
     attribution (SPEC §10): ``resctl run`` registers its CMD. The process must be
     alive and belong to the caller's uid (or the caller be an admin). ``confine``:
@@ -626,7 +603,7 @@ class Register:
     allows (``enforcement`` then says ``cgroup``; otherwise it runs unconfined)."""
 
     id: str
-    pid: int
+    pid: Int
     confine: bool = False
 
     def check(self) -> None:

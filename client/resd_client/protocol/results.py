@@ -6,8 +6,11 @@ type ``RESULTS`` names for its op, with ``from_wire``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Final, Literal
+
+from msgspec import field
+
+from resd_client.protocol.convert import Float, Int, Message
 
 #: the strongest guard the host gives a reservation (SPEC §10), strongest first
 Enforcement = Literal["mig", "mps", "cgroup", "framework", "watch", "none"]
@@ -16,121 +19,114 @@ ReservationState = Literal[
 ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HelloResult:
+class HelloResult(Message, frozen=True):
     server_version: str
-    protocol: int
+    protocol: Int
     boot_id: str
-    uid: int
-    gid: int
-    pid: int
+    uid: Int
+    gid: Int
+    pid: Int
     admin: bool
     user_tenant: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MemberUsage:
+class MemberUsage(Message, frozen=True):
     name: str
-    capacity: int
-    allocated: int
+    capacity: Int
+    allocated: Int
     whole: bool
-    holders: int
+    holders: Int
     labels: dict[str, str]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResourceUsage:
+class ResourceUsage(Message, frozen=True):
     """One resource of a pool, hypeman's shape: effective = capacity × ratio."""
 
     name: str
     unit: str
-    capacity: int
-    ratio: float
-    effective: int
-    allocated: int
-    available: int
+    capacity: Int
+    ratio: Float
+    effective: Int
+    allocated: Int
+    available: Int
     kind: str = "scalar"
     source: str = "configured"
-    lo: int | None = None
-    hi: int | None = None
+    lo: Int | None = None
+    hi: Int | None = None
     members: list[MemberUsage] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolInfo:
+class PoolInfo(Message, frozen=True):
     name: str
     resources: list[ResourceUsage]
-    max_per_tenant: int
+    max_per_tenant: Int
     preemption: str
     placement: str
-    grace: float
+    grace: Float
     labels: dict[str, str]
-    created_at: float
-    active: int
+    created_at: Float
+    active: Int
     overuse: str = "warn"
-    idle_after: float = 0.0
+    idle_after: Float = 0.0
     adopt_foreign: bool = False
     #: live GPU figures from the last sample (empty when nothing is sampled)
     devices: list[DeviceUse] = field(default_factory=list)
     #: how many leases carry each mark now (``overuse``, ``idle``)
-    marks: dict[str, int] = field(default_factory=dict)
+    marks: dict[str, Int] = field(default_factory=dict)
     #: tenant → its quota here and what it holds
     quotas: dict[str, QuotaInfo] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class QuotaInfo:
+class QuotaInfo(Message, frozen=True):
     """A tenant's quota in one pool and what it holds there now (internal units; a
     set resource counts members). Above ``min`` it is borrowing."""
 
-    min: dict[str, int] = field(default_factory=dict)
-    max: dict[str, int] = field(default_factory=dict)
-    used: dict[str, int] = field(default_factory=dict)
+    min: dict[str, Int] = field(default_factory=dict)
+    max: dict[str, Int] = field(default_factory=dict)
+    used: dict[str, Int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TenantInfo:
+class TenantInfo(Message, frozen=True):
     name: str
-    priority: int
-    owners: list[int]
-    groups: list[int]
-    weight: float
-    created_at: float
-    active: int = 0
+    priority: Int
+    owners: list[Int]
+    groups: list[Int]
+    weight: Float
+    created_at: Float
+    active: Int = 0
     #: pool → its quota there (``tenant show``)
     quotas: dict[str, QuotaInfo] = field(default_factory=dict)
     #: fair share: its decayed usage (dominant-share seconds, SPEC §4) and that
     #: usage's part of all tenants' (0 to 1)
-    usage: float = 0.0
-    share: float = 0.0
+    usage: Float = 0.0
+    share: Float = 0.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReservationInfo:
+class ReservationInfo(Message, frozen=True):
     id: str
     tenant: str
     pool: str
-    resources: dict[str, int]
+    resources: dict[str, Int]
     label: str
-    created_at: float
-    ttl: float | None
-    expires_at: float | None
+    created_at: Float
+    ttl: Float | None
+    expires_at: Float | None
     binding: str
     reclaimable: bool
     state: str
-    uid: int
-    ended_at: float | None = None
+    uid: Int
+    ended_at: Float | None = None
     members: dict[str, list[str]] = field(default_factory=dict)
-    values: dict[str, list[list[int]]] = field(default_factory=dict)
+    values: dict[str, list[list[Int]]] = field(default_factory=dict)
     devices: list[dict[str, str]] = field(default_factory=list)
-    priority: int = 0
-    pid: int | None = None
+    priority: Int = 0
+    pid: Int | None = None
     #: for a ``pending`` request: its place in the queue (1 = head) and why it waits;
     #: for one that ended: why
-    position: int = 0
+    position: Int = 0
     reason: str = ""
     #: for a ``terminating`` lease: when its grace ends
-    deadline: float | None = None
+    deadline: Float | None = None
     #: the strongest guard the host gives it (SPEC §10): mig, mps, cgroup, framework,
     #: watch, none
     enforcement: str = "none"
@@ -139,40 +135,37 @@ class ReservationInfo:
     #: ``overuse`` / ``idle`` → what was seen, while the mark stands
     marks: dict[str, str] = field(default_factory=dict)
     #: processes registered to it (``register``), besides its pid / session peer
-    processes: list[int] = field(default_factory=list)
+    processes: list[Int] = field(default_factory=list)
     #: a gang's parts (one per pool ask), all granted and ended together; the lease's
     #: own amounts, members and devices are theirs together
     parts: list[ReservationInfo] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HistoryEvent:
-    seq: int
-    at: float
+class HistoryEvent(Message, frozen=True):
+    seq: Int
+    at: Float
     kind: str
     reservation: str
     tenant: str
     pool: str
-    resources: dict[str, int]
+    resources: dict[str, Int]
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResourceStatus:
+class ResourceStatus(Message, frozen=True):
     """hypeman's ResourceStatus: effective_limit = capacity × oversub_ratio,
     available = effective_limit − allocated (internal units, see ``unit``)."""
 
-    capacity: int
-    effective_limit: int
-    allocated: int
-    available: int
-    oversub_ratio: float
+    capacity: Int
+    effective_limit: Int
+    allocated: Int
+    available: Int
+    oversub_ratio: Float
     source: str
     unit: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceUse:
+class DeviceUse(Message, frozen=True):
     """One GPU (or MIG instance) as the last sample saw it: ``member`` is its name in
     the pool's ``gpu`` set; ``foreign`` the bytes held by no lease's processes
     (unmanaged work, the driver's own); ``overuse`` bytes leases hold beyond what they
@@ -180,17 +173,16 @@ class DeviceUse:
 
     member: str
     uuid: str
-    memory_total: int
-    memory_used: int
-    foreign: int
-    overuse: int = 0
-    utilization: int | None = None
-    foreign_pids: list[int] = field(default_factory=list)
-    at: float = 0.0
+    memory_total: Int
+    memory_used: Int
+    foreign: Int
+    overuse: Int = 0
+    utilization: Int | None = None
+    foreign_pids: list[Int] = field(default_factory=list)
+    at: Float = 0.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GpuStatus:
+class GpuStatus(Message, frozen=True):
     """One GPU of the pool's ``gpu`` set: its memory and who holds it."""
 
     name: str
@@ -198,38 +190,36 @@ class GpuStatus:
     uuid: str
     model: str
     numa: str
-    memory_bytes: int
-    vram_allocated: int
+    memory_bytes: Int
+    vram_allocated: Int
     whole: bool
-    holders: int
+    holders: Int
     #: live, from the last sample (None when it is not sampled)
-    memory_used: int | None = None
-    foreign_bytes: int = 0
-    utilization: int | None = None
+    memory_used: Int | None = None
+    foreign_bytes: Int = 0
+    utilization: Int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Allocation:
+class Allocation(Message, frozen=True):
     """hypeman's AllocationBreakdown, per reservation (cpu in millicores)."""
 
     reservation_id: str
     name: str
     tenant: str
-    cpu: int
-    memory_bytes: int
-    disk_bytes: int
-    network_bps: int
-    disk_io_bps: int
+    cpu: Int
+    memory_bytes: Int
+    disk_bytes: Int
+    network_bps: Int
+    disk_io_bps: Int
     gpus: list[str]
-    vram_bytes: int
-    other: dict[str, int]
+    vram_bytes: Int
+    other: dict[str, Int]
     #: live GPU memory its processes hold (from the last sample), and its marks
-    vram_used_bytes: int = 0
+    vram_used_bytes: Int = 0
     marks: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HostResources:
+class HostResources(Message, frozen=True):
     pool: str
     resources: dict[str, ResourceStatus]
     gpus: list[GpuStatus]
@@ -243,51 +233,43 @@ class HostResources:
     numa_cpus: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolList:
+class PoolList(Message, frozen=True):
     pools: list[PoolInfo]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TenantList:
+class TenantList(Message, frozen=True):
     tenants: list[TenantInfo]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReservationList:
+class ReservationList(Message, frozen=True):
     reservations: list[ReservationInfo]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Status:
+class Status(Message, frozen=True):
     server_version: str
     boot_id: str
-    started_at: float
+    started_at: Float
     pools: list[PoolInfo]
-    tenants: int
-    active: int
-    connections: int
+    tenants: Int
+    active: Int
+    connections: Int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class History:
+class History(Message, frozen=True):
     events: list[HistoryEvent]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Done:
+class Done(Message, frozen=True):
     """Result of ops that report only success."""
 
-    removed: int = 0
+    removed: Int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Preempted:
+class Preempted(Message, frozen=True):
     reservations: list[ReservationInfo]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WaitInfo:
+class WaitInfo(Message, frozen=True):
     """Why a request waits: ``reason`` is ``resources`` (``details.resources`` has the
     per-resource shortfall, or ``details.held_for`` the waiter ahead that needs the
     same resources), ``conflict``, ``preemption_pending`` (``details.victims``) or
@@ -295,15 +277,14 @@ class WaitInfo:
 
     id: str
     state: str
-    position: int
-    queued: int
+    position: Int
+    queued: Int
     reason: str
     message: str
     details: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PlanResult:
+class PlanResult(Message, frozen=True):
     """``fits``: granted at once; ``wait``: would queue; ``preempt``: would evict
     ``victims`` (after ``grace`` seconds); ``reclaim``: would take ``victims`` back
     from borrowers (the tenant asks within its quota's min); ``never``: cannot fit
@@ -313,12 +294,11 @@ class PlanResult:
     pool: str
     message: str
     victims: list[ReservationInfo] = field(default_factory=list)
-    grace: float = 0.0
+    grace: Float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TopRow:
+class TopRow(Message, frozen=True):
     """One lease as ``resctl top`` shows it: what it reserved and what its processes
     use now. ``cpu_percent`` is of one core (200.0 = two cores busy); ``rss`` bytes;
     ``gpu_memory`` / ``gpu_utilization`` by gpu member name; ``idle_for`` seconds its
@@ -329,35 +309,33 @@ class TopRow:
     pool: str
     state: str
     label: str
-    priority: int
-    resources: dict[str, int]
+    priority: Int
+    resources: dict[str, Int]
     members: dict[str, list[str]] = field(default_factory=dict)
-    pids: list[int] = field(default_factory=list)
-    cpu_percent: float = 0.0
-    rss: int = 0
-    gpu_memory: dict[str, int] = field(default_factory=dict)
-    gpu_utilization: dict[str, int] = field(default_factory=dict)
+    pids: list[Int] = field(default_factory=list)
+    cpu_percent: Float = 0.0
+    rss: Int = 0
+    gpu_memory: dict[str, Int] = field(default_factory=dict)
+    gpu_utilization: dict[str, Int] = field(default_factory=dict)
     marks: dict[str, str] = field(default_factory=dict)
     enforcement: str = "none"
-    idle_for: float = 0.0
-    created_at: float = 0.0
+    idle_for: Float = 0.0
+    created_at: Float = 0.0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TopSnapshot:
+class TopSnapshot(Message, frozen=True):
     """Every lease's live use at ``at``, sampled every ``interval`` seconds;
     ``devices`` per pool (pool → its GPUs); ``gpu_sampling`` says why GPUs are not
     sampled ("" when they are)."""
 
-    at: float
-    interval: float
+    at: Float
+    interval: Float
     rows: list[TopRow] = field(default_factory=list)
     devices: dict[str, list[DeviceUse]] = field(default_factory=dict)
     gpu_sampling: str = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MetricsText:
+class MetricsText(Message, frozen=True):
     """The daemon's Prometheus metrics in the text exposition format, as its
     HTTP endpoint serves them (for node_exporter's textfile collector)."""
 
