@@ -626,7 +626,10 @@ class PoolActor(Actor):
         if not args.wait:
             error = scheduler.error_of(w)
             w.outbox = None  # the reply tells it
-            self._end_waiter(w, error)
+            try:
+                self._end_waiter(w, error)
+            finally:  # never journaled as waiting: gone even if its denial is not journaled
+                self.queue.remove(w.id)
             raise error
         log.debug("queued", reservation=w.id, tenant=w.tenant.name, position=w.position)
         return w.info(), self.journal.last_lsn

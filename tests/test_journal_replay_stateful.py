@@ -264,3 +264,27 @@ def test_an_expiry_the_journal_refuses_is_retried_on_the_actors_clock() -> None:
     assert r.id in machine.actor.book.reservations
     assert len(machine.actor._later) == 1
     machine.replay_equals_memory()
+
+
+def test_a_refusal_the_journal_cannot_record_leaves_no_waiter_behind() -> None:
+    """Found by this machine: a request that will not wait joins the queue for one
+    pass; when its denial could not be journaled it stayed there, waiting in memory
+    but not in the journal."""
+    machine = BookAndJournalAgree()
+    machine.create_pool(name="q", preemption="lower_priority", grace=0.0)
+    ask = {
+        "pool": "q",
+        "tenant": Tenant("low", 2),
+        "cpu": 0,
+        "disks": 0,
+        "ports": 2,
+        "wait": False,
+        "session": "c-1",
+        "binding": "session",
+        "ttl": None,
+    }
+    machine.reserve(**ask)
+    machine.fail_next_append()
+    machine.reserve(**ask)  # refused; its denial is not journaled
+    machine.the_queue_is_the_journaled_one()
+    machine.replay_equals_memory()
