@@ -452,7 +452,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 journal_scope, journal_done = trio.CancelScope(), trio.Event()
                 await nursery.start(self._run_journal, journal, journal_scope, journal_done)
-                for actor in (reaper, arbiter, pools, tenants, announcer, watcher):
+                for actor in (reaper, arbiter, pools, tenants, watcher):
                     await nursery.start(actor.run)
                 lsn = await pools.ask(m.Recover())
                 if lsn:

@@ -15,9 +15,13 @@ import pytest
 import trio
 import trio.testing
 
+from resd import journal
 from resd.config import Config
 from resd.daemon import Daemon
 from tests.wire import WireClient
+
+# Every append in the tests checks that its entry would replay (off in production).
+journal.CHECK_REPLAY = True
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_WALL = 1_800_000_000.0
