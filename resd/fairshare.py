@@ -76,7 +76,10 @@ class FairShare:
     tenants: dict[str, Usage] = attrs.Factory(dict)
 
     def change(self, tenant: str, delta: float, now: float) -> None:
-        self.tenants.setdefault(tenant, Usage(at=now)).change(delta, now, self.half_life)
+        u = self.tenants.get(tenant)
+        if u is None:  # (not setdefault: a replay changes usage a million times)
+            u = self.tenants[tenant] = Usage(at=now)
+        u.change(delta, now, self.half_life)
 
     def usage(self, tenant: str, now: float) -> float:
         u = self.tenants.get(tenant)

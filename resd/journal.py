@@ -11,10 +11,13 @@ Layout of the state directory (format version 1; files written by any release mu
   Every entry with lsn <= ``covered_lsn`` is reflected in the snapshot, and so is every entry of
   a domain with lsn <= that domain's lsn. Written atomically (tmp file, fsync, rename, fsync dir).
 
-``Journal`` owns one append-only file descriptor and a flusher task (``run``) doing group
-commit: ``append`` writes its entry at once (so a full disk refuses *this* change, before the
-caller applies it), and every entry written while the previous fsync was in progress shares
-the next one. Records are opaque msgpack-able values.
+``Journal`` owns one append-only file descriptor and a flusher (``run``) doing group commit:
+``append`` writes its entry at once (so a full disk refuses *this* change, before the caller
+applies it), and every entry written while the previous fsync was in progress shares the
+next one. The fsyncs run in one long-lived flusher thread, which the event loop hands work
+under a lock and which reports each outcome back with ``run_sync_soon``: the report wakes
+``wait_durable`` and calls the ``on_durable`` listeners (the announcer's pushes) right
+there. Records are opaque msgpack-able values.
 
 What can fail, and what it costs (never the daemon):
 
@@ -39,6 +42,7 @@ import errno
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -47,6 +51,7 @@ from typing import Any, Final, Literal, final
 
 import attrs
 import msgpack
+import msgspec
 import structlog
 import trio
 
@@ -76,9 +81,18 @@ _WAL_HEADER: Final = _FILE_HEADER.pack(WAL_MAGIC, FORMAT_VERSION)
 _SEGMENT_NAME: Final = re.compile(r"^wal-(\d{20})\.log$")
 
 _Entry = tuple[int, str, list[Any]]  # (lsn, domain, records)
+_Job = tuple[int, int | None, list[int], Path | None]  # see Journal._take
+
 
 # Every fsync goes through this name, so tests can count or fail them.
+# ``fdatasync`` would do for the segments, but costs the same here: every append changes
+# the file's size, which both must commit (docs/architecture.md, "Durability").
 _fsync: Callable[[int], None] = os.fsync
+
+#: ``append`` decodes each entry again to check that it would replay (a tuple as a map
+#: key packs, then fails to unpack). That costs a decode per change, so it is off in
+#: production and on in the tests (``tests/conftest.py``); snapshots are always checked.
+CHECK_REPLAY = False
 
 
 @final
@@ -245,12 +259,7 @@ def _read_snapshot(path: Path) -> tuple[int, dict[str, tuple[int, Any]]]:
     return covered, domains
 
 
-def _decode_entry(payload: bytes) -> tuple[_Entry | None, str]:
-    """Returns ((lsn, domain, records), "") or (None, what is wrong)."""
-    try:
-        body = _unpackb(payload)
-    except Exception as exc:  # msgpack raises several unrelated exception types
-        return None, f"undecodable entry: {exc}"
+def _entry_of(body: Any) -> tuple[_Entry | None, str]:
     if (
         isinstance(body, dict)
         and _is_int(body.get("lsn"))
@@ -259,6 +268,32 @@ def _decode_entry(payload: bytes) -> tuple[_Entry | None, str]:
     ):
         return (body["lsn"], body["d"], body["r"]), ""
     return None, "entry has the wrong shape"
+
+
+def _decode_entry(payload: bytes) -> tuple[_Entry | None, str]:
+    """Returns ((lsn, domain, records), "") or (None, what is wrong), as msgpack reads
+    the entry (what ``append`` checks an entry against: any release can read it)."""
+    try:
+        body = _unpackb(payload)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        return None, f"undecodable entry: {exc}"
+    return _entry_of(body)
+
+
+#: How recovery reads an entry: msgspec's decoder of any msgpack value, about twice as
+#: fast as msgpack's on a long log. It reads whatever msgpack wrote the same way
+#: (maps, arrays as lists, str, bin as bytes; it also takes some keys msgpack refuses,
+#: which ``append`` never writes).
+_read_value = msgspec.msgpack.Decoder().decode
+
+
+def _read_entry(payload: memoryview) -> tuple[_Entry | None, str]:
+    """``_decode_entry`` for recovery, from a view of the segment (no copy)."""
+    try:
+        body = _read_value(payload)
+    except Exception as exc:  # msgspec.DecodeError, or a RecursionError on deep junk
+        return None, f"undecodable entry: {exc}"
+    return _entry_of(body)
 
 
 def _parse_entry(data: bytes, offset: int) -> tuple[_Entry | None, str, bool, int]:
@@ -272,10 +307,10 @@ def _parse_entry(data: bytes, offset: int) -> tuple[_Entry | None, str, bool, in
     if end > len(data):
         present = len(data) - offset - _ENTRY_HEADER.size
         return None, f"entry of {length} bytes runs past end of file ({present} present)", True, end
-    payload = data[offset + _ENTRY_HEADER.size : end]
+    payload = memoryview(data)[offset + _ENTRY_HEADER.size : end]
     if zlib.crc32(payload) != crc:
         return None, "entry crc32 mismatch", end == len(data), end
-    entry, problem = _decode_entry(payload)
+    entry, problem = _read_entry(payload)
     return entry, problem, end == len(data), end
 
 
@@ -312,18 +347,29 @@ class Journal:
         self._running = False
         self._snapshot_lock = trio.Lock()  # snapshots are written one after the other
         self._failure: OSError | None = None  # a failed fsync, until a resync
-        self._fd: int | None = None  # None: the last segment is not created yet
         self._size = 0  # bytes of the current segment that hold whole entries
         self._torn = False  # a failed write may have left bytes past _size
-        self._retired: list[int] = []  # rotated-out fds awaiting fsync and close
-        self._dir_dirty = False  # a segment was created since the last directory fsync
         self._segments: list[int] = []  # first lsn of each segment, the last one current
-        self._last_lsn = 0  # appended, i.e. written
         self._durable_lsn = 0
         self._snapshot_lsn = 0
-        self._work = trio.Event()  # set: the flusher has something to do
-        self._dirty = trio.Event()  # set: the batch syncer has something to do
+        self._work = trio.Event()  # set: the flusher task has something to hand over
+        self._dirty = trio.Event()  # set: the background syncer has something to do
         self._progress = trio.Event()  # set and replaced whenever an lsn advances
+        self._listeners: list[Callable[[], None]] = []  # told when _progress is
+        # What the flusher thread reads is changed (and, by the loop, read) under _lock
+        # only; a job it took is its own until it reports back.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # notified: look for work again
+        self._fd: int | None = None  # None: the last segment is not created yet
+        self._retired: list[int] = []  # rotated-out fds awaiting fsync and close
+        self._dir_dirty = False  # a segment was created since the last directory fsync
+        self._last_lsn = 0  # appended, i.e. written (the loop writes it outside _lock)
+        self._taken = 0  # the highest lsn a sync has been started for
+        self._wanted = 0  # the highest lsn someone waits for (mode always)
+        self._kicked = False  # the loop asked the thread for a sync
+        self._busy = False  # the thread is syncing, or about to look for more to sync
+        self._halted = False  # its last fsync failed: it syncs nothing until a resync
+        self._stopping = False  # the thread is to end
 
     # -- recovery ---------------------------------------------------------------------------
 
@@ -474,11 +520,12 @@ class Journal:
         return self._failure is not None
 
     def append(self, domain: str, records: list[Any]) -> int:
-        """Write one entry now and wake the flusher; never blocks. Returns its lsn.
+        """Write one entry now and have it fsync'ed soon; never blocks. Returns its lsn.
 
         Raises JournalRefused when it cannot be written (disk full, I/O error) or the
-        journal is unsynced, TypeError/ValueError if the entry cannot be encoded or would
-        not decode again; nothing is appended then. RuntimeError if not recovered or closed.
+        journal is unsynced, TypeError/ValueError if the entry cannot be encoded (or, with
+        ``CHECK_REPLAY``, would not decode again); nothing is appended then. RuntimeError
+        if not recovered or closed.
         """
         self._check_open()
         if self._failure is not None:
@@ -487,7 +534,7 @@ class Journal:
         payload = _packb({"lsn": lsn, "d": domain, "r": records})
         if len(payload) > MAX_ENTRY:
             raise ValueError(f"journal entry of {len(payload)} bytes exceeds {MAX_ENTRY}")
-        if _decode_entry(payload)[0] is None:  # e.g. a tuple as a map key: would not replay
+        if CHECK_REPLAY and _decode_entry(payload)[0] is None:  # e.g. a tuple as a map key
             raise ValueError(f"journal entry for {domain!r} would not replay: {records!r}")
         try:
             self._write(_ENTRY_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
@@ -495,10 +542,8 @@ class Journal:
             log.error("journal.write_failed", dir=str(self._dir), error=str(exc))
             raise JournalRefused(self._dir, exc) from exc
         self._last_lsn = lsn
-        if self._mode == "always":
-            self._work.set()  # the flusher fsyncs
-        elif self._mode == "batch":
-            self._dirty.set()  # the batch syncer fsyncs soon; written is acknowledged
+        if self._mode != "never":
+            self._dirty.set()  # fsync'ed soon, at the latest by the background syncer
         return lsn
 
     def _write(self, entry: bytes) -> None:
@@ -514,8 +559,10 @@ class Journal:
                 os.close(fd)
                 path.unlink(missing_ok=True)
                 raise
-            self._fd, self._size, self._torn = fd, len(_WAL_HEADER), False
-            self._dir_dirty = True
+            with self._lock:
+                self._fd, self._dir_dirty = fd, True
+            self._size, self._torn = len(_WAL_HEADER), False
+        assert self._fd is not None
         if self._torn:
             os.ftruncate(self._fd, self._size)
             self._torn = False
@@ -542,12 +589,37 @@ class Journal:
         if self._mode != "always" or lsn <= self._durable_lsn:
             await trio.lowlevel.checkpoint()
             return
+        self.want_durable(lsn)
         while lsn > self._durable_lsn:
             if self._failure is not None:
                 raise self._failed()
             if self._closed:
                 raise RuntimeError("the journal was closed before the entry was durable")
             await self._progress.wait()
+
+    def want_durable(self, lsn: int) -> None:
+        """Someone waits for entry ``lsn`` (a reply, a push): have it fsync'ed now, with
+        everything written before it, rather than by the background syncer. Mode always
+        only (the others are durable once written); ``wait_durable`` calls it."""
+        if self._mode != "always" or lsn <= self._durable_lsn:
+            return
+        with self._lock:
+            self._wanted = max(self._wanted, lsn)
+            busy = self._busy
+        if not busy:  # a busy flusher thread takes it into its next sync by itself
+            self._work.set()
+
+    def is_durable(self, lsn: int) -> bool:
+        """Whether ``wait_durable(lsn)`` would return at once (``lsn`` 0: nothing to wait
+        for): entry ``lsn`` is fsync'ed in mode always, or written in the others."""
+        return self._mode != "always" or lsn <= self._durable_lsn
+
+    def on_durable(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever ``wait_durable`` waiters are woken: entries became
+        durable, an fsync failed, a resync finished, the journal closed. It runs on the
+        event loop, often straight from the flusher thread's report (no task of its own):
+        it must be quick and must not await; what it raises is logged."""
+        self._listeners.append(listener)
 
     async def wait_synced(self) -> None:
         """Return once the journal is not unsynced (at once if it is not); raises
@@ -572,6 +644,11 @@ class Journal:
     def _notify(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:  # raised into the flusher thread's report, it would end the run
+                log.exception("journal.listener_failed")
 
     def _fail(self, exc: OSError) -> None:
         """Record an fsync failure and wake everyone so they see it."""
@@ -580,18 +657,39 @@ class Journal:
         self._notify()
         self._on_failure()
 
-    async def _sync(self) -> None:
-        """fsync in a worker thread the retired segments, the current one and, after a segment
-        was created, the directory; records a failure instead of raising. Callers make sure
-        two never overlap (the flusher, the batch syncer, or the owner when run() is not on)."""
-        if self._failure is not None or (
-            self._durable_lsn >= self._last_lsn and not self._retired and not self._dir_dirty
-        ):
-            return
-        target, fd = self._last_lsn, self._fd
+    def _synced(self, target: int, took: float) -> None:
+        """A sync up to lsn ``target`` succeeded in ``took`` seconds: wake the waiters."""
+        self._on_sync(took, max(0, target - self._durable_lsn))
+        self._durable_lsn = max(self._durable_lsn, target)
+        self._notify()
+
+    # -- syncing: what is owed, taken under _lock -------------------------------------------
+
+    def _owed(self) -> bool:
+        """(Under ``_lock``.) Something written is neither synced nor being synced."""
+        return self._last_lsn > self._taken or bool(self._retired) or self._dir_dirty
+
+    def _take(self) -> _Job:
+        """(Under ``_lock``.) Hand what is owed to a sync: (the lsn it makes durable, the
+        current segment if it holds entries not yet taken, the retired segments, the
+        directory if a segment was created)."""
+        target = self._last_lsn
+        fd = self._fd if target > self._taken else None
         retired, self._retired = self._retired, []
         directory = self._dir if self._dir_dirty else None
         self._dir_dirty = False
+        self._taken = target
+        return target, fd, retired, directory
+
+    async def _sync(self) -> None:
+        """Without the flusher thread (``run`` is not on, e.g. in ``close``): fsync what is
+        owed in a worker thread; records a failure instead of raising."""
+        with self._lock:
+            self._taken = max(self._taken, self._durable_lsn)
+            if self._failure is not None or not self._owed():
+                return
+            before = self._taken
+            target, fd, retired, directory = self._take()
         started = False
         took = 0.0
 
@@ -609,12 +707,18 @@ class Journal:
             return
         except BaseException:
             if not started:  # cancelled before the thread began: the work is still owed
-                self._retired[:0] = retired
-                self._dir_dirty = self._dir_dirty or directory is not None
+                with self._lock:
+                    self._retired[:0] = retired
+                    self._dir_dirty = self._dir_dirty or directory is not None
+                    self._taken = before
             raise
-        self._on_sync(took, target - self._durable_lsn)
-        self._durable_lsn = max(self._durable_lsn, target)
-        self._notify()
+        self._synced(target, took)
+
+    def _kick(self) -> None:
+        """Have the flusher thread sync everything written so far."""
+        with self._lock:
+            self._kicked = True
+            self._wake.notify()
 
     # -- the flusher ------------------------------------------------------------------------
 
@@ -622,34 +726,100 @@ class Journal:
         """The flusher: group-commits written entries until cancelled; never raises for an
         I/O error (see the module docstring).
 
-        Mode always fsyncs whenever something was written since the last fsync; entries
-        written meanwhile go in the next one. Mode batch fsyncs at most every
-        ``batch_interval`` in a second task; mode never uses no thread. Cancelling it loses
-        nothing acknowledged; call ``close`` afterwards.
+        Mode always fsyncs as soon as someone waits for an entry (``wait_durable``, a
+        push: ``want_durable``), with everything written before it; what is wanted while
+        an fsync runs goes in the next one, and what nobody waits for is fsync'ed at most
+        ``batch_interval`` after it was written. Mode batch fsyncs at most every
+        ``batch_interval``; mode never uses no thread. Cancelling it loses nothing
+        acknowledged (a sync under way is finished and reported first); call ``close``
+        afterwards.
         """
         self._check_open()
         if self._running:
             raise RuntimeError("run() is already running")
         self._running = True
         try:
-            async with trio.open_nursery() as nursery:
-                if self._mode == "batch":
-                    nursery.start_soon(self._batch_sync_loop)
+            if self._mode == "never":  # nothing is ever fsync'ed: no thread
                 task_status.started()
-                while True:
-                    await self._work.wait()
-                    self._work = trio.Event()
-                    if self._mode == "always":
-                        await self._sync()
+                await trio.sleep_forever()
+            ended = trio.Event()
+            with self._lock:
+                self._taken = max(self._taken, self._durable_lsn)
+                self._kicked = self._busy = self._stopping = False
+                self._halted = self._failure is not None
+            thread = threading.Thread(
+                target=self._flusher,
+                args=(trio.lowlevel.current_trio_token(), ended),
+                name="resd-journal-flusher",
+                daemon=True,
+            )
+            thread.start()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._background_sync_loop)
+                    task_status.started()
+                    while True:
+                        await self._work.wait()
+                        self._work = trio.Event()
+                        # cancelled meanwhile: hand nothing over, close() syncs what is owed
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                        self._kick()
+            finally:
+                with self._lock:
+                    self._stopping = True
+                    self._wake.notify()
+                with trio.CancelScope(shield=True):
+                    await ended.wait()  # after the report of its last sync, if any
+                thread.join()
         finally:
             self._running = False
 
-    async def _batch_sync_loop(self) -> None:
+    def _flusher(self, token: trio.lowlevel.TrioToken, ended: trio.Event) -> None:
+        """The flusher thread: sync what the loop hands over (``_kick``) and whatever
+        came to be wanted while it synced (``want_durable``), until ``_stopping``; each
+        sync takes everything written so far. Each outcome is reported to the loop with
+        ``run_sync_soon``: ``_synced``, which wakes the waiters and sends the pushes that
+        were waiting, or ``_fail``, after which it syncs nothing until a resync."""
+        try:
+            while True:
+                with self._lock:
+                    job = self._next_job()
+                if job is None:
+                    return
+                target, fd, retired, directory = job
+                begun = time.perf_counter()
+                try:
+                    _sync_files(retired, fd, directory)
+                except OSError as exc:
+                    with self._lock:
+                        self._halted = True
+                    token.run_sync_soon(self._fail, exc)
+                    continue
+                token.run_sync_soon(self._synced, target, time.perf_counter() - begun)
+        finally:
+            token.run_sync_soon(ended.set)
+
+    def _next_job(self) -> _Job | None:
+        """(Under ``_lock``, in the flusher thread.) Wait for a sync to do; None: stop."""
+        while not self._stopping:
+            wanted = self._kicked or (self._busy and self._wanted > self._taken)
+            if wanted and not self._halted and self._owed():
+                self._kicked, self._busy = False, True
+                return self._take()
+            self._kicked = self._busy = False
+            self._wake.wait()
+        self._busy = False
+        return None
+
+    async def _background_sync_loop(self) -> None:
+        """Sync what was written at most ``batch_interval`` after it was: in mode batch
+        everything, in mode always what nobody waited for (a cancelled loop hands
+        nothing over: ``close`` syncs it)."""
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
-            await self._sync()
             await trio.sleep(self._batch_interval)
+            self._kick()
 
     async def close(self) -> None:
         """fsync what was written (except in mode never) and close the files.
@@ -669,9 +839,11 @@ class Journal:
                 with trio.CancelScope(shield=True):
                     await self._sync()
         finally:
-            for fd in [*self._retired, *([] if self._fd is None else [self._fd])]:
+            with self._lock:
+                fds = [*self._retired, *([] if self._fd is None else [self._fd])]
+                self._retired, self._fd = [], None
+            for fd in fds:
                 os.close(fd)
-            self._retired, self._fd = [], None
             self._closed = True
             self._notify()
         if self._failure is not None:
@@ -696,13 +868,17 @@ class Journal:
     def _retire_current(self) -> None:
         if self._fd is None:
             return
-        if self._mode == "never" or self._failure is not None:
-            os.close(self._fd)  # an unsynced segment is not fsync'ed again: it is replaced
-        else:
-            self._retired.append(self._fd)
-            self._work.set()
+        # an unsynced segment is not fsync'ed again (the flusher thread is halted): it is
+        # replaced by the resync
+        keep = self._mode != "never" and self._failure is None
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if keep:
+                self._retired.append(fd)
+        if keep:
             self._dirty.set()
-        self._fd = None
+        else:
+            os.close(fd)
 
     async def write_snapshot(
         self, domains: dict[str, tuple[int, Any]], covered_lsn: int, *, resync: bool = False
@@ -760,6 +936,9 @@ class Journal:
             if resync and self._failure is not None:
                 self._failure = None
                 self._durable_lsn = covered_lsn
+                with self._lock:  # the flusher thread may sync again
+                    self._halted = False
+                    self._taken = covered_lsn
                 log.warning("journal.resynced", dir=str(self._dir), lsn=covered_lsn)
                 self._notify()
 
@@ -768,8 +947,7 @@ class Journal:
         if self._mode != "never" and not self._running:
             await self._sync()
         while self._mode != "never" and self._durable_lsn < lsn and self._failure is None:
-            self._work.set()
-            self._dirty.set()
+            self._kick()
             await self._progress.wait()
         if self._failure is not None:
             raise self._failed()

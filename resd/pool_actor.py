@@ -155,9 +155,15 @@ class Holders:
     def __init__(self) -> None:
         self._outbox: dict[str, tuple[str, Outbox]] = {}
         self._of_connection: dict[str, set[str]] = {}
+        #: connection → its (connection, outbox) entry, one tuple that all its
+        #: reservations share (a connection may hold a hundred thousand)
+        self._entry: dict[str, tuple[str, Outbox]] = {}
 
     def add(self, rid: str, connection: str, outbox: Outbox) -> None:
-        self._outbox[rid] = (connection, outbox)
+        entry = self._entry.get(connection)
+        if entry is None or entry[1] is not outbox:
+            entry = self._entry[connection] = (connection, outbox)
+        self._outbox[rid] = entry
         self._of_connection.setdefault(connection, set()).add(rid)
 
     def get(self, rid: str) -> Outbox | None:
@@ -174,9 +180,11 @@ class Holders:
         mine.discard(rid)
         if not mine:
             del self._of_connection[connection]
+            self._entry.pop(connection, None)
         return entry
 
     def drop_connection(self, connection: str) -> None:
+        self._entry.pop(connection, None)
         for rid in self._of_connection.pop(connection, ()):
             del self._outbox[rid]
 

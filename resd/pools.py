@@ -20,8 +20,9 @@ import msgspec
 from resd import quotas
 from resd.fairshare import HALF_LIFE, FairShare, share
 from resd.gpu_usage import enforcement_of, stronger
-from resd.holdings import GPU, VRAM, PoolHoldings, members_of, shortfall
+from resd.holdings import GPU, VRAM, Placement, PoolHoldings, members_of, shortfall
 from resd.records import (
+    EMPTY,
     Capacity,
     Denied,
     Ended,
@@ -43,6 +44,7 @@ from resd.records import (
     Terminating,
     Waiting,
     converter,
+    shared_amounts,
 )
 from resd_client.errors import (
     ERRORS,
@@ -77,6 +79,10 @@ from resd_client.quantity import render_quantity, unit_of
 LIVE = ("active", "terminating")
 #: processes one lease may have registered (resctl run registers one)
 MAX_PROCS = 64
+#: where a request of scalar amounts only goes: nowhere in particular
+_NOTHING_PLACED = Placement(EMPTY, EMPTY, (), EMPTY)
+_intern = sys.intern
+_MEMO_MAX = 4096  # shares remembered per (pool, amounts); then it starts over
 
 
 @attrs.define(eq=False)
@@ -89,8 +95,10 @@ class PoolBook:
     allocated: dict[str, dict[str, int]] = attrs.Factory(dict)
     history: deque[HistoryEvent] = attrs.field(init=False)
     seq: int = 0
-    #: (pool, tenant) → ids of that tenant's live reservations there, for conflict checks.
-    _held: dict[tuple[str, str], set[str]] = attrs.Factory(dict)
+    #: (pool, tenant) → that tenant's live reservations there (conflict checks, quotas),
+    #: each with its dominant share of the pool when granted (what fair share counts
+    #: for it until it ends). One map for both: a small dict costs less than a set.
+    _held: dict[tuple[str, str], dict[str, float]] = attrs.Factory(dict)
     #: pool → who holds which set members and range values.
     holdings: dict[str, PoolHoldings] = attrs.Factory(dict)
     #: tenant → live reservations, for fair-share ranking of waiters.
@@ -112,9 +120,13 @@ class PoolBook:
     by_root: dict[int, set[str]] = attrs.Factory(dict)
     gpu_held: set[str] = attrs.Factory(set)
     marked: set[str] = attrs.Factory(set)
-    #: decayed usage per tenant (fair share), and each live reservation's share
+    #: decayed usage per tenant (fair share)
     fair: FairShare = attrs.Factory(FairShare)
-    _shares: dict[str, float] = attrs.Factory(dict)
+    #: (pool, amounts) → (the pool, the share of those amounts in it): leases come in a
+    #: few shapes, so a share is computed once per shape and its float shared
+    _share_memo: dict[tuple[str, tuple[tuple[str, int], ...]], tuple[Pool, float]] = attrs.Factory(
+        dict
+    )
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -139,7 +151,7 @@ class PoolBook:
             ) from None
 
     def held(self, pool: str, tenant: str) -> set[str]:
-        return self._held.get((pool, tenant), set())
+        return set(self._held.get((pool, tenant), ()))
 
     def active_in(self, pool: str) -> list[Reservation]:
         return [r for r in self.reservations.values() if r.pool == pool]
@@ -292,8 +304,18 @@ class PoolBook:
         return lambda tenant: self.fair.usage(tenant, now)
 
     def _share_of(self, r: Reservation) -> float:
-        holdings = self.holdings[r.pool]
-        return share(self.pools[r.pool], r, holdings.vram()[0])
+        pool = self.pools[r.pool]
+        if VRAM in r.resources:  # a fraction of the pool's VRAM
+            return share(pool, r, self.holdings[r.pool].vram()[0])
+        key = (r.pool, tuple(r.resources.items()))
+        memo = self._share_memo.get(key)
+        if memo is not None and memo[0] is pool:
+            return memo[1]
+        if len(self._share_memo) >= _MEMO_MAX:
+            self._share_memo.clear()
+        part = share(pool, r, 0)
+        self._share_memo[key] = (pool, part)
+        return part
 
     def quota_use(self, pool: str, tenant: str) -> dict[str, int]:
         """What ``tenant``'s live reservations in ``pool`` hold, as quotas count it."""
@@ -531,7 +553,9 @@ class PoolBook:
         A business refusal (conflict, insufficient) is not raised: it comes back as a
         single ``Denied`` event so that it is journaled; ``denial_error`` rebuilds it.
         With several candidate pools (a label selector) the request goes to the one the
-        placement policy prefers among those it fits.
+        placement policy prefers among those it fits. A request for scalar amounts in
+        one pool (``scalar_pool``) has nothing to place: it skips the request checks
+        (it passes them) and placement, and gets the same events.
         """
         if rid in self.reservations:  # pragma: no cover - ids are random 48-bit
             raise ExistsError(f"reservation id {rid} collides", {"id": rid})
@@ -539,15 +563,30 @@ class PoolBook:
             return self._reserve_gang(
                 args, tenant, uid=uid, session=session, now=now, rid=rid, pid=pid, peer=peer
             )
+        alone = self.scalar_pool(args, pools)
+        if alone is not None:  # nothing to place: checked and granted as it is
+            outcome = self._try(
+                alone,
+                args,
+                tenant,
+                uid=uid,
+                session=session,
+                now=now,
+                rid=rid,
+                pid=pid,
+                peer=peer,
+                place=False,
+            )
+            if isinstance(outcome, ResdError):
+                return [self.denied(args, alone.name, tenant, now, outcome)]
+            return [Reserved(outcome)]
         pools = self.check_request(args) if pools is None else pools
         granted: list[tuple[float, Reservation]] = []
         refusals: list[ResdError] = []
         for pool in pools:
             outcome = self._try(
-                pool, args, tenant, uid=uid, session=session, now=now, rid=rid, pid=pid
+                pool, args, tenant, uid=uid, session=session, now=now, rid=rid, pid=pid, peer=peer
             )
-            if isinstance(outcome, Reservation) and args.binding == "session":
-                outcome = attrs.evolve(outcome, peer=peer)
             if isinstance(outcome, ResdError):
                 refusals.append(outcome)
             else:
@@ -561,6 +600,31 @@ class PoolBook:
             else min(granted, key=lambda g: g[0])
         )
         return [Reserved(best[1])]
+
+    def scalar_pool(self, args: Reserve, pools: list[Pool] | None = None) -> Pool | None:
+        """The one pool a request of scalar amounts only goes to; None when it needs the
+        general path: several candidate pools, a member, value or VRAM slice to choose,
+        constraints, or a pool or resource that is not there (the general path says so)."""
+        if args.members or args.contiguous or args.constraints:
+            return None
+        if pools is not None:
+            if len(pools) != 1:
+                return None
+            pool: Pool | None = pools[0]
+        elif args.pool is not None:
+            pool = self.pools.get(args.pool)
+        elif args.selector:
+            return None
+        else:
+            pool = self.pools.get("host")
+        if pool is None:
+            return None
+        kinds = pool.resources
+        for name in args.resources:
+            cap = kinds.get(name)
+            if cap is None or cap.kind != "scalar" or name == VRAM:
+                return None
+        return pool
 
     def _reserve_gang(
         self,
@@ -675,58 +739,67 @@ class PoolBook:
         now: float,
         rid: str,
         pid: tuple[int, float] | None,
+        peer: int | None = None,
         siblings: frozenset[str] = frozenset(),
+        place: bool = True,
     ) -> Reservation | ResdError:
-        held = self.held(pool.name, tenant.name) - siblings
+        """``args`` granted in ``pool``, or why not; ``place=False``: it holds nothing
+        to place (``scalar_pool`` says so)."""
         if pool.quotas:
             refusal = quotas.over_max(
                 pool, tenant.name, self.quota_use(pool.name, tenant.name), args
             )
             if refusal is not None:
                 return refusal
-        if pool.max_per_tenant and len(held) >= pool.max_per_tenant:
-            existing = sorted(held)
-            return ConflictError(
-                f"tenant {tenant.name!r} already holds {', '.join(existing)} in pool {pool.name!r}"
-                f" (max {pool.max_per_tenant} per tenant)",
-                {"existing": existing, "max_per_tenant": pool.max_per_tenant},
-            )
+        if pool.max_per_tenant:
+            held = self.held(pool.name, tenant.name) - siblings
+            if len(held) >= pool.max_per_tenant:
+                existing = sorted(held)
+                return ConflictError(
+                    f"tenant {tenant.name!r} already holds {', '.join(existing)}"
+                    f" in pool {pool.name!r} (max {pool.max_per_tenant} per tenant)",
+                    {"existing": existing, "max_per_tenant": pool.max_per_tenant},
+                )
         short: dict[str, dict[str, int]] = {}
+        kinds, used = pool.resources, self.allocated[pool.name]
         for name, amount in args.resources.items():
-            if name == VRAM or pool.resources[name].kind != "scalar":
+            if name == VRAM or kinds[name].kind != "scalar":
                 continue
-            available = self.available(pool, name)
+            available = kinds[name].effective - used.get(name, 0)
             if amount > available:
                 short[name] = shortfall(amount, available)
-        placement, missing = self.holdings[pool.name].place(
-            pool, args, args.placement or pool.placement
-        )
-        short.update(missing)
-        if short or placement is None:
-            return InsufficientError(
-                f"pool {pool.name!r} cannot fit the request: {_short_text(short, 'available')}",
-                {"pool": pool.name, "resources": short},
+        if place:
+            placement, missing = self.holdings[pool.name].place(
+                pool, args, args.placement or pool.placement
             )
+            short.update(missing)
+        else:
+            placement = _NOTHING_PLACED
+        if short or placement is None:
+            return _insufficient(pool, short)
+        session_bound = args.binding == "session"
+        amounts = {**args.resources, **placement.counts} if placement.counts else args.resources
         return Reservation(
             id=rid,
             tenant=tenant.name,
             pool=pool.name,
-            resources={**args.resources, **placement.counts},
+            resources=shared_amounts(amounts),
             label=args.label,
             created_at=now,
             ttl=args.ttl,
             expires_at=None if args.ttl is None else now + args.ttl,
-            binding=args.binding,
-            session=session if args.binding == "session" else "",
+            binding=_intern(args.binding),
+            session=session if session_bound else "",
             reclaimable=args.reclaimable,
             uid=uid,
-            members=placement.members,
-            values=placement.values,
+            members=placement.members or EMPTY,
+            values=placement.values or EMPTY,
             devices=placement.devices,
             priority=tenant.priority,
             pid=None if pid is None else pid[0],
             pid_start=None if pid is None else pid[1],
             token=args.token or "",
+            peer=peer if session_bound else None,
             enforcement=enforcement_of(args.binding, placement.devices, args.resources, self.mps),
         )
 
@@ -884,13 +957,12 @@ class PoolBook:
     def without(self, rids: Iterable[str]) -> Iterator[None]:
         """Decide as if ``rids`` had ended (dry runs of preemption); restored after."""
         gone = [self.reservations[rid] for rid in rids]
-        for r in gone:
-            self._unhold(r)
+        parts = [self._unhold(r) for r in gone]
         try:
             yield
         finally:
-            for r in gone:
-                self._hold(r)
+            for r, part in zip(gone, parts, strict=True):
+                self._hold(r, part)
 
     def end_sessions(self, session: str, now: float, reason: str) -> list[PoolEvent]:
         """Release the session-bound reservations of connection ``session``."""
@@ -956,10 +1028,14 @@ class PoolBook:
         match event:
             case Reserved(reservation=r):
                 self._unqueue(r.id)
-                self._hold(r)
-                self._shares[r.id] = part = self._share_of(r)
+                part = self._share_of(r)
+                self._hold(r, part)
                 self.fair.change(r.tenant, part, r.created_at)
                 self._record(r.created_at, "reserved", r, r.label)
+            case Ended(id=rid, state=state, at=at, reason=reason):
+                r = self.reservations[rid]
+                self.fair.change(r.tenant, -self._unhold(r), at)
+                self._record(at, state, r, reason)
             case Queued(waiting=w):
                 self.waiting[w.id] = w
                 if w.args.token:
@@ -969,34 +1045,28 @@ class PoolBook:
                     self.waiting[rid] = attrs.evolve(self.waiting[rid], session=session, peer=peer)
                 else:
                     r = self.reservations[rid]
-                    self._unhold(r)
+                    part = self._unhold(r)
                     session_bound = r.binding == "session"
                     r = attrs.evolve(
                         r,
                         session=session if session_bound else "",
                         peer=peer if session_bound else r.peer,
                     )
-                    self._hold(r)
+                    self._hold(r, part)
                     self._record(at, "reattached", r, "re-attached after a reconnect")
-            case Ended(id=rid, state=state, at=at, reason=reason):
-                r = self.reservations[rid]
-                self._unhold(r)
-                self.fair.change(r.tenant, -self._shares.pop(rid, 0.0), at)
-                self._record(at, state, r, reason)
             case Resized(id=rid, at=at, detail=detail):
                 r = self.reservations[rid]
-                self._unhold(r)
+                was = self._unhold(r)
                 r = attrs.evolve(
                     r,
-                    resources=dict(event.resources),
-                    members=dict(event.members),
-                    values=dict(event.values),
+                    resources=shared_amounts(event.resources),
+                    members=dict(event.members) or EMPTY,
+                    values=dict(event.values) or EMPTY,
                     devices=event.devices,
                 )
-                self._hold(r)
                 part = self._share_of(r)
-                self.fair.change(r.tenant, part - self._shares.get(rid, 0.0), at)
-                self._shares[rid] = part
+                self._hold(r, part)
+                self.fair.change(r.tenant, part - was, at)
                 self._record(at, "resized", r, detail)
             case Registered(id=rid, pid=pid, start=start, at=at, cgroup=cgroup):
                 r = self.reservations[rid]
@@ -1013,7 +1083,7 @@ class PoolBook:
                 marks = {k: v for k, v in r.marks.items() if k != mark}
                 if on:
                     marks[mark] = detail
-                r = self.reservations[rid] = attrs.evolve(r, marks=marks)
+                r = self.reservations[rid] = attrs.evolve(r, marks=marks or EMPTY)
                 (self.marked.add if marks else self.marked.discard)(rid)
                 self._record(at, mark if on else f"{mark}_cleared", r, detail)
             case Renewed(id=rid, ttl=ttl, expires_at=expires_at, at=at):
@@ -1036,7 +1106,7 @@ class PoolBook:
                         reservation=event.id,
                         tenant=event.tenant,
                         pool=event.pool,
-                        resources=dict(event.resources),
+                        resources=event.resources,
                         detail=event.reason,
                     )
                 )
@@ -1057,71 +1127,85 @@ class PoolBook:
                 del self.holdings[name]
 
     def _unqueue(self, rid: str) -> None:
-        w = self.waiting.pop(rid, None)
+        w = self.waiting.pop(rid, None) if self.waiting else None
         if w is not None and w.args.token:
             del self.by_token[w.args.token]
 
-    def _scalars(self, r: Reservation) -> list[tuple[str, int]]:
-        kinds = self.pools[r.pool].resources
-        return [(n, a) for n, a in r.resources.items() if n in kinds and kinds[n].kind == "scalar"]
-
-    def _hold(self, r: Reservation) -> None:
-        self.reservations[r.id] = r
-        used = self.allocated[r.pool]
-        for name, amount in self._scalars(r):
-            used[name] = used.get(name, 0) + amount
-        self.holdings[r.pool].hold(r)
-        self._held.setdefault((r.pool, r.tenant), set()).add(r.id)
+    def _hold(self, r: Reservation, part: float = 0.0) -> None:
+        """Index live ``r``, whose fair share is ``part`` (0: none, a trial)."""
+        rid, pool = r.id, r.pool
+        self.reservations[rid] = r
+        used = self.allocated[pool]
+        kinds = self.pools[pool].resources
+        for name, amount in r.resources.items():
+            cap = kinds.get(name)
+            if cap is not None and cap.kind == "scalar":
+                used[name] = used.get(name, 0) + amount
+        if r.members or r.values:
+            self.holdings[pool].hold(r)
+        held = self._held.get((pool, r.tenant))
+        if held is None:
+            self._held[pool, r.tenant] = {rid: part}
+        else:
+            held[rid] = part
         self.tenant_live[r.tenant] += 1
         if r.binding == "session":
-            self.by_session.setdefault(r.session, set()).add(r.id)
+            self.by_session.setdefault(r.session, set()).add(rid)
         if r.token:
-            self.by_token[r.token] = r.id
-        for pid in r.roots():
-            self.by_root.setdefault(pid, set()).add(r.id)
+            self.by_token[r.token] = rid
+        for pid in _roots(r):
+            self.by_root.setdefault(pid, set()).add(rid)
         if r.members.get(GPU):
-            self.gpu_held.add(r.id)
+            self.gpu_held.add(rid)
         if r.marks:
-            self.marked.add(r.id)
+            self.marked.add(rid)
 
-    def _unhold(self, r: Reservation) -> None:
-        del self.reservations[r.id]
-        used = self.allocated[r.pool]
-        for name, amount in self._scalars(r):
-            used[name] -= amount
-        self.holdings[r.pool].unhold(r)
-        ids = self._held[(r.pool, r.tenant)]
-        ids.discard(r.id)
+    def _unhold(self, r: Reservation) -> float:
+        """Forget live ``r``; returns the fair share it was held with."""
+        rid, pool = r.id, r.pool
+        del self.reservations[rid]
+        used = self.allocated[pool]
+        kinds = self.pools[pool].resources
+        for name, amount in r.resources.items():
+            cap = kinds.get(name)
+            if cap is not None and cap.kind == "scalar":
+                used[name] -= amount
+        if r.members or r.values:
+            self.holdings[pool].unhold(r)
+        ids = self._held[(pool, r.tenant)]
+        part = ids.pop(rid, 0.0)
         if not ids:
-            del self._held[(r.pool, r.tenant)]
+            del self._held[(pool, r.tenant)]
         self.tenant_live[r.tenant] -= 1
         if not self.tenant_live[r.tenant]:
             del self.tenant_live[r.tenant]
         if r.binding == "session":
             mine = self.by_session[r.session]
-            mine.discard(r.id)
+            mine.discard(rid)
             if not mine:
                 del self.by_session[r.session]
         if r.token:
             del self.by_token[r.token]
-        for pid in r.roots():
+        for pid in _roots(r):
             mine = self.by_root[pid]
-            mine.discard(r.id)
+            mine.discard(rid)
             if not mine:
                 del self.by_root[pid]
-        self.gpu_held.discard(r.id)
-        self.marked.discard(r.id)
+        self.gpu_held.discard(rid)
+        self.marked.discard(rid)
+        return part
 
     def _record(self, at: float, kind: str, r: Reservation, detail: str) -> None:
-        self._push(
+        self.seq = seq = self.seq + 1
+        self.history.append(
             HistoryEvent(
-                seq=self.seq + 1,
+                seq=seq,
                 at=at,
                 kind=kind,
                 reservation=r.id,
                 tenant=r.tenant,
                 pool=r.pool,
-                resources=dict(r.resources),
+                resources=r.resources,  # shared: a record's map is never changed in place
                 detail=detail,
             )
         )
@@ -1159,8 +1243,8 @@ class PoolBook:
             book.holdings[pool.name] = PoolHoldings.of(pool)
         for raw in state["reservations"]:
             r = converter.structure(raw, Reservation)
-            book._hold(r)
-            book._shares[r.id] = part = book._share_of(r)
+            part = book._share_of(r)
+            book._hold(r, part)
             book.fair.change(r.tenant, part, r.created_at)
         book.fair.restore(state.get("fair_share", {}))  # absent before issue 12
         book.history.extend(HistoryEvent(**h) for h in state["history"])
@@ -1173,6 +1257,23 @@ class PoolBook:
 def in_part(i: int, error: ResdError) -> ResdError:
     """``error`` of a gang's part ``i``, saying which part."""
     return type(error)(f"parts[{i}]: {error.message}", {**error.details, "part": i})
+
+
+def _roots(r: Reservation) -> tuple[int, ...]:
+    """``r.roots()``, without building it for the common leases: none, or only the
+    session's peer."""
+    if r.procs or r.pid is not None:
+        return r.roots()
+    if r.peer is not None and r.binding == "session":
+        return (r.peer,)
+    return ()
+
+
+def _insufficient(pool: Pool, short: dict[str, dict[str, int]]) -> InsufficientError:
+    return InsufficientError(
+        f"pool {pool.name!r} cannot fit the request: {_short_text(short, 'available')}",
+        {"pool": pool.name, "resources": short},
+    )
 
 
 def _short_text(short: dict[str, dict[str, int]], have: str, tail: str = "") -> str:

@@ -4,20 +4,66 @@ Records (``Pool``, ``Tenant``, ``Reservation``) are frozen attrs values changed 
 ``attrs.evolve``. Events are what actors append to the journal and what ``apply``
 replays; every state change is exactly one list of events, so replay after a crash
 and the live path run the same code. ``encode``/``decode`` turn events into tagged
-msgpack maps through cattrs; the tag names are part of the on-disk format and never
-change meaning.
+msgpack maps; the tag names are part of the on-disk format and never change meaning.
+The events every lease makes (``reserved``, ``ended``, ``renewed``, ...) and the
+``Reservation`` inside them have hand-written codecs (a journal replay decodes a
+million of them); the rest go through cattrs. Both write the same maps.
+
+Memory: a record's dicts are never changed in place (a change is a new record), so
+records share them. Every empty one is ``EMPTY``; identical amounts maps are one
+object (``shared_amounts``); names that repeat (tenant, pool, binding, state, ...)
+are interned when read back. Shared maps refuse changes (``TypeError``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Final, Protocol
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, NoReturn, Protocol
 
 import attrs
 import cattrs
 
 from resd_client.errors import UnavailableError
 from resd_client.protocol import ReservationInfo, Reserve, TenantInfo, from_wire, to_wire
+
+_intern = sys.intern
+
+
+class _Shared(dict[Any, Any]):
+    """A dict that records share, so that no one may change it in place."""
+
+    __slots__ = ()
+
+    def _refuse(self, *_args: Any, **_kw: Any) -> NoReturn:
+        raise TypeError("a record's map is shared and never changed in place; build a new one")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> tuple[type[_Shared], tuple[dict[Any, Any]]]:
+        return _Shared, (dict(self),)  # copied and pickled whole, not item by item
+
+
+#: the one empty map of every record that has none (members, values, marks, ...)
+EMPTY: Final[dict[Any, Any]] = _Shared()
+
+_AMOUNTS: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
+_AMOUNTS_MAX: Final = 4096  # distinct amounts maps kept for sharing; then it starts over
+
+
+def shared_amounts(amounts: Mapping[str, int]) -> dict[str, int]:
+    """``amounts`` as a map shared by every record with the same amounts (in the same
+    order): most leases ask for one of a few shapes, and a dict costs ~200 bytes."""
+    if not amounts:
+        return EMPTY
+    key = tuple(amounts.items())
+    got = _AMOUNTS.get(key)
+    if got is None:
+        if len(_AMOUNTS) >= _AMOUNTS_MAX:
+            _AMOUNTS.clear()
+        got = _AMOUNTS[key] = _Shared(amounts)
+    return got
 
 
 @attrs.frozen
@@ -113,7 +159,7 @@ class Tenant:
         )
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)  # a hundred thousand of them: no slot nobody uses
 class Reservation:
     id: str
     tenant: str
@@ -129,8 +175,8 @@ class Reservation:
     uid: int
     state: str = "active"
     deadline: float | None = None
-    members: dict[str, tuple[str, ...]] = attrs.Factory(dict)
-    values: dict[str, tuple[tuple[int, int], ...]] = attrs.Factory(dict)
+    members: dict[str, tuple[str, ...]] = EMPTY
+    values: dict[str, tuple[tuple[int, int], ...]] = EMPTY
     devices: tuple[dict[str, str], ...] = ()
     #: the tenant's priority when the reservation was made (what preemption compares,
     #: as Kubernetes resolves a pod's priority once, at creation)
@@ -152,7 +198,7 @@ class Reservation:
     #: the cgroup its registered processes run in ("" when none)
     cgroup: str = ""
     #: reconciler marks standing now: ``overuse`` / ``idle`` → what was seen
-    marks: dict[str, str] = attrs.Factory(dict)
+    marks: dict[str, str] = EMPTY
     #: a gang part: the ids of all its parts, the first being the lease's own id
     gang: tuple[str, ...] = ()
 
@@ -395,19 +441,196 @@ converter.register_unstructure_hook(Reserve, to_wire)
 converter.register_structure_hook(
     Reserve, lambda value, _: from_wire(Reserve, value, "waiting.args")
 )
+#: cattrs alone: what a record that the hand-written decoders cannot read goes to, so
+#: that junk is refused with cattrs's account of what is wrong with it
+_generic = converter.copy()
+
+# ------------------------------------------------------------------------ codecs
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def reservation_to_map(r: Reservation) -> dict[str, Any]:
+    """``r`` as its journal and snapshot map (what cattrs writes, the same keys in the
+    same order; tuples where it writes lists, which msgpack does not tell apart)."""
+    return {
+        "id": r.id,
+        "tenant": r.tenant,
+        "pool": r.pool,
+        "resources": r.resources,
+        "label": r.label,
+        "created_at": r.created_at,
+        "ttl": r.ttl,
+        "expires_at": r.expires_at,
+        "binding": r.binding,
+        "session": r.session,
+        "reclaimable": r.reclaimable,
+        "uid": r.uid,
+        "state": r.state,
+        "deadline": r.deadline,
+        "members": r.members,
+        "values": r.values,
+        "devices": r.devices,
+        "priority": r.priority,
+        "pid": r.pid,
+        "pid_start": r.pid_start,
+        "reclaim": r.reclaim,
+        "token": r.token,
+        "peer": r.peer,
+        "procs": r.procs,
+        "enforcement": r.enforcement,
+        "cgroup": r.cgroup,
+        "marks": r.marks,
+        "gang": r.gang,
+    }
+
+
+def _reservation_from_map(raw: dict[str, Any]) -> Reservation:
+    # What cattrs does, spelled out (a replay reads a million): the same conversions,
+    # defaults for keys that records written before a field existed lack.
+    get = raw.get
+    ttl, expires_at, deadline = raw["ttl"], raw["expires_at"], get("deadline")
+    members, values, devices = get("members"), get("values"), get("devices")
+    pid, pid_start, peer = get("pid"), get("pid_start"), get("peer")
+    procs, marks, gang = get("procs"), get("marks"), get("gang")
+    return Reservation(
+        id=raw["id"],
+        tenant=_intern(raw["tenant"]),
+        pool=_intern(raw["pool"]),
+        resources=shared_amounts(raw["resources"]),
+        label=_intern(raw["label"]),
+        created_at=float(raw["created_at"]),
+        ttl=None if ttl is None else float(ttl),
+        expires_at=None if expires_at is None else float(expires_at),
+        binding=_intern(raw["binding"]),
+        session=_intern(raw["session"]),
+        reclaimable=bool(raw["reclaimable"]),
+        uid=int(raw["uid"]),
+        state=_intern(get("state", "active")),
+        deadline=None if deadline is None else float(deadline),
+        members={_intern(k): tuple(map(_intern, v)) for k, v in members.items()}
+        if members
+        else EMPTY,
+        values={_intern(k): tuple((int(lo), int(hi)) for lo, hi in v) for k, v in values.items()}
+        if values
+        else EMPTY,
+        devices=tuple(map(dict, devices)) if devices else (),
+        priority=int(get("priority", 1)),
+        pid=None if pid is None else int(pid),
+        pid_start=None if pid_start is None else float(pid_start),
+        reclaim=bool(get("reclaim", False)),
+        token=get("token", ""),
+        peer=None if peer is None else int(peer),
+        procs=tuple((int(p), float(start)) for p, start in procs) if procs else (),
+        enforcement=_intern(get("enforcement", "none")),
+        cgroup=get("cgroup", ""),
+        marks=dict(marks) if marks else EMPTY,
+        gang=tuple(gang) if gang else (),
+    )
+
+
+def reservation_from_map(raw: dict[str, Any]) -> Reservation:
+    """The reservation of a journal or snapshot map written by any release (keys added
+    later take their defaults); raises what cattrs raises for one it cannot read."""
+    try:
+        return _reservation_from_map(raw)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        reservation: Reservation = _generic.structure(raw, Reservation)
+        return reservation
+
+
+converter.register_unstructure_hook(Reservation, reservation_to_map)
+converter.register_structure_hook(Reservation, lambda raw, _: reservation_from_map(raw))
+
+#: the events of every lease's life, written and read without cattrs (same maps)
+_ENCODERS: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
+    Reserved: lambda e: {"reservation": reservation_to_map(e.reservation), "t": "reserved"},
+    Ended: lambda e: {"id": e.id, "state": e.state, "at": e.at, "reason": e.reason, "t": "ended"},
+    Renewed: lambda e: {
+        "id": e.id,
+        "ttl": e.ttl,
+        "expires_at": e.expires_at,
+        "at": e.at,
+        "t": "renewed",
+    },
+    Terminating: lambda e: {
+        "id": e.id,
+        "deadline": e.deadline,
+        "by": e.by,
+        "at": e.at,
+        "reclaim": e.reclaim,
+        "t": "terminating",
+    },
+    Rebound: lambda e: {
+        "id": e.id,
+        "session": e.session,
+        "at": e.at,
+        "peer": e.peer,
+        "t": "rebound",
+    },
+    Registered: lambda e: {
+        "id": e.id,
+        "pid": e.pid,
+        "start": e.start,
+        "at": e.at,
+        "cgroup": e.cgroup,
+        "t": "registered",
+    },
+    Marked: lambda e: {
+        "id": e.id,
+        "mark": e.mark,
+        "on": e.on,
+        "detail": e.detail,
+        "at": e.at,
+        "t": "marked",
+    },
+}
+_DECODERS: Final[dict[str, Callable[[dict[str, Any]], Event]]] = {
+    "reserved": lambda b: Reserved(_reservation_from_map(b["reservation"])),
+    "ended": lambda b: Ended(
+        b["id"], _intern(b["state"]), float(b["at"]), _intern(b.get("reason", ""))
+    ),
+    "renewed": lambda b: Renewed(b["id"], float(b["ttl"]), float(b["expires_at"]), float(b["at"])),
+    "terminating": lambda b: Terminating(
+        b["id"], float(b["deadline"]), b["by"], float(b["at"]), bool(b.get("reclaim", False))
+    ),
+    "rebound": lambda b: Rebound(
+        b["id"], _intern(b["session"]), float(b["at"]), _int_or_none(b.get("peer"))
+    ),
+    "registered": lambda b: Registered(
+        b["id"], int(b["pid"]), float(b["start"]), float(b["at"]), b.get("cgroup", "")
+    ),
+    "marked": lambda b: Marked(
+        b["id"], _intern(b["mark"]), bool(b["on"]), b["detail"], float(b["at"])
+    ),
+}
 
 
 def encode(event: Event) -> dict[str, Any]:
+    """``event`` as its tagged journal map."""
+    fast = _ENCODERS.get(type(event))
+    if fast is not None:
+        return fast(event)
     body: dict[str, Any] = converter.unstructure(event)
     body["t"] = _TAG_OF[type(event)]
     return body
 
 
 def decode(record: dict[str, Any]) -> Event:
-    """Rebuild an event from its journal map; raises KeyError/ValueError on junk."""
+    """Rebuild an event from its journal map. Raises KeyError for an unknown tag, and
+    cattrs's ``BaseValidationError`` for a map it cannot read (a missing field, a value
+    of the wrong kind): the hand-written decoders hand what they cannot read to it."""
+    fast = _DECODERS.get(record["t"])
+    if fast is not None:
+        try:
+            return fast(record)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # cattrs says what is wrong with it, below
     body = dict(record)
     cls = TAGS[body.pop("t")]
-    event: Event = converter.structure(body, cls)
+    event: Event = (converter if fast is None else _generic).structure(body, cls)
     return event
 
 
