@@ -458,10 +458,11 @@ def test_reconnecting_skips_an_impostor_and_resumes_with_resd(
         assert proc.stop() == 0
         impostor = Impostor(Path(proc.socket))
         try:
-            time.sleep(1.0)  # several reconnection attempts, all refused
+            time.sleep(2.0)  # several reconnection attempts, all refused
         finally:
             report = impostor.report()
-        assert report["connections"] >= 3 and report["received"] == 0, report
+        # at least two (more on a quiet machine: the backoff starts at 0.05 s and doubles)
+        assert report["connections"] >= 2 and report["received"] == 0, report
         proc.start()
         assert [r.id for r in client.list()] == [lease.id]  # waits for the resumption
         events = list(client.events(timeout=0.5))
