@@ -23,6 +23,15 @@ from tests.wire import WireClient
 # Every append in the tests checks that its entry would replay (off in production).
 journal.CHECK_REPLAY = True
 
+# A suite started in the background by a non-interactive shell (``cmd &``, nohup)
+# inherits SIGINT, SIGQUIT and SIGHUP ignored, and so would every resctl and resd it
+# starts (ignored signals survive exec): the tests that signal them would hang.
+for _sig in (signal.SIGHUP, signal.SIGQUIT):
+    if signal.getsignal(_sig) == signal.SIG_IGN:
+        signal.signal(_sig, signal.SIG_DFL)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_WALL = 1_800_000_000.0
 
