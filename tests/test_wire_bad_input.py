@@ -706,6 +706,8 @@ add("register pid str", "register", {"id": RID, "pid": "1"}, "pid")
 add("register pid 0", "register", {"id": RID, "pid": 0}, "pid")
 add("register pid huge", "register", {"id": RID, "pid": 1 << 40}, "pid")
 add("register bad id", "register", {"id": "r-XYZ", "pid": 1}, "id")
+add("register confine not a bool", "register", {"id": RID, "pid": 1, "confine": 1}, "confine")
+add("register confine nil", "register", {"id": RID, "pid": 1, "confine": None}, "confine")
 add(
     "register unknown id",
     "register",
