@@ -192,7 +192,24 @@ class Reconnected:
 # ------------------------------------------------------------------ arguments
 
 
-class ReserveOptions(TypedDict, total=False):
+class GangOptions(TypedDict, total=False):
+    """Keyword arguments of ``reserve_gang`` and ``try_reserve_gang`` (all clients):
+    the ``ReserveOptions`` that apply to the whole gang. What one pool is asked for
+    (amounts, ``members``, ``contiguous``, ``constraints``) goes in each part; a gang
+    has no ``selector``."""
+
+    placement: Placement | None
+    tenant: str | None
+    ttl: float | None
+    binding: Binding
+    pid: int | None
+    label: str
+    reclaimable: bool
+    timeout: float | None
+    deadline: float | None
+
+
+class ReserveOptions(GangOptions, total=False):
     """Keyword arguments of ``reserve``, ``try_reserve`` and ``plan`` (all clients).
 
     Amounts take human quantities (``cpu=1.5``, ``memory="8G"``, ``vram="20G"``,
@@ -211,15 +228,6 @@ class ReserveOptions(TypedDict, total=False):
     contiguous: Sequence[str]
     constraints: Mapping[str, str]
     selector: Mapping[str, str]
-    placement: Placement | None
-    tenant: str | None
-    ttl: float | None
-    binding: Binding
-    pid: int | None
-    label: str
-    reclaimable: bool
-    timeout: float | None
-    deadline: float | None
 
 
 def resources_from(
@@ -301,23 +309,6 @@ class GangPart(TypedDict, total=False):
     members: Mapping[str, Sequence[str | int]]
     contiguous: Sequence[str]
     constraints: Mapping[str, str]
-
-
-class GangOptions(TypedDict, total=False):
-    """Keyword arguments of ``reserve_gang`` and ``try_reserve_gang`` (all clients):
-    the ``ReserveOptions`` that apply to the whole gang. What one pool is asked for
-    (amounts, ``members``, ``contiguous``, ``constraints``) goes in each part; a gang
-    has no ``selector``."""
-
-    placement: Placement | None
-    tenant: str | None
-    ttl: float | None
-    binding: Binding
-    pid: int | None
-    label: str
-    reclaimable: bool
-    timeout: float | None
-    deadline: float | None
 
 
 #: the ``ReserveOptions`` that say what one pool is asked for: in a gang they go in
