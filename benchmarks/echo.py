@@ -4,11 +4,13 @@ at once, with resd's framing (``encode_frame`` / ``FrameDecoder`` from resd_clie
 ``python -m benchmarks.echo SOCKET`` serves until SIGTERM. It answers ``hello`` with a
 HelloResult-shaped map, so the real ``resd_client.Client`` can talk to it, and every
 other request with ``{"id": N, "ok": true, "result": {}}``. Like resd, each connection
-has one reader and one writer task, and the writer batches what is queued into one send.
+has one reader and resd's ``Outbox``: a reply is written at once when the socket takes
+it, and a writer task sends what it does not, batched.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -16,6 +18,7 @@ from typing import Any
 
 import trio
 
+from resd.messages import Outbox
 from resd_client.protocol import FrameDecoder, encode_frame
 
 HELLO: dict[str, Any] = {
@@ -30,27 +33,13 @@ HELLO: dict[str, Any] = {
 }
 
 
-async def _write(stream: trio.SocketStream, frames: trio.MemoryReceiveChannel[bytes]) -> None:
-    with frames:
-        try:
-            async for frame in frames:
-                batch = [frame]
-                while True:
-                    try:
-                        batch.append(frames.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await stream.send_all(b"".join(batch))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-
 async def _connection(stream: trio.SocketStream) -> None:
-    outbox, frames = trio.open_memory_channel[bytes](4096)
+    fd = stream.socket.fileno()
+    outbox = Outbox(functools.partial(os.write, fd), 4096)
     decoder = FrameDecoder()
     async with stream, trio.open_nursery() as nursery:
-        nursery.start_soon(_write, stream, frames)
-        with outbox:
+        nursery.start_soon(outbox.drain, functools.partial(trio.lowlevel.wait_writable, fd))
+        try:
             while True:
                 try:
                     data = await stream.receive_some(1 << 16)
@@ -61,9 +50,14 @@ async def _connection(stream: trio.SocketStream) -> None:
                 decoder.feed(data)
                 for frame in decoder.frames():
                     result = HELLO if frame.get("op") == "hello" else {}
-                    await outbox.send(
-                        encode_frame({"id": frame.get("id"), "ok": True, "result": result})
-                    )
+                    try:
+                        await outbox.send(
+                            encode_frame({"id": frame.get("id"), "ok": True, "result": result})
+                        )
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+        finally:
+            outbox.close()
 
 
 async def serve(path: str) -> None:

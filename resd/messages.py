@@ -1,12 +1,14 @@
 """Messages between actors. Frozen values; each names who sends it and who handles it.
 
 ``Outbox`` is a connection's bounded mailbox of encoded frames: actors push events
-to a client by sending into it, never by touching its socket.
+to a client by handing frames to it, which never waits (it writes to the socket only
+what the socket takes at once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import collections
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -28,33 +30,114 @@ from resd_client.protocol import (
 
 @attrs.define(eq=False)
 class Outbox:
-    """A connection's frames on their way to its writer (replies and pushes).
+    """A connection's frames on their way to its socket (replies and pushes).
+
+    A frame is written at once, without a task switch, when nothing is queued before
+    it and the socket takes it (the common case: one reply per request); what the
+    socket does not take waits in the queue for the connection's writer task
+    (``drain``), which writes it when the socket is writable again, several frames
+    per write. The queue holds at most ``limit`` frames.
 
     Replies wait for room (``send``): the connection's reader stops meanwhile, so a
     client that does not read is throttled, not buffered without bound. Pushes come
-    from actors, which cannot wait: a push that finds the outbox full calls
+    from actors, which cannot wait: a push that finds the queue full calls
     ``overflow`` (the server closes the connection, keeping its leases for
     re-attachment), so a notice is never dropped silently.
+
+    ``write`` takes bytes without blocking and returns how many it took (raising
+    ``BlockingIOError`` when none fit, ``OSError`` when the peer is gone), as
+    ``os.write`` on a non-blocking socket does.
     """
 
-    channel: trio.MemorySendChannel[bytes]
+    write: Callable[[bytes | memoryview], int]
+    limit: int
     overflow: Callable[[], None] = lambda: None
+    _queue: collections.deque[bytes] = attrs.field(init=False, factory=collections.deque)
+    _closed: bool = attrs.field(init=False, default=False)  # no more frames accepted
+    _broken: bool = attrs.field(init=False, default=False)  # the peer is gone
+    _busy: bool = attrs.field(init=False, default=False)  # the writer holds a batch
+    _wake: trio.Event = attrs.field(init=False, factory=trio.Event)  # the writer's
+    _room: trio.lowlevel.ParkingLot = attrs.field(init=False, factory=trio.lowlevel.ParkingLot)
 
     def push(self, frame: bytes) -> bool:
         """Queue a push without waiting; False if the connection is gone or overflowed."""
-        try:
-            self.channel.send_nowait(frame)
-        except trio.WouldBlock:
+        if self._closed:
+            return False
+        if len(self._queue) >= self.limit:
             self.overflow()
             return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
-        return True
+        self._put(frame)
+        return not self._broken
 
     async def send(self, frame: bytes) -> None:
         """Queue a reply, waiting for room; raises trio.ClosedResourceError or
         trio.BrokenResourceError when the connection is gone."""
-        await self.channel.send(frame)
+        while not self._closed and len(self._queue) >= self.limit:
+            await self._room.park()
+        if self._broken:
+            raise trio.BrokenResourceError("the peer is gone")
+        if self._closed:
+            raise trio.ClosedResourceError("the connection is closing")
+        self._put(frame)
+
+    def close(self) -> None:
+        """Accept no more frames; ``drain`` returns once the queue is written."""
+        self._closed = True
+        self._wake.set()
+        self._room.unpark_all()
+
+    def _put(self, frame: bytes) -> None:
+        if self._broken:
+            return
+        if not self._queue and not self._busy:
+            taken = self._try_write(frame)
+            if taken == len(frame):
+                return
+            frame = frame[taken:]
+        self._queue.append(frame)
+        self._wake.set()
+
+    def _try_write(self, data: bytes | memoryview) -> int:
+        try:
+            return self.write(data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # the client went away; its reader sees EOF
+            self._gone()
+            return len(data)
+
+    def _gone(self) -> None:
+        self._broken = self._closed = True
+        self._queue.clear()
+        self._wake.set()
+        self._room.unpark_all()
+
+    async def drain(self, writable: Callable[[], Awaitable[None]]) -> None:
+        """The writer task: write what is queued, waiting for ``writable`` (the socket
+        has room) as often as needed, until the outbox is closed and empty or the
+        peer is gone. A batch is written whole before the next is taken, so at most
+        one batch and ``limit`` frames are held."""
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                await self._wake.wait()
+                self._wake = trio.Event()
+            await writable()
+            batch = memoryview(b"".join(self._queue))
+            self._queue.clear()
+            self._room.unpark_all()
+            self._busy = True
+            try:
+                while True:
+                    batch = batch[self._try_write(batch) :]
+                    if not batch or self._broken:
+                        break
+                    await writable()
+            finally:
+                self._busy = False
+            if self._broken:
+                return
 
 
 # ----------------------------------------------------------- to the pool actor

@@ -1,12 +1,13 @@
 """The Unix socket server: listener → one task per connection → one task per request.
 
-Each connection has a reader (bytes → frames → requests), a writer that drains the
-connection's outbox (replies and pushes, several frames per write), and the peer's
-identity from SO_PEERCRED. Per-connection work is bounded: a request holds one of
-``max_pending`` slots until its reply is in the outbox, and the outbox holds at most
+Each connection has a reader (bytes → frames → requests), an outbox that writes
+replies and pushes to the socket at once when it takes them, with a writer task for
+what it does not (several frames per write), and the peer's identity from
+SO_PEERCRED. Per-connection work is bounded: a request holds one of ``max_pending``
+slots until its reply is in the outbox, and the outbox holds at most
 ``OUTBOX_FRAMES``; when the slots are taken the reader stops reading, so a client
-that sends without reading waits on itself and costs the daemon a bounded amount
-of memory. A push that finds the outbox full closes the connection (its leases
+that sends without reading waits on itself and costs the daemon a bounded amount of
+memory. A push that finds the outbox full closes the connection (its leases
 wait for re-attachment) rather than being dropped. Malformed input gets an
 ``invalid`` error and the connection goes on; only an oversized frame closes it.
 When the connection ends, the pool actor is told so that session-bound
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import grp
 import itertools
 import math
@@ -282,9 +284,9 @@ class Server:
             log.warning("peercred_failed", error=str(exc))
             await stream.aclose()
             return
-        channel, frames = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         conn = _Connection(stream, self.limits.max_pending)
-        outbox = m.Outbox(channel, conn.overflow)
+        fd = sock.fileno()
+        outbox = m.Outbox(functools.partial(os.write, fd), OUTBOX_FRAMES, conn.overflow)
         conn.conn = Conn(f"{self.svc.boot_id[:8]}-{next(self._ids)}", peer, outbox)
         bind_contextvars(conn=conn.conn.id, peer_uid=peer.uid, peer_pid=peer.pid)  # this task's
         refusal = admission(self.limits, peer, len(self._connections), self._per_uid[peer.uid])
@@ -305,10 +307,12 @@ class Server:
         try:
             with conn.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write, stream, frames)
+                    nursery.start_soon(
+                        outbox.drain, functools.partial(trio.lowlevel.wait_writable, fd)
+                    )
                     async with trio.open_nursery() as handlers:
                         await self._read(conn, handlers)
-                    channel.close()
+                    outbox.close()
         finally:
             # Closed by resd itself (stopping for a restart, or an overflow): its
             # client's leases wait for it to re-attach.
@@ -321,7 +325,7 @@ class Server:
             self.svc.pools.tell(m.SessionClosed(conn.conn.id, orphan=orphan, why=why))
             self.svc.pools.tell(m.Unsubscribe(outbox))
             self.svc.reconciler.unsubscribe(outbox)
-            channel.close()
+            outbox.close()
             self._connections.discard(conn)
             self._per_uid[peer.uid] -= 1
             if self._per_uid[peer.uid] <= 0:
@@ -351,21 +355,6 @@ class Server:
             refused_since_last=count,
         )
 
-    @staticmethod
-    async def _write(stream: trio.SocketStream, frames: trio.MemoryReceiveChannel[bytes]) -> None:
-        with frames:
-            try:
-                async for frame in frames:
-                    batch = [frame]
-                    while True:
-                        try:
-                            batch.append(frames.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    await stream.send_all(b"".join(batch))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away; the reader sees EOF
-
     async def _read(self, c: _Connection, handlers: trio.Nursery) -> None:
         """Read frames until EOF or ``stop``. Before ``hello`` everything (reading and
         answering) must fit in ``handshake_timeout``; after it, only waiting for the
@@ -386,18 +375,17 @@ class Server:
     ) -> None:
         partial_since: float | None = None  # when the frame now half-read began
         while True:
-            if c.greeted:
-                c.stall_scope.deadline = (
-                    math.inf if partial_since is None else partial_since + self.limits.read_timeout
-                )
+            # Setting a scope's deadline costs trio some work: only when it changes.
+            if c.greeted and partial_since is not None:
+                c.stall_scope.deadline = partial_since + self.limits.read_timeout
             try:
                 data = await c.stream.receive_some(1 << 16)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
                 return
-            if c.greeted:  # handling frames (waiting for a slot, say) is not a stall
-                c.stall_scope.deadline = math.inf
+            if c.greeted and partial_since is not None:
+                c.stall_scope.deadline = math.inf  # handling frames is not a stall
             decoder.feed(data)
             whole = 0
             while True:

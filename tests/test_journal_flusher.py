@@ -53,18 +53,22 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedFsync]:
     gated.gate.set()
 
 
-def outbox() -> tuple[Outbox, trio.MemoryReceiveChannel[bytes]]:
-    send, receive = trio.open_memory_channel[bytes](100)
-    return Outbox(send), receive
+def outbox() -> tuple[Outbox, list[bytes]]:
+    """An outbox whose socket takes every frame whole, and the frames it took."""
+    written: list[bytes] = []
+
+    def write(data: bytes | memoryview) -> int:
+        written.append(bytes(data))
+        return len(data)
+
+    return Outbox(write, 100), written
 
 
-def received(channel: trio.MemoryReceiveChannel[bytes]) -> list[bytes]:
-    frames = []
-    while True:
-        try:
-            frames.append(channel.receive_nowait())
-        except trio.WouldBlock:
-            return frames
+def received(written: list[bytes]) -> list[bytes]:
+    """The frames written since the last look."""
+    frames = list(written)
+    written.clear()
+    return frames
 
 
 async def test_every_fsync_is_done_by_one_thread_without_worker_threads(
