@@ -26,6 +26,7 @@ request per connection. A failed connection costs that connection, never the dae
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
@@ -255,6 +256,11 @@ class Metrics:
             registry=reg,
         )
 
+        # Children looked up once per label set: ``labels()`` takes a lock and builds
+        # a key on every call, and these two are on every request and every end.
+        self._request_child = functools.cache(self.requests.labels)
+        self._ended_child = functools.cache(self.ended.labels)
+
     def watch(self, book: Callable[[], PoolBook]) -> None:
         """Read state from ``book()`` at each scrape (the pool actor's book)."""
         self._book = book
@@ -273,7 +279,7 @@ class Metrics:
         family.labels(pool, cause).inc()
 
     def lease_ended(self, pool: str, state: str) -> None:
-        self.ended.labels(pool, state).inc()
+        self._ended_child(pool, state).inc()
         if state == "expired":
             self.expiries.labels(pool).inc()
 
@@ -281,7 +287,7 @@ class Metrics:
         self.wait.labels(pool).observe(max(0.0, seconds))
 
     def request(self, op: str, seconds: float, code: str | None) -> None:
-        self.requests.labels(op).observe(seconds)
+        self._request_child(op).observe(seconds)
         if code is not None:
             self.errors.labels(op, code).inc()
 

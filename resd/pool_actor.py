@@ -453,20 +453,19 @@ class PoolActor(Actor):
                 if doomed is not None:
                     signal_processes(doomed[0], signal.SIGKILL, doomed[1])
                 holder = self.holders.drop(rid)
-                if holder is not None:
-                    connection, outbox = holder
+                # The holder is told, unless this is its own release (its reply tells it).
+                if holder is not None and (state != "released" or holder[0] != self._releaser):
                     info = gone[rid].info(state=state, ended_at=at)
-                    note: Any = None
+                    note: Any
                     if state == "expired":
                         note = ExpiredEvent(reservation=info)
                     elif state == "preempted":
                         note = PreemptedEvent(reservation=info, by=reason, deadline=None)
-                    elif connection != self._releaser:  # not the holder's own release
+                    else:
                         note = ReleasedEvent(
                             reservation=msgspec.structs.replace(info, reason=reason)
                         )
-                    if note is not None:
-                        self._push(outbox, note, lsn)
+                    self._push(holder[1], note, lsn)
                 self._dirty = True
             case Marked(id=rid, mark=mark, on=on, detail=detail):
                 info = self.book.reservations[rid].info()
