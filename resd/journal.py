@@ -579,7 +579,8 @@ class Journal:
         self._size += len(entry)
 
     async def wait_durable(self, lsn: int) -> None:
-        """Return once entry ``lsn`` is durable: fsync'ed in mode always, written otherwise.
+        """Return once entry ``lsn`` is durable: fsync'ed in mode always, written otherwise
+        (at once, without a checkpoint, if it already is).
 
         Raises JournalFailed if an fsync failed before it was durable (its outcome is
         unknown until a resync), ValueError for an lsn never appended.
@@ -587,8 +588,7 @@ class Journal:
         if lsn > self._last_lsn:
             raise ValueError(f"lsn {lsn} was never appended (last is {self._last_lsn})")
         if self._mode != "always" or lsn <= self._durable_lsn:
-            await trio.lowlevel.checkpoint()
-            return
+            return  # no checkpoint: a reply must not pay a scheduler round for nothing
         self.want_durable(lsn)
         while lsn > self._durable_lsn:
             if self._failure is not None:
@@ -605,9 +605,13 @@ class Journal:
             return
         with self._lock:
             self._wanted = max(self._wanted, lsn)
-            busy = self._busy
-        if not busy:  # a busy flusher thread takes it into its next sync by itself
-            self._work.set()
+            if self._busy:  # a busy flusher thread takes it into its next sync by itself
+                return
+            if self._running and not self._stopping:  # straight to the thread: no task hop
+                self._kicked = True
+                self._wake.notify()
+                return
+        self._work.set()
 
     def is_durable(self, lsn: int) -> bool:
         """Whether ``wait_durable(lsn)`` would return at once (``lsn`` 0: nothing to wait

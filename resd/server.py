@@ -478,7 +478,10 @@ class Server:
             again = InvalidError("hello was already sent on this connection")
             await self._refuse(c, req.id, again, req.op)
             return
-        await c.slots.acquire()  # backpressure: stop reading while max_pending are in flight
+        try:  # a free slot is taken without a trip through the scheduler
+            c.slots.acquire_nowait()
+        except trio.WouldBlock:  # backpressure: stop reading while max_pending are in flight
+            await c.slots.acquire()
         handlers.start_soon(self._handle, c, req)
 
     async def _handle(self, c: _Connection, req: Request) -> None:
