@@ -285,7 +285,7 @@ class Server:
             await stream.aclose()
             return
         conn = _Connection(stream, self.limits.max_pending)
-        fd = sock.fileno()
+        fd = sock.fileno()  # non-blocking (trio's); CPython ignores SIGPIPE: a gone peer is EPIPE
         outbox = m.Outbox(functools.partial(os.write, fd), OUTBOX_FRAMES, conn.overflow)
         conn.conn = Conn(f"{self.svc.boot_id[:8]}-{next(self._ids)}", peer, outbox)
         bind_contextvars(conn=conn.conn.id, peer_uid=peer.uid, peer_pid=peer.pid)  # this task's
