@@ -1,11 +1,15 @@
 """The limit: a bare trio + msgpack server on a Unix socket that answers every request
 at once, with resd's framing (``encode_frame`` / ``FrameDecoder`` from resd_client).
 
-``python -m benchmarks.echo SOCKET`` serves until SIGTERM. It answers ``hello`` with a
-HelloResult-shaped map, so the real ``resd_client.Client`` can talk to it, and every
-other request with ``{"id": N, "ok": true, "result": {}}``. Like resd, each connection
-has one reader and resd's ``Outbox``: a reply is written at once when the socket takes
-it, and a writer task sends what it does not, batched.
+``python -m benchmarks.echo SOCKET [--writer-task]`` serves until SIGTERM. It answers
+``hello`` with a HelloResult-shaped map, so the real ``resd_client.Client`` can talk to
+it, and every other request with ``{"id": N, "ok": true, "result": {}}``.
+
+Like resd, each connection has one reader and resd's ``Outbox``: a reply is written at
+once when the socket takes it, and a writer task sends what it does not, batched. With
+``--writer-task`` every reply goes through a memory channel to a writer task instead,
+as resd's replies did until the outbox wrote directly (issue 14): kept as a reference
+point, so that a ratio against the limit of that design can still be read.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import functools
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -32,42 +37,71 @@ HELLO: dict[str, Any] = {
     "user_tenant": "echo",
 }
 
+Send = Callable[[bytes], Awaitable[None]]
 
-async def _connection(stream: trio.SocketStream) -> None:
+
+async def _answer(stream: trio.SocketStream, send: Send) -> None:
+    """Read frames until EOF and ``send`` each one's reply."""
+    decoder = FrameDecoder()
+    while True:
+        try:
+            data = await stream.receive_some(1 << 16)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        if not data:
+            return
+        decoder.feed(data)
+        for frame in decoder.frames():
+            result = HELLO if frame.get("op") == "hello" else {}
+            try:
+                await send(encode_frame({"id": frame.get("id"), "ok": True, "result": result}))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+async def _with_outbox(stream: trio.SocketStream) -> None:
     fd = stream.socket.fileno()
     outbox = Outbox(functools.partial(os.write, fd), 4096)
-    decoder = FrameDecoder()
     async with stream, trio.open_nursery() as nursery:
         nursery.start_soon(outbox.drain, functools.partial(trio.lowlevel.wait_writable, fd))
         try:
-            while True:
-                try:
-                    data = await stream.receive_some(1 << 16)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
-                if not data:
-                    break
-                decoder.feed(data)
-                for frame in decoder.frames():
-                    result = HELLO if frame.get("op") == "hello" else {}
-                    try:
-                        await outbox.send(
-                            encode_frame({"id": frame.get("id"), "ok": True, "result": result})
-                        )
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
+            await _answer(stream, outbox.send)
         finally:
             outbox.close()
 
 
-async def serve(path: str) -> None:
+async def _write(stream: trio.SocketStream, frames: trio.MemoryReceiveChannel[bytes]) -> None:
+    with frames:
+        try:
+            async for frame in frames:
+                batch = [frame]
+                while True:
+                    try:
+                        batch.append(frames.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await stream.send_all(b"".join(batch))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _with_writer_task(stream: trio.SocketStream) -> None:
+    channel, frames = trio.open_memory_channel[bytes](4096)
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(_write, stream, frames)
+        with channel:
+            await _answer(stream, channel.send)
+
+
+async def serve(path: str, writer_task: bool = False) -> None:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(path)
     sock.listen(512)
     listeners = [trio.SocketListener(sock)]
+    handler = _with_writer_task if writer_task else _with_outbox
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, _connection, listeners)
+            nursery.start_soon(trio.serve_listeners, handler, listeners)
             print("ready", flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
@@ -79,7 +113,7 @@ def main() -> None:
     path = sys.argv[1]
     if os.path.exists(path):
         os.unlink(path)
-    trio.run(serve, path)
+    trio.run(serve, path, "--writer-task" in sys.argv[2:])
 
 
 if __name__ == "__main__":

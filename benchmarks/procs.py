@@ -161,15 +161,18 @@ class Daemon:
 
 
 class EchoServer:
-    """``python -m benchmarks.echo SOCKET``: the transport limit."""
+    """``python -m benchmarks.echo SOCKET``: the transport limit (``writer_task``: the
+    reference design whose replies go through a writer task)."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.socket = str(workdir / "echo.sock")
+    def __init__(self, workdir: Path, *, writer_task: bool = False) -> None:
+        self.writer_task = writer_task
+        self.socket = str(workdir / ("echo-writer.sock" if writer_task else "echo.sock"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> EchoServer:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.echo", self.socket],
+            [sys.executable, "-m", "benchmarks.echo", self.socket]
+            + (["--writer-task"] if self.writer_task else []),
             env=source_env(),
             stdout=subprocess.DEVNULL,
         )

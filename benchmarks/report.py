@@ -28,6 +28,7 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         for n in results.get("clients", []):
             limit = None if held else _find(rows, "limit", n)
             raw = None if held else _find(rows, "limit (raw socket)", n)
+            writer = None if held else _find(rows, "limit (writer task)", n)
             reslock = _find(rows, held_name("reslock", held), n)
             for fsync in ("never", "always"):
                 resd = _find(rows, held_name(f"resd fsync={fsync}", held), n)
@@ -40,6 +41,9 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "resd": held_name(f"fsync={fsync}", held),
                         "of_limit": resd["rt_per_s"] / limit["rt_per_s"] if limit else None,
                         "of_raw_limit": resd["rt_per_s"] / raw["rt_per_s"] if raw else None,
+                        "of_writer_limit": (
+                            resd["rt_per_s"] / writer["rt_per_s"] if writer else None
+                        ),
                         "of_reslock": (
                             resd["ops_per_s"] / reslock["ops_per_s"] if reslock else None
                         ),
@@ -229,6 +233,7 @@ def markdown(results: dict[str, Any]) -> str:
                 str(r["clients"]),
                 r["resd"],
                 _x(r["of_limit"]),
+                _x(r.get("of_writer_limit")),
                 _x(r["of_raw_limit"]),
                 _x(r["of_reslock"]),
             ]
@@ -240,6 +245,7 @@ def markdown(results: dict[str, Any]) -> str:
                     "clients",
                     "resd",
                     "÷ limit (round trips)",
+                    "÷ writer-task limit",
                     "÷ raw-socket limit",
                     "÷ reslock (pairs)",
                 ],
@@ -435,6 +441,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     series = [
         ("limit", "echo limit (Client) ÷ 2", 0.5, "k", "--"),
+        ("limit (writer task)", "echo limit, writer-task design (Client) ÷ 2", 0.5, "0.35", "-."),
         ("limit (raw socket)", "echo limit (raw socket) ÷ 2", 0.5, "0.55", ":"),
         ("resd fsync=never", "resd fsync=never", 1.0, "tab:blue", "-"),
         ("resd fsync=always", "resd fsync=always", 1.0, "tab:green", "-"),

@@ -117,11 +117,14 @@ def _row(system: str, unit: str, fleet: FleetResult, rts_per_op: int) -> dict[st
 def bench_echo(
     workdir: Path, clients: list[int], duration: float, say: Say, raw: bool = True
 ) -> list[dict[str, Any]]:
+    """The limit (resd's outbox, the real Client), and for reference the same server
+    with a writer task per connection (the design before issue 14) and, with ``raw``,
+    the limit for a bare blocking socket client."""
     rows = []
-    with EchoServer(workdir) as echo:
-        kinds = [False, True] if raw else [False]
-        for use_raw in kinds:
-            name = "limit (raw socket)" if use_raw else "limit"
+    kinds = [("limit", False, False), ("limit (writer task)", True, False)]
+    kinds += [("limit (raw socket)", False, True)] if raw else []
+    for name, writer_task, use_raw in kinds:
+        with EchoServer(workdir, writer_task=writer_task) as echo:
             for n in clients:
                 fleet = run_fleet(Echo(echo.socket, use_raw), n, duration, probe=echo.cpu)
                 row = _row(name, "round trip", fleet, 1)
