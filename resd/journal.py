@@ -613,6 +613,12 @@ class Journal:
                 return
         self._work.set()
 
+    @property
+    def waits_for_fsync(self) -> bool:
+        """Whether ``wait_durable`` may wait for an fsync (mode always); otherwise an
+        entry is durable once ``append`` returns."""
+        return self._mode == "always"
+
     def is_durable(self, lsn: int) -> bool:
         """Whether ``wait_durable(lsn)`` would return at once (``lsn`` 0: nothing to wait
         for): entry ``lsn`` is fsync'ed in mode always, or written in the others."""

@@ -1,4 +1,5 @@
-"""The Unix socket server: listener → one task per connection → one task per request.
+"""The Unix socket server: listener → one task per connection → one task per request
+(except the hot ops, which run in the connection's reader when they cannot wait).
 
 Each connection has a reader (bytes → frames → requests), an outbox that writes
 replies and pushes to the socket at once when it takes them, with a writer task for
@@ -46,7 +47,7 @@ import struct
 import attrs
 import structlog
 import trio
-from structlog.contextvars import bind_contextvars
+from structlog.contextvars import bind_contextvars, unbind_contextvars
 
 from resd import messages as m
 from resd.ops import Conn, Services, dispatch, named_in
@@ -86,6 +87,10 @@ ACCEPT_BACKOFF_FIRST = 0.01
 ACCEPT_BACKOFF_CAP = 1.0
 #: at most one warning per limit this often about refused connections (seconds)
 REFUSAL_LOG_INTERVAL = 10.0
+#: ops whose handlers wait for nothing but the actors' short steps and the journal:
+#: when the journal answers at once (fsync never or batch) they run in the reader's
+#: own task, without a task per request; a waiting reserve waits by push, not here
+INLINE_OPS = frozenset({"reserve", "release", "renew"})
 
 
 @attrs.define(eq=False)
@@ -170,7 +175,9 @@ class _Connection:
     def __init__(self, stream: trio.SocketStream, max_pending: int) -> None:
         self.stream = stream
         self.greeted = False
-        self.read_scope = trio.CancelScope()
+        #: the receive under way, if any: ``stop`` cancels it (a request being handled
+        #: goes on; the reader looks at ``Server._stopping`` before each frame)
+        self.receiving: trio.CancelScope | None = None
         #: the reader's deadline: ``handshake_timeout`` until ``hello``, then
         #: ``read_timeout`` while it waits for the rest of a frame, else none
         self.stall_scope = trio.CancelScope()
@@ -272,7 +279,8 @@ class Server:
         self._stopping = True
         self._accept_scope.cancel()
         for c in list(self._connections):
-            c.read_scope.cancel()
+            if c.receiving is not None:
+                c.receiving.cancel()
         with trio.move_on_after(grace):
             await self._idle.wait()
 
@@ -361,28 +369,29 @@ class Server:
         rest of a frame is timed (``read_timeout`` from when the frame began, so a
         trickle does not extend it). A stall cancels the whole connection."""
         decoder = FrameDecoder(self.limits.max_frame)
-        with c.read_scope:
-            if self._stopping:
-                return
-            c.stall_scope.deadline = trio.current_time() + self.limits.handshake_timeout
-            with c.stall_scope:
-                await self._read_frames(c, decoder, handlers)
-            if c.stall_scope.cancelled_caught:
-                self._stall(c, decoder.pending)
+        c.stall_scope.deadline = trio.current_time() + self.limits.handshake_timeout
+        with c.stall_scope:
+            await self._read_frames(c, decoder, handlers)
+        if c.stall_scope.cancelled_caught:
+            self._stall(c, decoder.pending)
 
     async def _read_frames(
         self, c: _Connection, decoder: FrameDecoder, handlers: trio.Nursery
     ) -> None:
         partial_since: float | None = None  # when the frame now half-read began
-        while True:
+        while not self._stopping:
             # Setting a scope's deadline costs trio some work: only when it changes.
             if c.greeted and partial_since is not None:
                 c.stall_scope.deadline = partial_since + self.limits.read_timeout
+            c.receiving = receiving = trio.CancelScope()
             try:
-                data = await c.stream.receive_some(1 << 16)
+                with receiving:
+                    data = await c.stream.receive_some(1 << 16)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            if not data:
+            finally:
+                c.receiving = None
+            if receiving.cancelled_caught or not data:
                 return
             if c.greeted and partial_since is not None:
                 c.stall_scope.deadline = math.inf  # handling frames is not a stall
@@ -391,6 +400,8 @@ class Server:
             while True:
                 try:
                     for payload in decoder.payloads():
+                        if self._stopping:  # stop: no new request is started
+                            return
                         whole += 1
                         req = decode_request_fast(payload)
                         if req is None:  # refused by the fast path: say why, the slow way
@@ -478,30 +489,44 @@ class Server:
             again = InvalidError("hello was already sent on this connection")
             await self._refuse(c, req.id, again, req.op)
             return
+        if req.op in INLINE_OPS and not self.svc.journal.waits_for_fsync:
+            bind_contextvars(op=req.op, request=req.id, **named_in(req.args))
+            try:
+                await self._answer(c, req)
+            finally:  # the reader's own context binds none of a request's keys
+                unbind_contextvars("op", "request", "reservation", "tenant")
+            return
         try:  # a free slot is taken without a trip through the scheduler
             c.slots.acquire_nowait()
         except trio.WouldBlock:  # backpressure: stop reading while max_pending are in flight
             await c.slots.acquire()
+        if self._stopping:  # stopped while waiting for the slot
+            c.slots.release()
+            return
         handlers.start_soon(self._handle, c, req)
 
     async def _handle(self, c: _Connection, req: Request) -> None:
-        """Run one request; its slot is free again only once its reply is queued. The
-        request's log keys are bound in this, its own task."""
+        """Run one request in its own task; its slot is free again only once its reply
+        is queued. The request's log keys are bound in this task."""
         bind_contextvars(op=req.op, request=req.id, **named_in(req.args))
         try:
-            try:
-                result = await dispatch(self.svc, c.conn, req.op, req.args)
-                frame = reply_ok(req.id, result)
-            except ResdError as exc:
-                frame = reply_error(req.id, exc)
-            except Exception as exc:
-                log.exception("handler_failed")
-                frame = reply_error(
-                    req.id, InternalError(f"{req.op} failed: {type(exc).__name__}: {exc}")
-                )
-            await self._send(c, frame)
+            await self._answer(c, req)
         finally:
             c.slots.release()
+
+    async def _answer(self, c: _Connection, req: Request) -> None:
+        """Dispatch ``req`` and queue its reply (an error reply if it fails)."""
+        try:
+            result = await dispatch(self.svc, c.conn, req.op, req.args)
+            frame = reply_ok(req.id, result)
+        except ResdError as exc:
+            frame = reply_error(req.id, exc)
+        except Exception as exc:
+            log.exception("handler_failed")
+            frame = reply_error(
+                req.id, InternalError(f"{req.op} failed: {type(exc).__name__}: {exc}")
+            )
+        await self._send(c, frame)
 
 
 __all__ = ["Limits", "Server", "admin_gid_of", "admission", "peer_of"]

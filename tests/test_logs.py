@@ -141,6 +141,26 @@ async def test_routine_requests_log_their_context_at_debug_only(
     assert connected["peer_pid"] == os.getpid() and "op" not in connected
 
 
+async def test_a_request_handled_in_the_readers_task_leaves_no_keys_behind(
+    inproc: InProcess, mock_clock: trio.testing.MockClock
+) -> None:
+    """With fsync never, reserve and release run in the connection's reader task (no
+    task of their own): the keys they bind must not stay on the connection's lines."""
+    admin = await WireClient.connect(inproc.socket)
+    await setup(admin)
+    c = await WireClient.connect(inproc.socket)
+    with captured() as lines:
+        r = await c.ok("reserve", {"pool": "p", "resources": {"cpu": 1000}})  # no tenant named
+        await c.ok("release", {"id": r["id"]})
+        await c.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+    (reserved,) = named(lines, "reserved")
+    assert reserved["op"] == "reserve" and reserved["tenant"] == r["tenant"], reserved
+    (gone,) = named(lines, "disconnected")
+    left = {"op", "request", "reservation", "tenant"} & gone.keys()
+    assert not left, f"the connection's own line kept {left}: {gone}"
+
+
 async def test_a_preemption_names_its_cause_and_its_victim(
     inproc: InProcess, mock_clock: trio.testing.MockClock
 ) -> None:
