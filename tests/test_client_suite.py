@@ -34,6 +34,7 @@ import trio
 
 from resd_client import Client, Lease, TimeoutError_
 from resd_client import _core as core
+from resd_client._sync import Signal
 from resd_client.asyncio import Client as AsyncioClient
 from resd_client.protocol import (
     Export,
@@ -57,6 +58,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(30)]
 
 T = TypeVar("T")
 FLAVOURS = ("sync", "trio", "asyncio")
+#: where a sync client's thread blocks while it waits
+WAITS = (Signal.wait.__code__, threading.Condition.wait.__code__)
 _names = itertools.count(1)
 
 
@@ -189,9 +192,9 @@ class SyncApi:
         main = threading.main_thread()
         assert threading.current_thread() is main
 
-        def blocked() -> bool:
+        def blocked() -> bool:  # in the wait of a Signal (or of a threading.Event)
             frame = sys._current_frames().get(main.ident or 0)
-            return frame is not None and frame.f_code.co_filename == threading.__file__
+            return frame is not None and frame.f_code in WAITS
 
         def interrupt() -> None:
             wait_for(queued, 5.0, "the request to queue")

@@ -77,6 +77,7 @@ from resd_client.protocol import (
     HelloResult,
     ListReservations,
     MarkedEvent,
+    OkReply,
     Part,
     Placement,
     Plan,
@@ -97,10 +98,14 @@ from resd_client.protocol import (
     TopSnapshot,
     WaitInfo,
     decode_event,
+    decode_ok,
+    decode_plain,
+    decode_result,
     encode_frame,
     from_value,
     from_wire,
     request,
+    unpack,
 )
 from resd_client.quantity import parse_quantity
 
@@ -230,6 +235,10 @@ class ReserveOptions(GangOptions, total=False):
     selector: Mapping[str, str]
 
 
+#: the keyword arguments of ``reserve``
+RESERVE_OPTIONS: Final = frozenset(ReserveOptions.__annotations__)
+
+
 def resources_from(
     cpu: object = None,
     memory: object = None,
@@ -285,8 +294,8 @@ def reserve_args(pool: str | None = None, *, wait: bool, **options: Any) -> Rese
     ``options`` are those of ``ReserveOptions``; raises InvalidError (checked here,
     before anything is sent) and TypeError for an unknown keyword.
     """
-    unknown = sorted(set(options) - set(ReserveOptions.__annotations__))
-    if unknown:
+    if not RESERVE_OPTIONS.issuperset(options):
+        unknown = sorted(set(options) - RESERVE_OPTIONS)
         raise TypeError(f"unexpected reserve argument(s): {', '.join(unknown)}")
     args = _request(pool, wait, options)  # type: ignore[arg-type]
     args.check()
@@ -693,7 +702,8 @@ def notify(lease: LeaseState, event: Any) -> None:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class Call:
-    """One request in flight; ``frame`` is its reply once ``done`` is set.
+    """One request in flight; once ``done`` is set, ``result()`` gives its reply
+    (typed only then: a reply nobody reads is never decoded past its envelope).
 
     ``epoch`` is the connection it was numbered on (see ``Session.sending``);
     ``sent`` says it was handed to the socket; ``lost`` says why its connection
@@ -704,26 +714,39 @@ class Call:
     op: str
     done: Flag
     epoch: int = 0
+    #: the reply, when it was not a plain success (an error, or one ``decode_ok``
+    #: refused), as a map; or a success as ``ok`` and the ``payload`` it came in
     frame: dict[str, Any] | None = None
+    ok: OkReply | None = None
+    payload: bytes | None = None
     sent: bool = False
     lost: str | None = None
     #: for a ``subscribe``: the topics it asks for
     topics: tuple[Topic, ...] = ()
 
     def result(self) -> Any:
-        """The typed result (``RESULTS[op]``); raises the typed error of an error reply,
-        ConnectionLost when the connection ended first."""
+        """The typed result (``RESULTS[op]``, decoded now from the reply's bytes);
+        raises the typed error of an error reply, ConnectionLost when the connection
+        ended first."""
         if self.lost is not None:
             raise ConnectionLost(
                 f"the connection to resd was lost before the reply to {self.op} ({self.lost})",
                 {"op": self.op, "sent": self.sent},
             )
+        if self.ok is not None:
+            return decode_result(self.op, self.ok.result)
         frame = self.frame
         if frame is None:  # pragma: no cover - read only once done
             raise InternalError(f"{self.op} has no reply yet")
         if frame.get("ok") is True:
             return from_value(RESULTS[self.op], frame.get("result"), "result")
         raise error_from_wire(frame.get("error"))
+
+    def reply_frame(self) -> dict[str, Any] | None:
+        """The reply as it came, as a map (None before it came)."""
+        if self.frame is None and self.payload is not None:
+            self.frame = decode_plain(self.payload)
+        return self.frame
 
 
 def _error_text(error: Any) -> str:
@@ -860,9 +883,17 @@ class Session:
         drops the connection (``disconnect``, or ``close``).
         """
         self._decoder.feed(data)
-        for frame in self._decoder.frames():
+        for payload in self._decoder.payloads():
             if self.closed is not None:
                 return
+            ok = decode_ok(payload)  # most frames: read without building the result
+            if ok is not None:
+                call = self._calls.pop(ok.id, None)
+                if call is not None:
+                    call.ok, call.payload = ok, payload
+                    self._answered(call, True)
+                continue
+            frame = unpack(payload)
             if "event" in frame:
                 self._push(frame)
                 continue
@@ -873,18 +904,23 @@ class Session:
                     self._refusal = _error_text(frame.get("error"))
                 continue
             call.frame = frame
-            resume = self._resume
-            then = resume.waiting.pop(call.id, None) if resume is not None else None
-            if then is not None:
-                then(call)
-            elif call.op == "subscribe" and frame.get("ok") is True:
-                self.topics = tuple(sorted({*self.topics, *call.topics}))
-            elif call.op in LEASE_REPLIES and frame.get("ok") is True:
-                self._lease_reply(call)
-            call.done.set()
+            self._answered(call, frame.get("ok") is True)
         resume = self._resume
         if resume is not None and not resume.waiting and not resume.todo:
             self._resumed(resume)
+
+    def _answered(self, call: Call, ok: bool) -> None:
+        """``call``'s reply came (``ok``: a success): apply what the session keeps of
+        it, then complete it."""
+        resume = self._resume
+        then = resume.waiting.pop(call.id, None) if resume is not None else None
+        if then is not None:
+            then(call)
+        elif ok and call.op == "subscribe":
+            self.topics = tuple(sorted({*self.topics, *call.topics}))
+        elif ok and call.op in LEASE_REPLIES:
+            self._lease_reply(call)
+        call.done.set()
 
     def _push(self, frame: dict[str, Any]) -> None:
         """Decode and route one push; one this client does not understand (a newer
@@ -962,8 +998,9 @@ class Session:
                 lease._end("closed")
             return lease
         self._leases[lease.id] = lease
-        for event in self._early.pop(lease.id, []):
-            self._apply(lease, event)
+        if self._early:
+            for event in self._early.pop(lease.id, []):
+                self._apply(lease, event)
         return lease
 
     def lease(self, reservation_id: str) -> LeaseState | None:
@@ -1204,7 +1241,7 @@ class Reply:
         """The typed result (or the frame, ``raw``); raises the reply's error, and
         ConnectionLost when the connection ended first (``raw`` too)."""
         if self.raw and self.call.lost is None:
-            return self.call.frame
+            return self.call.reply_frame()
         return self.call.result()
 
 
@@ -1312,9 +1349,10 @@ def reconnected(host: Host[LeaseState]) -> Flow[None]:
 def send(host: Host[LeaseState], op: str, args: Any, *, wait: bool = True) -> Flow[Call]:
     """Number and send one request. While the session reconnects it first waits
     (``wait``) or raises ConnectionLost; raises UnavailableError when closed."""
-    if wait:
+    session = host.session
+    if wait and (session.disconnected is not None or session.closed is not None):
         yield from reconnected(host)
-    call, data = host.session.ask(op, args, host._new_flag())
+    call, data = session.ask(op, args, host._new_flag())
     yield Send(call, data)
     return call
 

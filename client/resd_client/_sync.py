@@ -21,6 +21,7 @@ the session closes as it did at once before: waits fail, ``events()`` ends.
 
 from __future__ import annotations
 
+import _thread
 import builtins
 import contextlib
 import logging
@@ -219,6 +220,50 @@ def connect_socket(
     )
 
 
+class Signal:
+    """A ``threading.Event`` that is set once and never cleared, on one bare lock,
+    held until ``set``: an Event is a Condition, a lock and a new lock per wait,
+    several µs per request. The ``Flag`` of each call and lease of this client,
+    which the thread that made it waits on (several may: each passes the lock on,
+    but one interrupted in between would keep the others waiting)."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether it is set, waiting ``timeout`` seconds at most (None: for ever)."""
+        if self._set:
+            return True
+        if timeout is None:
+            got = self._lock.acquire()
+        elif timeout > 0:
+            got = self._lock.acquire(True, timeout)
+        else:  # as an Event: 0 or less only looks
+            got = self._lock.acquire(False)
+        if got:
+            self._release()  # the next waiter's turn
+            return True
+        return self._set
+
+    def _release(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # two racing set() calls, or a set() between a waiter's
+            pass  # acquire and release, find it free already: free is what both mean
+
+
 class Lease(LeaseState):
     """A reservation held through a sync ``Client``; a context manager that releases
     on exit. State, ``ended``, ``reclaim_requested``, ``marks``, ``assigned`` and
@@ -227,7 +272,7 @@ class Lease(LeaseState):
     def __init__(
         self, client: Client, info: ReservationInfo, on_reclaim: OnReclaim | None = None
     ) -> None:
-        super().__init__(info, threading.Event(), on_reclaim)
+        super().__init__(info, Signal(), on_reclaim)
         self.client = client
 
     @classmethod
@@ -320,7 +365,7 @@ class Client:
             on_push=self._events.put,
             on_lease=self._on_lease,
             on_close=self._on_close,
-            new_flag=threading.Event,
+            new_flag=threading.Event,  # ``back``, which any number of threads await
         )
         self._reader = threading.Thread(
             target=self._read_loop, name="resd-client-reader", daemon=True
@@ -381,17 +426,17 @@ class Client:
                         self._broken(self._sock, need.call.epoch, f"sending to resd failed: {exc}")
             return None
         if isinstance(need, Reply):
-            if not cast(threading.Event, need.call.done).wait(self.timeout):
+            if not cast(Signal, need.call.done).wait(self.timeout):
                 with self._lock:
                     raise self.session.abandon(need.call, self.timeout)
             return need.outcome()
         if isinstance(need, Reconnect):
             cast(threading.Event, need.flag).wait()
             return None
-        return cast(threading.Event, need.flag).wait(need.timeout)
+        return cast(Signal, need.flag).wait(need.timeout)
 
-    def _new_flag(self) -> threading.Event:
-        return threading.Event()
+    def _new_flag(self) -> Signal:
+        return Signal()
 
     def _new_lease(self, info: ReservationInfo, on_reclaim: OnReclaim | None) -> Lease:
         return Lease(self, info, on_reclaim)

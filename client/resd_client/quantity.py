@@ -25,6 +25,7 @@ bytes.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Final
@@ -127,6 +128,20 @@ def parse_quantity(resource: str, value: object, *, allow_zero: bool = False) ->
     Raises InvalidError naming the resource, the bad value and what is accepted;
     negative, fractional-count and (unless ``allow_zero``) zero amounts are refused.
     """
+    kind = type(value)
+    if kind is int or kind is str:  # a client asks for the same amounts again and again
+        return _parse_cached(resource, value, allow_zero)
+    return _parse(resource, value, allow_zero)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _parse_cached(resource: str, value: int | str, allow_zero: bool) -> int:
+    """``_parse`` of an exact int or str (equal ones parse alike; a float is not
+    cached: ``-0.0 == 0.0``, yet only one is negative). Refusals are not cached."""
+    return _parse(resource, value, allow_zero)
+
+
+def _parse(resource: str, value: object, allow_zero: bool) -> int:
     unit = unit_of(resource)
     hint = _HINTS[unit]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):

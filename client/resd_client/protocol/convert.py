@@ -59,6 +59,29 @@ def _nested(cls: type) -> tuple[str, ...]:
     return names
 
 
+_CHECKS: dict[type, bool] = {}
+
+
+def _messages_in(tp: Any) -> list[type]:
+    """The message types a field of type ``tp`` may hold."""
+    if is_message(tp):
+        return [tp]
+    return [m for arg in typing.get_args(tp) for m in _messages_in(arg)]
+
+
+def has_checks(cls: type) -> bool:
+    """Whether ``check_tree`` has anything to run on a ``cls``: a ``check()`` of its
+    own, or of a message type it may hold (most results have none)."""
+    found = _CHECKS.get(cls)
+    if found is None:
+        _CHECKS[cls] = False  # while looking: a type that holds itself adds nothing
+        hints = typing.get_type_hints(cls)
+        found = _CHECKS[cls] = callable(getattr(cls, "check", None)) or any(
+            has_checks(m) for name in _nested(cls) for m in _messages_in(hints[name])
+        )
+    return found
+
+
 def check_tree(obj: Any) -> None:
     """Run ``check()`` of a decoded message and of every message inside it, inner
     ones first (as ``from_wire`` does while it builds them)."""

@@ -5,20 +5,32 @@ whose ``args`` is one of the frozen types in ``OPS``; every field is checked for
 type, range and size, and unknown fields are refused. Replies
 ``{"id":N,"ok":true,"result":{...}}`` / ``{"id":N,"ok":false,"error":...}`` and
 pushes ``{"event":name, ...}`` are built by ``reply_ok``, ``reply_error`` and
-``push``.
+``push``. A client reads a successful reply with ``decode_ok`` (its ``result``
+stays msgpack until ``decode_result`` gives it its op's type) and everything
+else as a plain map.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Final
 
+import msgpack
 import msgspec
 
 from resd_client.errors import InvalidError, ResdError, UnsupportedVersionError
 from resd_client.protocol.checks import show
-from resd_client.protocol.convert import Int, Message, _as_map, check_tree, from_value, from_wire
+from resd_client.protocol.convert import (
+    Int,
+    Message,
+    _as_map,
+    check_tree,
+    from_value,
+    from_wire,
+    has_checks,
+)
 from resd_client.protocol.events import EVENT_NAMES, EVENTS
 from resd_client.protocol.ops import OPS
+from resd_client.protocol.results import RESULTS
 
 PROTOCOL_VERSION: Final = 1
 
@@ -140,3 +152,58 @@ def decode_event(frame: dict[str, Any]) -> Any:
     if cls is None:
         raise InvalidError(f"unknown event {show(name)}", {"event": show(name)})
     return from_value(cls, body, "event")
+
+
+class OkReply(msgspec.Struct):
+    """A successful reply as a client reads it: ``result`` left as msgpack bytes
+    until the caller asks for its type (``decode_result``); fields it does not know
+    are ignored, as in a map."""
+
+    id: int
+    ok: bool
+    result: msgspec.Raw = msgspec.Raw(b"\xc0")  # a reply without one has nil
+    #: only to tell a push (a map with ``event``) from a reply
+    event: Any = msgspec.UNSET
+
+
+_OK: Final = msgspec.msgpack.Decoder(OkReply)
+_RESULTS: Final[dict[str, msgspec.msgpack.Decoder[Any]]] = {
+    op: msgspec.msgpack.Decoder(cls) for op, cls in RESULTS.items()
+}
+
+
+def decode_ok(payload: bytes) -> OkReply | None:
+    """A frame that is ``{"id": N, "ok": true, ...}``, read in one pass in C without
+    its result; None for anything else (an error reply, a push, a bad frame): the
+    caller reads those as a plain map (``unpack``). Never raises."""
+    try:
+        reply = _OK.decode(payload)
+    except msgspec.DecodeError:  # ValidationError too: not that shape
+        return None
+    return reply if reply.ok is True and reply.event is msgspec.UNSET else None
+
+
+def decode_result(op: str, result: msgspec.Raw) -> Any:
+    """The ``RESULTS[op]`` of a reply's raw ``result``, decoded and validated in one
+    pass by msgspec, then its ``check()`` rules; anything refused is decoded again
+    the reference way (``from_wire``) for the error that names the field, as
+    ``from_value`` does. Raises InvalidError; KeyError for an op without a result
+    type."""
+    decoder = _RESULTS.get(op)
+    if decoder is not None:
+        try:
+            value = decoder.decode(result)
+            if has_checks(RESULTS[op]):
+                check_tree(value)
+        except Exception:  # msgspec's DecodeError/ValidationError, a check's InvalidError
+            pass
+        else:
+            return value
+    return from_wire(RESULTS[op], decode_plain(result), "result")
+
+
+def decode_plain(data: bytes | msgspec.Raw) -> Any:
+    """Plain values of msgpack ``data`` that msgspec already read whole (a reply, or
+    its result): keys that are not strings are let through, for ``from_wire`` to
+    name; never raises for such data."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -1,7 +1,7 @@
 """The result type of every op, and ``RESULTS``, op name → result type (SPEC §1).
 
 The daemon packs these as maps; the client decodes a reply's ``result`` into the
-type ``RESULTS`` names for its op, with ``from_wire``.
+type ``RESULTS`` names for its op, with ``decode_result``.
 """
 
 from __future__ import annotations
