@@ -26,6 +26,7 @@ from resd.records import Pool, Reservation
 
 #: the default half-life of usage (``fair_share_half_life``), seconds
 HALF_LIFE = 3600.0
+_LN2 = math.log(2)
 
 
 def share(pool: Pool, r: Reservation, vram_total: int) -> float:
@@ -55,17 +56,19 @@ class Usage:
     at: float = 0.0
 
     def at_time(self, now: float, half_life: float) -> float:
-        if now <= self.at or half_life <= 0:
+        at = self.at
+        if now <= at or half_life <= 0:
             return self.value
-        decay = math.pow(2.0, -(now - self.at) / half_life)
-        return self.value * decay + self.rate * half_life / math.log(2) * (1.0 - decay)
+        decay = math.pow(2.0, -(now - at) / half_life)
+        return self.value * decay + self.rate * half_life / _LN2 * (1.0 - decay)
 
     def change(self, delta: float, now: float, half_life: float) -> None:
         """The rate changes by ``delta`` at ``now`` (a grant, or an end)."""
         if now > self.at:
             self.value = self.at_time(now, half_life)
             self.at = now
-        self.rate = max(0.0, self.rate + delta)
+        rate = self.rate + delta
+        self.rate = rate if rate > 0.0 else 0.0  # max(0.0, rate) without the call
 
 
 @attrs.define

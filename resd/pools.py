@@ -122,11 +122,11 @@ class PoolBook:
     marked: set[str] = attrs.Factory(set)
     #: decayed usage per tenant (fair share)
     fair: FairShare = attrs.Factory(FairShare)
-    #: (pool, amounts) → (the pool, the share of those amounts in it): leases come in a
-    #: few shapes, so a share is computed once per shape and its float shared
-    _share_memo: dict[tuple[str, tuple[tuple[str, int], ...]], tuple[Pool, float]] = attrs.Factory(
-        dict
-    )
+    #: (pool, id of an amounts map) → (the pool, the map, the share of those amounts in
+    #: it): leases come in a few shapes, whose records share one map per shape
+    #: (``shared_amounts``), so a share is computed once per shape and its float shared.
+    #: An entry holds its map, so while it is here no other map has that id.
+    _share_memo: dict[tuple[str, int], tuple[Pool, dict[str, int], float]] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque(maxlen=self.history_limit)
@@ -307,14 +307,14 @@ class PoolBook:
         pool = self.pools[r.pool]
         if VRAM in r.resources:  # a fraction of the pool's VRAM
             return share(pool, r, self.holdings[r.pool].vram()[0])
-        key = (r.pool, tuple(r.resources.items()))
+        key = (r.pool, id(r.resources))
         memo = self._share_memo.get(key)
         if memo is not None and memo[0] is pool:
-            return memo[1]
+            return memo[2]
         if len(self._share_memo) >= _MEMO_MAX:
             self._share_memo.clear()
         part = share(pool, r, 0)
-        self._share_memo[key] = (pool, part)
+        self._share_memo[key] = (pool, r.resources, part)
         return part
 
     def quota_use(self, pool: str, tenant: str) -> dict[str, int]:
@@ -1027,7 +1027,8 @@ class PoolBook:
     def _apply_one(self, event: PoolEvent) -> None:
         match event:
             case Reserved(reservation=r):
-                self._unqueue(r.id)
+                if self.waiting:
+                    self._unqueue(r.id)
                 part = self._share_of(r)
                 self._hold(r, part)
                 self.fair.change(r.tenant, part, r.created_at)

@@ -7,7 +7,8 @@ and the live path run the same code. ``encode``/``decode`` turn events into tagg
 msgpack maps; the tag names are part of the on-disk format and never change meaning.
 The events every lease makes (``reserved``, ``ended``, ``renewed``, ...) and the
 ``Reservation`` inside them have hand-written codecs (a journal replay decodes a
-million of them); the rest go through cattrs. Both write the same maps.
+million of them); the rest go through cattrs. Both write the same maps. A replay
+reads those events' records typed (``RECORD``), in C, and ``decode`` takes either.
 
 Memory: a record's dicts are never changed in place (a change is a new record), so
 records share them. Every empty one is ``EMPTY``; identical amounts maps are one
@@ -17,12 +18,16 @@ are interned when read back. Shared maps refuse changes (``TypeError``).
 
 from __future__ import annotations
 
+import functools
+import operator
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NoReturn, Protocol
 
 import attrs
 import cattrs
+import msgspec
 
 from resd_client.errors import UnavailableError
 from resd_client.protocol import ReservationInfo, Reserve, TenantInfo, from_wire, to_wire
@@ -487,6 +492,20 @@ def reservation_to_map(r: Reservation) -> dict[str, Any]:
     }
 
 
+def _members_of(members: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
+    if not members:
+        return EMPTY
+    return {_intern(k): tuple(map(_intern, v)) for k, v in members.items()}
+
+
+def _values_of(
+    values: Mapping[str, Sequence[Sequence[int]]] | None,
+) -> dict[str, tuple[tuple[int, int], ...]]:
+    if not values:
+        return EMPTY
+    return {_intern(k): tuple((int(lo), int(hi)) for lo, hi in v) for k, v in values.items()}
+
+
 def _reservation_from_map(raw: dict[str, Any]) -> Reservation:
     # What cattrs does, spelled out (a replay reads a million): the same conversions,
     # defaults for keys that records written before a field existed lack.
@@ -510,12 +529,8 @@ def _reservation_from_map(raw: dict[str, Any]) -> Reservation:
         uid=int(raw["uid"]),
         state=_intern(get("state", "active")),
         deadline=None if deadline is None else float(deadline),
-        members={_intern(k): tuple(map(_intern, v)) for k, v in members.items()}
-        if members
-        else EMPTY,
-        values={_intern(k): tuple((int(lo), int(hi)) for lo, hi in v) for k, v in values.items()}
-        if values
-        else EMPTY,
+        members=_members_of(members),
+        values=_values_of(values),
         devices=tuple(map(dict, devices)) if devices else (),
         priority=int(get("priority", 1)),
         pid=None if pid is None else int(pid),
@@ -608,6 +623,68 @@ _DECODERS: Final[dict[str, Callable[[dict[str, Any]], Event]]] = {
 }
 
 
+# ----------------------------------------------------------------- typed records
+#
+# What the journal reads these events' records as, in C (``Journal.recover``'s
+# ``records``): msgspec structs of each event's own fields, the reservation inside
+# read straight into a ``Reservation``. Only what the hand-written decoders then add
+# is left to do: the interning and sharing. A record they do not fit (an unknown tag,
+# an older release's looser type) makes the journal read its entry as plain maps,
+# which go the hand-written way, so both ways give the same events.
+
+_FACTORY: Final[type] = type(attrs.Factory(list))
+#: field → its slot's setter, which sets what a frozen class's ``__setattr__`` refuses:
+#: for a reservation msgspec has just made and no one has seen yet
+_SET: Final[dict[str, Callable[[Reservation, Any], None]]] = {
+    a.name: Reservation.__dict__[a.name].__set__ for a in attrs.fields(Reservation)
+}
+
+
+def _shared(r: Reservation) -> Reservation:
+    """``r`` as msgspec read it, made to share what ``_reservation_from_map`` shares."""
+    _SET["tenant"](r, _intern(r.tenant))
+    _SET["pool"](r, _intern(r.pool))
+    _SET["resources"](r, shared_amounts(r.resources))
+    _SET["label"](r, _intern(r.label))
+    _SET["binding"](r, _intern(r.binding))
+    _SET["session"](r, _intern(r.session))
+    _SET["state"](r, _intern(r.state))
+    _SET["enforcement"](r, _intern(r.enforcement))
+    if r.members is not EMPTY:
+        _SET["members"](r, _members_of(r.members))
+    if r.values is not EMPTY:
+        _SET["values"](r, _values_of(r.values))
+    if not r.marks:
+        _SET["marks"](r, EMPTY)
+    return r
+
+
+def _record_struct(cls: type) -> type[msgspec.Struct]:
+    """A tagged msgspec struct with the fields (names, types, defaults) of event ``cls``."""
+    hints = typing.get_type_hints(cls)
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for a in attrs.fields(cls):
+        assert not isinstance(a.default, _FACTORY), a  # (immutable defaults only)
+        default = () if a.default is attrs.NOTHING else (a.default,)
+        fields.append((a.name, hints[a.name], *default))
+    name = f"{cls.__name__}Record"
+    return msgspec.defstruct(name, fields, tag_field="t", tag=_TAG_OF[cls], frozen=True, gc=False)
+
+
+_FROM_RECORD: Final[dict[type, Callable[[Any], Event]]] = {
+    _record_struct(Reserved): lambda w: Reserved(_shared(w.reservation)),
+    _record_struct(Ended): lambda w: Ended(w.id, _intern(w.state), w.at, _intern(w.reason)),
+    _record_struct(Renewed): lambda w: Renewed(w.id, w.ttl, w.expires_at, w.at),
+    _record_struct(Terminating): lambda w: Terminating(w.id, w.deadline, w.by, w.at, w.reclaim),
+    _record_struct(Rebound): lambda w: Rebound(w.id, _intern(w.session), w.at, w.peer),
+    _record_struct(Registered): lambda w: Registered(w.id, w.pid, w.start, w.at, w.cgroup),
+    _record_struct(Marked): lambda w: Marked(w.id, _intern(w.mark), w.on, w.detail, w.at),
+}
+#: the type of a record as the journal reads it (``Journal.recover(records=...)``):
+#: one of the typed records above, which ``decode`` takes as it takes their maps
+RECORD: Final[Any] = functools.reduce(operator.or_, _FROM_RECORD)
+
+
 def encode(event: Event) -> dict[str, Any]:
     """``event`` as its tagged journal map."""
     fast = _ENCODERS.get(type(event))
@@ -618,10 +695,15 @@ def encode(event: Event) -> dict[str, Any]:
     return body
 
 
-def decode(record: dict[str, Any]) -> Event:
-    """Rebuild an event from its journal map. Raises KeyError for an unknown tag, and
-    cattrs's ``BaseValidationError`` for a map it cannot read (a missing field, a value
-    of the wrong kind): the hand-written decoders hand what they cannot read to it."""
+def decode(record: dict[str, Any] | msgspec.Struct) -> Event:
+    """Rebuild an event from its journal map, or from its typed record (``RECORD``).
+    Raises KeyError for an unknown tag, and cattrs's ``BaseValidationError`` for a map
+    it cannot read (a missing field, a value of the wrong kind): the hand-written
+    decoders hand what they cannot read to it."""
+    typed = _FROM_RECORD.get(type(record))
+    if typed is not None:
+        return typed(record)
+    record = typing.cast(dict[str, Any], record)
     fast = _DECODERS.get(record["t"])
     if fast is not None:
         try:
