@@ -288,3 +288,29 @@ def test_a_refusal_the_journal_cannot_record_leaves_no_waiter_behind() -> None:
     machine.reserve(**ask)  # refused; its denial is not journaled
     machine.the_queue_is_the_journaled_one()
     machine.replay_equals_memory()
+
+
+def test_a_dry_run_leaves_the_books_order_as_replay_has_it() -> None:
+    """Preemption's dry runs (``PoolBook.without``) take leases out and put them back,
+    which moved them to the end of ``reservations``; a snapshot then listed them in
+    an order the journal's replay does not give (found by the machine above).
+    Snapshots list reservations in creation order, so the two agree."""
+    book = PoolBook()
+    book.apply(
+        book.create_pool(
+            from_wire(
+                PoolCreate,
+                {"name": "p", "resources": {"cpu": {"capacity": 8}}, "max_per_tenant": 0},
+            ),
+            1.0,
+        )
+    )
+    tenant = Tenant("t", 1, created_at=1.0)
+    for i, rid in enumerate(("r-a", "r-b", "r-c")):
+        args = from_wire(Reserve, {"pool": "p", "resources": {"cpu": 1}})
+        book.apply(book.reserve(args, tenant, uid=0, session="", now=2.0 + i, rid=rid))
+    before = book.snapshot()
+    with book.without(["r-a", "r-b"]):
+        assert "r-a" not in book.reservations
+    assert list(book.reservations) == ["r-c", "r-a", "r-b"]  # the dict's order moved
+    assert book.snapshot() == before
