@@ -654,13 +654,12 @@ class Journal:
             return
         with self._lock:
             self._wanted = max(self._wanted, lsn)
-            if self._busy:  # a busy flusher thread takes it into its next sync by itself
-                return
-            if self._running and not self._stopping:  # straight to the thread: no task hop
-                self._kicked = True
-                self._wake.notify()
-                return
-        self._work.set()
+            busy = self._busy
+        # A busy flusher thread takes it into its next sync by itself; an idle one is
+        # handed it by the flusher task at its next turn, after the other handlers of
+        # this scheduler round wrote theirs (so they share the fsync).
+        if not busy:
+            self._work.set()
 
     @property
     def waits_for_fsync(self) -> bool:
