@@ -1218,12 +1218,9 @@ class PoolBook:
     # -------------------------------------------------------------- snapshots
 
     def snapshot(self) -> dict[str, Any]:
-        # Reservations in creation order, as a replay of the journal inserts them:
-        # preemption's dry runs (``without``) move leases to the end of the dict.
-        made = sorted(self.reservations.values(), key=lambda r: (r.created_at, r.id))
         return {
             "pools": [converter.unstructure(p) for p in self.pools.values()],
-            "reservations": [converter.unstructure(r) for r in made],
+            "reservations": [converter.unstructure(r) for r in self.reservations.values()],
             "history": [to_wire(h) for h in self.history],
             "seq": self.seq,
             "waiting": [converter.unstructure(w) for w in self.waiting.values()],
