@@ -181,3 +181,40 @@ def by_map(resources: dict[str, int]) -> dict[str, Any]:
         "reclaimable": False,
         "uid": 0,
     }
+
+
+QUEUED_ARGS = [
+    {"pool": "p", "resources": {"cpu": 1000}, "wait": True},
+    {
+        "resources": {"vram": 20 << 30, "ports": 2},
+        "members": {"disks": ["0", "3"]},
+        "constraints": {"model": "H100"},
+        "selector": {"zone": "a"},
+        "contiguous": ["ports"],
+        "placement": "spread",
+        "tenant": "t",
+        "ttl": 60.0,
+        "deadline": 1_800_000_000.5,
+        "token": "tok-0123456789abcdef",
+        "label": "train",
+        "wait": True,
+        "timeout": 5.0,
+    },
+    {
+        "parts": [
+            {"pool": "a", "resources": {"gpu": 2}, "members": {"gpu": ["0", "3"]}},
+            {"pool": "b", "resources": {"ports": 4}, "contiguous": ["ports"]},
+        ],
+        "wait": True,
+    },
+]
+
+
+@pytest.mark.parametrize("raw", QUEUED_ARGS)
+def test_a_queued_request_is_kept_as_to_wire_writes_it(raw: dict[str, Any]) -> None:
+    """``Queued`` keeps a request's wire form; msgspec writes it (in C) with the same
+    keys, order and values as ``to_wire``, so the journal's bytes are unchanged."""
+    from resd_client.protocol import Reserve, from_wire, to_wire
+
+    args = from_wire(Reserve, raw)
+    assert msgpack.packb(_generic.unstructure(args)) == msgpack.packb(to_wire(args))
