@@ -175,9 +175,11 @@ class _Connection:
     def __init__(self, stream: trio.SocketStream, max_pending: int) -> None:
         self.stream = stream
         self.greeted = False
-        #: the receive under way, if any: ``stop`` cancels it (a request being handled
-        #: goes on; the reader looks at ``Server._stopping`` before each frame)
-        self.receiving: trio.CancelScope | None = None
+        #: the reader's scope; ``stop`` cancels it only while the reader waits in a
+        #: receive (``in_receive``): a request being handled in the reader goes on, and
+        #: the reader looks at ``Server._stopping`` before each frame
+        self.read_scope = trio.CancelScope()
+        self.in_receive = False
         #: the reader's deadline: ``handshake_timeout`` until ``hello``, then
         #: ``read_timeout`` while it waits for the rest of a frame, else none
         self.stall_scope = trio.CancelScope()
@@ -279,8 +281,8 @@ class Server:
         self._stopping = True
         self._accept_scope.cancel()
         for c in list(self._connections):
-            if c.receiving is not None:
-                c.receiving.cancel()
+            if c.in_receive:
+                c.read_scope.cancel()
         with trio.move_on_after(grace):
             await self._idle.wait()
 
@@ -370,7 +372,7 @@ class Server:
         trickle does not extend it). A stall cancels the whole connection."""
         decoder = FrameDecoder(self.limits.max_frame)
         c.stall_scope.deadline = trio.current_time() + self.limits.handshake_timeout
-        with c.stall_scope:
+        with c.read_scope, c.stall_scope:
             await self._read_frames(c, decoder, handlers)
         if c.stall_scope.cancelled_caught:
             self._stall(c, decoder.pending)
@@ -383,15 +385,14 @@ class Server:
             # Setting a scope's deadline costs trio some work: only when it changes.
             if c.greeted and partial_since is not None:
                 c.stall_scope.deadline = partial_since + self.limits.read_timeout
-            c.receiving = receiving = trio.CancelScope()
+            c.in_receive = True  # (one scope for all receives: a scope per receive costs)
             try:
-                with receiving:
-                    data = await c.stream.receive_some(1 << 16)
+                data = await c.stream.receive_some(1 << 16)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             finally:
-                c.receiving = None
-            if receiving.cancelled_caught or not data:
+                c.in_receive = False
+            if not data:
                 return
             if c.greeted and partial_since is not None:
                 c.stall_scope.deadline = math.inf  # handling frames is not a stall
