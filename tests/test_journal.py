@@ -170,20 +170,29 @@ async def test_records_that_would_not_replay_append_nothing(tmp_path: Path) -> N
 
 
 async def test_group_commit_shares_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything appended while an fsync runs is made durable by the next one: 50
+    commits that arrive during the first fsync share a second (deterministic: the first
+    waits at a gate until all 50 wait; timing the arrivals instead failed under load)."""
     async with running(tmp_path, "always") as (journal, _):
-        counter = FsyncCounter(monkeypatch)
+        gated = GatedFsync(monkeypatch)  # closed until the test opens it
         done: list[int] = []
 
         async def client(i: int) -> None:
-            await trio.sleep(0.001 * (i % 5))
             done.append(await commit(journal, "d", [i]))
 
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(client, -1)
+            # the flusher thread is in the first fsync
+            assert await trio.to_thread.run_sync(gated.entered.wait, 5)
             for i in range(50):
                 nursery.start_soon(client, i)
-        assert sorted(done) == list(range(1, 51))
-        assert counter.calls <= 12  # 50 appends, a handful of fsyncs (plus one of the dir)
-    assert len(recover(tmp_path).entries) == 50
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done, "nothing is acknowledged before its fsync"
+            gated.gate.set()
+        assert sorted(done) == list(range(1, 52))
+        # the first commit's file and the new segment's directory, then one for the 50
+        assert gated.calls <= 3, gated.calls
+    assert len(recover(tmp_path).entries) == 51
 
 
 class GatedFsync:
@@ -191,11 +200,13 @@ class GatedFsync:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.gate = threading.Event()
+        self.entered = threading.Event()  # an fsync has begun (and waits at the gate)
         self.calls = 0
         real = journal_mod._fsync
 
         def fsync(fd: int) -> None:
             self.calls += 1
+            self.entered.set()
             assert self.gate.wait(5)
             real(fd)
 
