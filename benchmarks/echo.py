@@ -14,10 +14,10 @@ point, so that a ratio against the limit of that design can still be read.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -110,10 +110,15 @@ async def serve(path: str, writer_task: bool = False) -> None:
 
 
 def main() -> None:
-    path = sys.argv[1]
-    if os.path.exists(path):
-        os.unlink(path)
-    trio.run(serve, path, "--writer-task" in sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("socket", help="Unix socket path to serve on (replaced if present)")
+    parser.add_argument(
+        "--writer-task", action="store_true", help="reply through a writer task (reference)"
+    )
+    args = parser.parse_args()
+    if os.path.exists(args.socket):
+        os.unlink(args.socket)
+    trio.run(serve, args.socket, args.writer_task)
 
 
 if __name__ == "__main__":
